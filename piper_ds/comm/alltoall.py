@@ -1,0 +1,99 @@
+"""Uneven all-to-all transports for the MoE dispatcher.
+
+A transport moves rows between the ranks of an expert-parallel group. Its contract (every transport keeps it):
+
+* ``exchange_counts(send_counts_R) -> recv_counts_R``: int64 row counts, one per rank of the group;
+* ``__call__(x_SD, send_counts, recv_counts) -> y_RD``: rows for rank r are the r-th contiguous block of x,
+  rows from rank r form the r-th contiguous block of y, in the sender's order. Differentiable: backward is
+  the reverse exchange. ``send_counts``/``recv_counts`` are Python lists of ints.
+
+A group of one rank moves nothing and costs nothing, so single-process code runs the same path.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class Transport(Protocol):
+    """The seam between the dispatcher and the wire (see module docstring)."""
+
+    group: Optional[dist.ProcessGroup]
+
+    def exchange_counts(self, send_counts_R: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def __call__(self, x: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]) -> torch.Tensor:
+        ...
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    """World size of ``group``; 1 when torch.distributed is not initialised or no group is given."""
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+class _AllToAllSingle(torch.autograd.Function):
+    """Uneven ``all_to_all_single`` whose backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send_counts: List[int], recv_counts: List[int], group) -> torch.Tensor:
+        ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
+        x = x.contiguous()
+        out = x.new_empty((sum(recv_counts), ) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
+                               group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_out = grad_out.contiguous()
+        grad_in = grad_out.new_empty((sum(ctx.send_counts), ) + tuple(grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out, output_split_sizes=list(ctx.send_counts),
+                               input_split_sizes=list(ctx.recv_counts), group=ctx.group)
+        return grad_in, None, None, None
+
+
+class FlatAllToAll:
+    """One collective ``all_to_all_single`` over the whole EP group (NCCL/gloo pick the algorithm)."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        self.group = group
+        self.size = group_size(group)
+
+    def exchange_counts(self, send_counts_R: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return send_counts_R.clone()
+        recv = torch.empty_like(send_counts_R)
+        dist.all_to_all_single(recv, send_counts_R.contiguous(), group=self.group)
+        return recv
+
+    def __call__(self, x: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        return _AllToAllSingle.apply(x, list(send_counts), list(recv_counts), self.group)
+
+
+def make_transport(kind: str, group: Optional[dist.ProcessGroup], topology=None) -> Transport:
+    """Builds the transport named by the MoE config: 'flat', 'hierarchical' or 'auto'.
+
+    'auto' is hierarchical only when the group spans more than one node of ``topology``.
+    """
+    if kind not in ("flat", "hierarchical", "auto"):
+        raise ValueError(f"transport must be 'flat', 'hierarchical' or 'auto', got {kind!r}")
+    if kind == "flat" or group_size(group) == 1:
+        return FlatAllToAll(group)
+    try:
+        from piper_ds.comm import hierarchical
+    except ImportError:
+        hierarchical = None
+    if kind == "hierarchical":
+        if hierarchical is None:
+            raise ValueError("transport 'hierarchical' is not available in this build of piper_ds")
+        return hierarchical.HierarchicalAllToAll(group, topology)
+    if hierarchical is not None and hierarchical.spans_nodes(group, topology):
+        return hierarchical.HierarchicalAllToAll(group, topology)
+    return FlatAllToAll(group)

@@ -1,0 +1,68 @@
+"""Configuration of one MoE layer: the ``"piper": {"moe": {...}}`` block of a ds_config.
+
+Validated once, at the edge, by pydantic; unknown keys are errors (``extra="forbid"``) so that a typo never
+silently falls back to a default.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class MoEConfig(BaseModel):
+    """Routing, dispatch and expert options of a :class:`piper_ds.moe.PiperMoE` layer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # ---- router -------------------------------------------------------------------------------------
+    top_k: int = Field(2, ge=1, description="Experts per token (1..num_experts).")
+    score_func: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="Router scores: softmax over experts (Mixtral) or per-expert sigmoid (DeepSeek-V3).")
+    n_groups: int = Field(1, ge=1, description="Expert groups for group-limited routing (DeepSeek-V3: 8); 1 = off.")
+    topk_groups: int = Field(1, ge=1, description="Groups a token may route into when n_groups > 1.")
+    normalize_weights: bool = Field(
+        True, description="Renormalise the top-k weights of a token to sum to 1 (before routed_scaling_factor).")
+    routed_scaling_factor: float = Field(1.0, gt=0, description="Multiplies the routed weights (DeepSeek-V3: 2.5).")
+    aux_loss_coef: float = Field(0.01, ge=0, description="Coefficient of the load-balancing loss; 0 = off.")
+    aux_loss_type: Literal["switch", "first_choice"] = Field(
+        "switch",
+        description="'switch': E * sum_e P_e * f_e with f_e the share of all top-k assignments (GShard/Switch, "
+        "DeepSpeed topkgating); 'first_choice': f_e from the first choice only (DeepSpeed's top-2 gate).")
+    z_loss_coef: float = Field(0.0, ge=0, description="Coefficient of the router z-loss mean(logsumexp(logits)^2).")
+    bias_update_rate: float = Field(
+        0.0, ge=0,
+        description="Aux-loss-free balancing: per-expert selection bias moved by this rate towards equal load "
+        "after every training forward (DeepSeek-V3: 1e-3); 0 = off. The bias only selects, never weights.")
+
+    # ---- dispatch -----------------------------------------------------------------------------------
+    capacity_factor: Optional[float] = Field(
+        None, gt=0,
+        description="None = dropless. Else each expert takes at most ceil(cf * T * k / E) assignments from a "
+        "rank's T tokens; later tokens are dropped and the dropped fraction is reported.")
+    transport: Literal["flat", "hierarchical", "auto"] = Field(
+        "auto", description="All-to-all used by the dispatcher; 'auto' = hierarchical only across nodes.")
+    kernels: Literal["auto", "cuda", "reference"] = Field(
+        "auto", description="Gating/permutation kernels: fused CUDA ops when built ('auto'), forced, or PyTorch.")
+
+    # ---- experts ------------------------------------------------------------------------------------
+    activation: Literal["swiglu", "gelu"] = Field(
+        "swiglu", description="SwiGLU experts (3 matrices) or GELU experts (2 matrices).")
+    n_shared_experts: int = Field(0, ge=0, description="Always-on shared experts (DeepSeek style), fused as one "
+                                  "dense FFN of n_shared_experts * d_ffn hidden units.")
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> "MoEConfig":
+        if self.topk_groups > self.n_groups:
+            raise ValueError(f"topk_groups ({self.topk_groups}) must be <= n_groups ({self.n_groups})")
+        return self
+
+    def validate_for(self, num_experts: int) -> None:
+        """Checks the options that depend on the layer's expert count; raises ValueError naming the values."""
+        if not 1 <= self.top_k <= num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be between 1 and num_experts ({num_experts})")
+        if num_experts % self.n_groups:
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by n_groups ({self.n_groups})")
+        if self.n_groups > 1 and self.top_k > self.topk_groups * (num_experts // self.n_groups):
+            raise ValueError(f"top_k ({self.top_k}) exceeds the experts reachable in topk_groups "
+                             f"({self.topk_groups}) groups of {num_experts // self.n_groups}")

@@ -1,0 +1,198 @@
+"""Pure-PyTorch references: the oracle every kernel of piper_ds is tested against.
+
+These functions are also the production fallback when a fused kernel is not built. They favour clarity over
+speed, but none of them loops over tokens in Python, so they are usable on real sizes.
+
+Shape suffixes: T tokens, D model dim, E experts, K top-k, R ranks of the expert-parallel group,
+S rows sent (one per (token, destination rank) pair), N expanded rows (one per (row, local expert) pair).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+# ------------------------------------------------------------------------------------------------ gating
+class GatingOutput(NamedTuple):
+    """Result of routing T tokens over E experts.
+
+    topk_idx_TK: int64 expert ids, ordered by descending selection score.
+    topk_weights_TK: float32 combine weights (differentiable w.r.t. the logits).
+    scores_TE: float32 router scores (softmax or sigmoid of the logits), differentiable.
+    tokens_per_expert_E: int64 number of (token, k) assignments per expert.
+    """
+
+    topk_idx_TK: torch.Tensor
+    topk_weights_TK: torch.Tensor
+    scores_TE: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+
+
+def gating_reference(logits_TE: torch.Tensor,
+                     top_k: int,
+                     score_func: str = "softmax",
+                     bias_E: Optional[torch.Tensor] = None,
+                     n_groups: int = 1,
+                     topk_groups: int = 1,
+                     normalize: bool = True,
+                     scaling: float = 1.0) -> GatingOutput:
+    """Scores, optional selection bias, group-limited top-k, normalisation and scaling; all math in fp32.
+
+    The bias (aux-loss-free balancing) changes which experts are selected, never the weights. With groups, a
+    group's score is the sum of its two best biased scores (DeepSeek-V3; the best one if a group has a single
+    expert); only the experts of the ``topk_groups`` best groups may be selected.
+    """
+    logits = logits_TE.float()
+    T, E = logits.shape
+    if score_func == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif score_func == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+    select = scores.detach() if bias_E is None else scores.detach() + bias_E.float()
+    if n_groups > 1:
+        per_group = E // n_groups
+        grouped = select.view(T, n_groups, per_group)
+        group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # [T, G]
+        keep_groups = group_score.topk(topk_groups, dim=-1).indices
+        group_mask = torch.zeros(T, n_groups, dtype=torch.bool, device=logits.device)
+        group_mask.scatter_(1, keep_groups, True)
+        select = select.masked_fill(~group_mask.repeat_interleave(per_group, dim=1), float("-inf"))
+    topk_idx = select.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, topk_idx)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    weights = weights * scaling
+    counts = torch.bincount(topk_idx.flatten(), minlength=E)
+    return GatingOutput(topk_idx, weights, scores, counts)
+
+
+def aux_loss_reference(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, kind: str = "switch") -> torch.Tensor:
+    """Load-balancing loss E * sum_e P_e * f_e (unscaled by its coefficient).
+
+    P_e is the mean router score of expert e over the T tokens. f_e is the share of the T*K assignments that
+    went to e ('switch'), or the share of first choices ('first_choice'). Dropped assignments (-1) count as
+    routed: the loss is about what the router asked for.
+    """
+    T, E = scores_TE.shape
+    if T == 0:
+        return scores_TE.sum() * 0.0
+    probs = scores_TE.float().mean(dim=0)
+    idx = topk_idx_TK if kind == "switch" else topk_idx_TK[:, :1]
+    f = torch.bincount(idx.flatten(), minlength=E).float() / idx.numel()
+    return E * (probs * f).sum()
+
+
+def z_loss_reference(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss mean_t (logsumexp_e logits)^2 (ST-MoE)."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum() * 0.0
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def bias_update_reference(bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """Aux-loss-free balancing step: raise the bias of under-loaded experts, lower it for over-loaded ones."""
+    load = tokens_per_expert_E.float()
+    return bias_E + rate * torch.sign(load.mean() - load)
+
+
+def capacity_drop_reference(topk_idx_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Marks with -1 every assignment past an expert's capacity; earlier tokens win, then lower k."""
+    T, K = topk_idx_TK.shape
+    flat = topk_idx_TK.reshape(-1)  # token-major: earlier tokens claim capacity first
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    starts = torch.searchsorted(sorted_e, sorted_e, right=False)
+    position = torch.empty_like(flat)
+    position[order] = torch.arange(flat.numel(), device=flat.device) - starts
+    return torch.where(position < capacity, flat, torch.full_like(flat, -1)).view(T, K)
+
+
+# ------------------------------------------------------------------------------------- dispatch planning
+class SendPlan(NamedTuple):
+    """Where this rank's token rows go: one row per (token, destination rank), rank-major, token order.
+
+    token_idx_S: int64 source token of every sent row.
+    send_counts_R: int64 rows sent to each rank of the EP group.
+    slots_SK: int64 for each sent row, the destination-local slot of each of the token's K experts that
+        lives on that rank, -1 elsewhere (and for dropped assignments).
+    weights_SK: float32 the matching combine weights, 0 where the slot is -1 (differentiable).
+    """
+
+    token_idx_S: torch.Tensor
+    send_counts_R: torch.Tensor
+    slots_SK: torch.Tensor
+    weights_SK: torch.Tensor
+
+
+def send_plan_reference(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, expert_rank_E: torch.Tensor,
+                        expert_slot_E: torch.Tensor, ep_size: int) -> SendPlan:
+    """Dedups routing per destination rank: a token goes once to a rank however many of its experts live there."""
+    T, K = topk_idx_TK.shape
+    valid = topk_idx_TK >= 0
+    safe_idx = topk_idx_TK.clamp_min(0)
+    dest_TK = torch.where(valid, expert_rank_E[safe_idx], torch.full_like(safe_idx, -1))
+    to_rank_RT = torch.stack([(dest_TK == r).any(dim=1) for r in range(ep_size)]) if T else \
+        torch.zeros(ep_size, 0, dtype=torch.bool, device=topk_idx_TK.device)
+    rank_S, token_S = to_rank_RT.nonzero(as_tuple=True)  # row-major over [R, T]: rank-major, then token
+    send_counts = to_rank_RT.sum(dim=1)
+    here_SK = dest_TK[token_S] == rank_S[:, None]
+    slots = torch.where(here_SK, expert_slot_E[safe_idx[token_S]], torch.full_like(safe_idx[token_S], -1))
+    weights = topk_weights_TK[token_S] * here_SK
+    return SendPlan(token_S, send_counts, slots, weights)
+
+
+class ExpandPlan(NamedTuple):
+    """How received rows expand into per-expert rows for the grouped GEMM.
+
+    row_idx_N: int64 received row of each expanded row, grouped by local expert (stable in (row, k) order).
+    weight_N: float32 combine weight of each expanded row (differentiable).
+    tokens_per_slot_L: int64 expanded rows per local expert slot.
+    """
+
+    row_idx_N: torch.Tensor
+    weight_N: torch.Tensor
+    tokens_per_slot_L: torch.Tensor
+
+
+def expand_plan_reference(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int) -> ExpandPlan:
+    """Expands each received row to the local experts it asked for, grouped by local slot."""
+    flat_slot = slots_RK.reshape(-1)
+    pair = (flat_slot >= 0).nonzero(as_tuple=True)[0]
+    order = torch.argsort(flat_slot[pair], stable=True)
+    pair = pair[order]
+    K = slots_RK.shape[1] if slots_RK.dim() == 2 else 1
+    counts = torch.bincount(flat_slot[pair], minlength=num_local)
+    return ExpandPlan(pair // max(K, 1), weights_RK.reshape(-1)[pair], counts)
+
+
+# ------------------------------------------------------------------------------------ row movement ops
+def permute_rows_reference(x_TD: torch.Tensor, index_S: torch.Tensor) -> torch.Tensor:
+    """Gathers rows: out[s] = x[index[s]] (the dispatch permutation)."""
+    return x_TD.index_select(0, index_S)
+
+
+def combine_rows_reference(y_ND: torch.Tensor, index_N: torch.Tensor, num_out: int,
+                           weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weighted scatter-add: out[index[n]] += weight[n] * y[n]; accumulates in fp32, returns y's dtype."""
+    acc = y_ND.float() if weight_N is None else y_ND.float() * weight_N.float()[:, None]
+    out = torch.zeros(num_out, y_ND.shape[1], dtype=torch.float32, device=y_ND.device)
+    return out.index_add_(0, index_N, acc).to(y_ND.dtype)
+
+
+# ------------------------------------------------------------------------------------ whole-layer oracle
+def moe_reference(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                  w1_EDF: torch.Tensor, w2_EFD: torch.Tensor, w3_EDF: Optional[torch.Tensor]) -> torch.Tensor:
+    """Dense loop over experts: y[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t]); SwiGLU if w3 is given, else GELU."""
+    out = torch.zeros_like(x_TD, dtype=torch.float32)
+    for e in range(w1_EDF.shape[0]):
+        tok, k = (topk_idx_TK == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = x_TD[tok] @ w1_EDF[e]
+        h = torch.nn.functional.silu(h) * (x_TD[tok] @ w3_EDF[e]) if w3_EDF is not None else \
+            torch.nn.functional.gelu(h)
+        out.index_add_(0, tok, (h @ w2_EFD[e]).float() * topk_weights_TK[tok, k, None].float())
+    return out.to(x_TD.dtype)
