@@ -8,6 +8,7 @@ killed and raises ``TimeoutError`` — a hang never passes silently, and no GPU 
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import tempfile
@@ -35,13 +36,18 @@ def _worker(rank: int, world_size: int, store_path: str, port: int, backend: str
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=120))
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        result = fn(rank, world_size, *args)
+        # serialise to bytes: tensors shared through file descriptors die with the worker process
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report every failure, also SystemExit/KeyboardInterrupt in a worker
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        try:
-            import deepspeed.comm as ds_comm
-            if ds_comm.is_initialized():
+        try:  # import DeepSpeed only if the test did: it costs seconds per process on a small machine
+            import sys
+            ds_comm = sys.modules.get("deepspeed.comm")
+            if ds_comm is not None and ds_comm.is_initialized():
                 ds_comm.destroy_process_group()
             elif dist.is_initialized():
                 dist.destroy_process_group()
@@ -96,4 +102,5 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
         codes = {r: procs[r].exitcode for r in missing}
         raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f}s "
                            f"(exit codes {codes}): a hang or a crash")
-    return [results[r] for r in range(world_size)]
+    import torch
+    return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world_size)]
