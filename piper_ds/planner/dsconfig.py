@@ -1,0 +1,127 @@
+"""The planner's output: a complete ds_config for a layout, and the command that launches it.
+
+The JSON holds DeepSpeed's own blocks (batch split, bf16, ZeRO, optimizer, pipeline), the ``"piper"`` block
+(``model``: every :class:`ModelSpec` field; ``moe``: a validated :class:`piper_ds.moe.config.MoEConfig`;
+``parallel``: ep_size and pp_size) and a ``"piper_plan"`` block recording the layout and the prediction,
+so that a measured run can be set beside it. DeepSpeed keeps unknown top-level keys, so both ride along.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+from piper_ds.planner.cluster import GIB, Layout
+from piper_ds.planner.resources import Estimate
+from piper_ds.planner.specs import ModelSpec
+
+#: Routing options that belong to a preset's published recipe (everything else: MoEConfig defaults).
+MOE_RECIPES: Dict[str, Dict[str, Any]] = {
+    "deepseek-v3": dict(score_func="sigmoid", n_groups=8, topk_groups=4, routed_scaling_factor=2.5,
+                        aux_loss_coef=1e-4, bias_update_rate=1e-3),
+    "qwen3-30b-a3b": dict(aux_loss_coef=1e-3),
+    "mixtral-8x7b": dict(aux_loss_coef=0.02),
+}
+
+TRAIN_SCRIPT = "examples/train.py"
+
+
+def moe_block(model: ModelSpec, layout: Layout) -> Dict[str, Any]:
+    """The ``"piper.moe"`` block: the model's routing/expert fields plus the layout's transport."""
+    from piper_ds.moe.config import MoEConfig  # piper_ds.moe pulls torch and DeepSpeed: import on use
+
+    fields = dict(MOE_RECIPES.get(model.name, {}))
+    fields.update(top_k=model.top_k, activation=model.activation, n_shared_experts=model.n_shared_experts,
+                  transport=layout.a2a)
+    cfg = MoEConfig(**fields)
+    cfg.validate_for(model.num_experts)
+    return cfg.model_dump(mode="json")
+
+
+def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = None, *, lr: float = 3e-4,
+                    steps_per_print: int = 10) -> Dict[str, Any]:
+    """A ds_config dict for ``layout`` (batch sizes per DeepSpeed's rule train = micro * accum * dp)."""
+    cfg: Dict[str, Any] = {
+        "train_batch_size": layout.global_batch,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "steps_per_print": steps_per_print,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW",
+                      "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
+        "bf16": {"enabled": layout.precision == "bf16"},
+        "zero_optimization": {"stage": layout.zero_stage, "overlap_comm": layout.zero_stage > 0,
+                              "contiguous_gradients": True, "reduce_scatter": True},
+        "wall_clock_breakdown": False,
+    }
+    if layout.pp > 1:
+        cfg["pipeline"] = {"use_reentrant": False}
+    if layout.activation_checkpointing:
+        cfg["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": False,
+                                           "contiguous_memory_optimization": False}
+    cfg["piper"] = {
+        "model": model.to_block(),
+        "moe": moe_block(model, layout),
+        "parallel": {"ep_size": layout.ep, "pp_size": layout.pp},
+    }
+    cfg["piper_plan"] = plan_block(layout, est)
+    return cfg
+
+
+def plan_block(layout: Layout, est: Optional[Estimate]) -> Dict[str, Any]:
+    """The ``"piper_plan"`` record: the layout and, when given, the prediction (GiB, seconds)."""
+    out: Dict[str, Any] = {"layout": layout.model_dump(mode="json"), "gpus": layout.gpus}
+    if est is not None:
+        out["cluster"] = est.cluster.name
+        out["predicted"] = {
+            "step_time_s": round(est.step_time, 6),
+            "tokens_per_s": round(est.tokens_per_s, 1),
+            "tflops_per_gpu": round(est.tflops_per_gpu, 2),
+            "mfu": round(est.mfu, 4),
+            "worst_stage": est.worst.stage,
+            "worst_stage_gib": round(est.worst.total / GIB, 3),
+            "stage_memory_gib": [round(m.total / GIB, 3) for m in est.memory],
+            "step_breakdown_s": {k: round(v, 6) for k, v in est.step_parts.items()},
+        }
+    return out
+
+
+def write_ds_config(cfg: Dict[str, Any], path: str) -> None:
+    """Writes ``cfg`` as indented JSON, creating the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+
+
+def launch_command(layout: Layout, gpus_per_node: int, config_path: str) -> str:
+    """The exact launcher command for the written config (hostfile form across nodes)."""
+    if layout.gpus <= gpus_per_node:
+        return f"deepspeed --num_gpus {layout.gpus} {TRAIN_SCRIPT} --deepspeed_config {config_path}"
+    nodes = -(-layout.gpus // gpus_per_node)
+    return (f"deepspeed --hostfile hostfile --num_nodes {nodes} --num_gpus {gpus_per_node} {TRAIN_SCRIPT} "
+            f"--deepspeed_config {config_path}")
+
+
+class _DataParallelGrid:
+    """Minimal mpu for DeepSpeedConfig: only the data-parallel world size (the batch rule's divisor)."""
+
+    def __init__(self, dp: int):
+        self.dp = dp
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+
+def check_with_deepspeed(cfg: Dict[str, Any], dp: int):
+    """Parses ``cfg`` with ``deepspeed.runtime.config.DeepSpeedConfig`` as a job with ``dp`` data-parallel
+    ranks would; raises whatever DeepSpeed raises. Returns the DeepSpeedConfig."""
+    from unittest import mock
+
+    from deepspeed.runtime import config as ds_config  # heavy import, only when asked
+
+    # Outside a launched job DeepSpeedConfig falls back to world size 1 when it cannot read the rank; answer
+    # "rank 0" so that it takes the data-parallel size from the mpu, exactly as on rank 0 of the real job.
+    with mock.patch.object(ds_config.dist, "get_rank", return_value=0):
+        return ds_config.DeepSpeedConfig(json.loads(json.dumps(cfg)), mpu=_DataParallelGrid(dp))

@@ -1,0 +1,187 @@
+"""Memory model: bytes per GPU of every pipeline stage under 1F1B, by kind.
+
+Kinds: weights, grads, optimizer (model states, with ZeRO sharding over DP for dense parameters and over
+expert-DP for experts), activations (per in-flight micro-batch; stage i of pp holds min(pp - i, m) under
+1F1B, so stage 0 is usually the worst), a2a_buffers (dispatch/combine send buffers of the layer running),
+workspace (activation gradients of the block in backward, LM-head logits gradient, cuBLAS/NCCL) and
+fragmentation (a share of the dynamic memory). Bytes, per GPU.
+
+Model-state bytes per parameter, (replicated, sharded over D) as DeepSpeed 0.19 allocates them:
+
+=========  =====================================  ==================================================
+precision  ZeRO                                   weights / grads / optimizer
+=========  =====================================  ==================================================
+bf16       0 (BF16_Optimizer)                     2 / 2+4 (bf16 + fp32 accumulator) / 12 over D
+bf16       1                                      2 / 2 + 4 over D / 12 over D    -> 4 + 16/D
+bf16       2                                      2 / 6 over D / 12 over D        -> 2 + 18/D (= DS estimator)
+fp32       0                                      4 / 4 / 8 (plain optimizer)
+fp32       1                                      4 / 4 / 12 over D (fp32 partition copy + Adam)
+fp32       2                                      4 / 4 over D / 12 over D
+=========  =====================================  ==================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+from piper_ds.planner.cluster import GIB, Layout
+from piper_ds.planner.comm import distinct_ranks_per_token
+from piper_ds.planner.profile import PlatformProfile
+from piper_ds.planner.specs import ModelSpec
+
+KINDS = ("weights", "grads", "optimizer", "activations", "a2a_buffers", "workspace", "fragmentation")
+
+#: (precision, zero) -> {kind: (replicated bytes, sharded bytes)} per parameter; see the module table.
+STATE_BYTES: Dict[Tuple[str, int], Dict[str, Tuple[int, int]]] = {
+    ("bf16", 0): {"weights": (2, 0), "grads": (6, 0), "optimizer": (0, 12)},
+    ("bf16", 1): {"weights": (2, 0), "grads": (2, 4), "optimizer": (0, 12)},
+    ("bf16", 2): {"weights": (2, 0), "grads": (0, 6), "optimizer": (0, 12)},
+    ("fp32", 0): {"weights": (4, 0), "grads": (4, 0), "optimizer": (8, 0)},
+    ("fp32", 1): {"weights": (4, 0), "grads": (4, 0), "optimizer": (0, 12)},
+    ("fp32", 2): {"weights": (4, 0), "grads": (0, 4), "optimizer": (0, 12)},
+}
+
+#: Bytes that move when one expert migrates: bf16 weight + bf16 grad + fp32 master + 2 fp32 Adam moments.
+MIGRATION_BYTES_PER_PARAM = 16
+
+
+def migration_bytes(model: ModelSpec) -> int:
+    """Bytes moved to migrate one routed expert with its optimizer state (48*d*f for SwiGLU, Piper)."""
+    return MIGRATION_BYTES_PER_PARAM * model.expert_params()
+
+
+def model_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: int,
+                      precision: str = "bf16") -> Dict[str, float]:
+    """Weights/grads/optimizer bytes on one GPU holding ``n_dense`` dense and ``n_expert`` expert params.
+
+    Dense states shard over ``dp`` ranks, expert states over ``edp`` (expert-data-parallel) ranks.
+    """
+    key = (precision, zero)
+    if key not in STATE_BYTES:
+        raise ValueError(f"no model-state rule for precision={precision!r}, zero_stage={zero} "
+                         "(ZeRO-3 is rejected by DeepSpeed's native MoE; use ZeRO-1 or 2)")
+    return {kind: rep * (n_dense + n_expert) + sh * (n_dense / dp + n_expert / edp)
+            for kind, (rep, sh) in STATE_BYTES[key].items()}
+
+
+def stage_blocks(n_layers: int, pp: int) -> List[range]:
+    """Transformer blocks of each stage: uniform, the remainder going to the LAST stages (stage 0 also
+    holds the embedding and the most in-flight activations)."""
+    if pp > n_layers:
+        raise ValueError(f"pp ({pp}) must be <= n_layers ({n_layers})")
+    base, extra = divmod(n_layers, pp)
+    sizes = [base + (1 if s >= pp - extra else 0) for s in range(pp)]
+    out, start = [], 0
+    for n in sizes:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def stage_params(model: ModelSpec, layout: Layout, stage: int) -> Tuple[int, int]:
+    """(dense, expert) parameters held by one GPU of ``stage`` (experts: E/ep per MoE block)."""
+    blocks = stage_blocks(model.n_layers, layout.pp)[stage]
+    per_block = model.attention_params_per_layer() + 2 * model.d_model
+    dense = expert = 0
+    for b in blocks:
+        dense += per_block
+        if b < model.n_dense_layers:
+            dense += model.ffn_params(model.ffn_dense)
+        else:
+            dense += model.num_experts * model.d_model + model.shared_params_per_layer()
+            expert += model.num_experts // layout.ep * model.expert_params()
+    v = model.vocab_size * model.d_model
+    if stage == 0:
+        dense += v
+    if stage == layout.pp - 1:
+        dense += model.d_model  # final norm
+        # an untied head, or a tied one whose copy DeepSpeed keeps on the last stage when pp > 1
+        if not model.tie_embeddings or layout.pp > 1:
+            dense += v
+    return dense, expert
+
+
+def block_activations(model: ModelSpec, layout: Layout, profile: PlatformProfile, moe: bool) -> Dict[str, float]:
+    """Bytes one block keeps for backward for one micro-batch ('saved') and its per-layer 'a2a' send
+    buffers (alive only while the layer runs)."""
+    a = 2 if layout.precision == "bf16" else 4
+    b, s, d = layout.micro_batch, model.seq_len, model.d_model
+    t = b * s
+    hd, h, hkv = model.hd, model.n_heads, model.kv_heads
+    saved = a * t * (2 * d + 2 * h * hd + 2 * hkv * hd) + 4 * b * h * s  # norm in/out, q k v, attn out, lse
+    if profile.attention_saves_scores:
+        saved += 2 * a * b * h * s * s
+    hid = model.n_mats  # hidden tensors kept per FFN row: SwiGLU gate, up, product; GELU pre, post
+    if not moe:
+        return {"saved": saved + a * t * (2 * d + hid * model.ffn_dense), "a2a": 0.0}
+    k, e, imb = model.top_k, model.num_experts, profile.imbalance(layout.ep)
+    rows_send = t * distinct_ranks_per_token(layout.ep, k)  # one row per (token, destination rank)
+    rows_recv = rows_send * imb
+    rows_exp = t * k * imb  # expanded to (token, expert) rows at the busiest rank
+    saved += a * t * 2 * d + 8 * t * e + 12 * t * k  # norms; fp32 router logits + probs; top-k idx/weights
+    saved += a * rows_recv * d + 8 * rows_recv * k  # dispatch buffer (received rows + slot/weight meta)
+    saved += a * rows_exp * (2 * d + hid * model.d_ffn_expert)  # expert input, hidden, output
+    saved += a * rows_send * d  # combine buffer (rows back at the source rank)
+    if model.n_shared_experts:
+        saved += a * t * (d + hid * model.n_shared_experts * model.d_ffn_expert)
+    a2a = a * rows_send * d + 8 * rows_send * k + a * rows_recv * d  # dispatch send + combine send
+    return {"saved": saved, "a2a": a2a}
+
+
+@dataclass
+class StageMemory:
+    """Bytes per GPU of one pipeline stage, by kind (see :data:`KINDS`)."""
+
+    stage: int
+    blocks: range
+    in_flight: int
+    kinds: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """All kinds together, bytes."""
+        return sum(self.kinds.values())
+
+
+def in_flight(layout: Layout, stage: int) -> int:
+    """Micro-batches whose activations stage ``stage`` holds at its peak under 1F1B: min(pp - stage, m)."""
+    return 1 if layout.pp == 1 else min(layout.pp - stage, layout.grad_accum)
+
+
+def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, stage: int) -> StageMemory:
+    """Memory of one GPU of ``stage``, by kind."""
+    blocks = stage_blocks(model.n_layers, layout.pp)[stage]
+    n_dense, n_expert = stage_params(model, layout, stage)
+    kinds = dict(model_state_bytes(n_dense, n_expert, layout.dp, layout.edp, layout.zero_stage, layout.precision))
+    a = 2 if layout.precision == "bf16" else 4
+    t = layout.micro_batch * model.seq_len
+    kinds_of = {moe: block_activations(model, layout, profile, moe) for moe in (False, True)}
+    acts = [kinds_of[bl >= model.n_dense_layers] for bl in blocks]
+    per_mb = sum(x["saved"] for x in acts)
+    if layout.activation_checkpointing:
+        per_mb = len(acts) * a * t * model.d_model  # only block inputs are kept
+    if stage == 0:
+        per_mb += a * t * model.d_model  # embedding output
+    n_mb = in_flight(layout, stage)
+    largest = max((x["saved"] for x in acts), default=0.0)
+    head = 0.0
+    if stage == layout.pp - 1:  # one micro-batch: bf16 logits + fp32 upcast for the loss; grad in workspace
+        head = (a + 4) * t * model.vocab_size + a * t * 2 * model.d_model
+    kinds["activations"] = n_mb * per_mb + head
+    kinds["a2a_buffers"] = max((x["a2a"] for x in acts), default=0.0)
+    recompute = largest if layout.activation_checkpointing else 0.0
+    head_grad = 4 * t * model.vocab_size if stage == layout.pp - 1 else 0.0
+    kinds["workspace"] = largest + recompute + head_grad + profile.workspace_gib * GIB
+    dynamic = kinds["activations"] + kinds["a2a_buffers"] + kinds["workspace"]
+    kinds["fragmentation"] = profile.fragmentation * dynamic
+    return StageMemory(stage=stage, blocks=blocks, in_flight=n_mb, kinds={k: float(kinds[k]) for k in KINDS})
+
+
+def all_stages(model: ModelSpec, layout: Layout, profile: PlatformProfile) -> List[StageMemory]:
+    """Memory of every stage (index = stage)."""
+    return [stage_memory(model, layout, profile, s) for s in range(layout.pp)]
+
+
+def worst_stage(model: ModelSpec, layout: Layout, profile: PlatformProfile) -> StageMemory:
+    """The stage with the largest total (the one that must fit in HBM)."""
+    return max(all_stages(model, layout, profile), key=lambda m: m.total)

@@ -1,0 +1,199 @@
+"""Resource model: predicted step time, tokens/s, MFU and their breakdown for one layout.
+
+Per micro-batch and stage (forward + backward), seconds:
+
+- dense: attention projections, dense FFN, shared experts, router, LM head: 6*T*params / dense GEMM rate;
+- attention: causal core 6*T*s*H*hd / attention rate;
+- experts: 6 * rows * expert params / grouped-GEMM rate at the rows per local expert, on the busiest EP rank
+  (rows = T*k*load_imbalance; other ranks wait for it at the combine);
+- elementwise: norms, activations, permutes: 2 x saved activation bytes / achieved HBM bandwidth;
+- overhead: launches and host syncs per block;
+- a2a: 4 all-to-alls per MoE block (dispatch + combine, forward and backward; 6 with recomputation), less
+  what hides under the shared experts (which run during the dispatch) or, with overlap_a2a, under
+  overlap_efficiency x the block's compute;
+- p2p: the stage's activation/gradient sends and receives (blocking, as in DeepSpeed's PipelineEngine).
+
+Step = m x slowest stage + (pp - 1) x slowest stage (the 1F1B bubble) + exposed gradient sync (ZeRO
+reduce-scatter/all-reduce over DP and expert-DP, once per step, or per micro-batch with ZeRO-2; all-gather of
+updated weights) + optimizer (HBM bound).
+Activation checkpointing adds one forward of compute (x4/3). MFU uses :meth:`ModelSpec.mfu_flops_per_token`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from piper_ds.planner import comm
+from piper_ds.planner.cluster import ClusterSpec, Layout
+from piper_ds.planner.memory import StageMemory, all_stages, block_activations, stage_blocks, stage_params
+from piper_ds.planner.profile import PlatformProfile
+from piper_ds.planner.specs import ModelSpec
+
+STAGE_PARTS = ("dense", "attention", "experts", "elementwise", "overhead", "a2a", "p2p")
+STEP_PARTS = ("compute", "a2a", "p2p", "bubble", "grad_sync", "optimizer")
+
+
+@dataclass
+class Estimate:
+    """Prediction for one (model, cluster, layout, profile). Times in seconds, memory in bytes."""
+
+    model: ModelSpec
+    cluster: ClusterSpec
+    layout: Layout
+    memory: List[StageMemory]
+    stage_times: List[Dict[str, float]]
+    step_parts: Dict[str, float]
+    a2a_hidden: float = 0.0
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def step_time(self) -> float:
+        """Predicted seconds per optimizer step."""
+        return sum(self.step_parts.values())
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training tokens per second, whole job."""
+        return self.layout.global_batch * self.model.seq_len / self.step_time
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        """Model TFLOP/s per GPU by the MFU formula."""
+        return self.model.mfu_flops_per_token() * self.tokens_per_s / self.layout.gpus / 1e12
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilisation, fraction of the cluster's dense bf16 peak."""
+        return self.tflops_per_gpu / self.cluster.peak_tflops
+
+    @property
+    def worst(self) -> StageMemory:
+        """The stage with the most memory."""
+        return max(self.memory, key=lambda m: m.total)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Share of the step lost to the pipeline bubble."""
+        return self.step_parts["bubble"] / self.step_time
+
+
+def _block_time(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: PlatformProfile,
+                moe: bool) -> Dict[str, float]:
+    """Forward + backward seconds of one block for one micro-batch, by part (a2a before hiding)."""
+    t = layout.micro_batch * model.seq_len
+    dense_rate = prof.dense_rate(cluster)
+    out = dict.fromkeys(STAGE_PARTS, 0.0)
+    out["dense"] = 6.0 * t * model.attention_params_per_layer() / dense_rate
+    out["attention"] = 6.0 * t * model.seq_len * model.d_attn / prof.attention_rate(cluster)
+    acts = block_activations(model, layout, prof, moe)
+    out["elementwise"] = 2.0 * acts["saved"] / prof.hbm_rate(cluster)
+    shared = 0.0
+    if not moe:
+        out["dense"] += 6.0 * t * model.ffn_params(model.ffn_dense) / dense_rate
+        out["overhead"] = prof.dense_layer_overhead_us * 1e-6
+    else:
+        shared = 6.0 * t * model.shared_params_per_layer() / dense_rate
+        out["dense"] += 6.0 * t * model.num_experts * model.d_model / dense_rate + shared
+        rows = t * model.top_k * prof.imbalance(layout.ep)
+        per_expert = rows / (model.num_experts // layout.ep)
+        out["experts"] = 6.0 * rows * model.expert_params() / prof.grouped_rate(cluster, per_expert)
+        out["overhead"] = prof.moe_layer_overhead_us * 1e-6
+        a = 2 if layout.precision == "bf16" else 4
+        disp = comm.alltoall_seconds(cluster, prof, layout, t, model.top_k, a * model.d_model + 8 * model.top_k)
+        comb = comm.alltoall_seconds(cluster, prof, layout, t, model.top_k, a * model.d_model)
+        n = 3 if layout.activation_checkpointing else 2  # forward (+ recompute) and backward
+        out["a2a"] = n * (disp["seconds"] + comb["seconds"])
+    if layout.activation_checkpointing:
+        for part in ("dense", "attention", "experts", "elementwise"):
+            out[part] *= 4.0 / 3.0
+    compute = sum(out[p] for p in ("dense", "attention", "experts", "elementwise"))
+    hidden = min(out["a2a"], shared)
+    if layout.overlap_a2a:
+        hidden = max(hidden, min(out["a2a"], prof.overlap_efficiency * compute))
+    out["a2a_hidden"] = hidden
+    out["a2a"] -= hidden
+    return out
+
+
+def stage_time(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: PlatformProfile,
+               stage: int) -> Dict[str, float]:
+    """Forward + backward seconds of one micro-batch on ``stage``, by part (+ 'a2a_hidden')."""
+    out = dict.fromkeys(STAGE_PARTS + ("a2a_hidden",), 0.0)
+    kinds = {}
+    for b in stage_blocks(model.n_layers, layout.pp)[stage]:
+        moe = b >= model.n_dense_layers
+        if moe not in kinds:
+            kinds[moe] = _block_time(model, cluster, layout, prof, moe)
+        for part, v in kinds[moe].items():
+            out[part] += v
+    a = 2 if layout.precision == "bf16" else 4
+    t = layout.micro_batch * model.seq_len
+    if stage == layout.pp - 1:  # LM head GEMM + cross-entropy over fp32 logits
+        out["dense"] += 6.0 * t * model.vocab_size * model.d_model / prof.dense_rate(cluster)
+        out["elementwise"] += (a + 12) * t * model.vocab_size / prof.hbm_rate(cluster)
+    act = a * t * model.d_model
+    for s in (stage - 1, stage):  # boundaries next to this stage, activation forward + gradient backward
+        if 0 <= s < layout.pp - 1:
+            out["p2p"] += 2 * comm.p2p_seconds(cluster, prof, layout, s, act)
+    return out
+
+
+def grad_sync_seconds(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: PlatformProfile,
+                      stage: int) -> Dict[str, float]:
+    """Gradient reduction and weight all-gather of one step on ``stage``: {'reduce', 'gather', 'exposed'}."""
+    n_dense, n_expert = stage_params(model, layout, stage)
+    gb = 2 if layout.precision == "bf16" else 4
+    dp_ranks = comm.dp_group(layout, stage)
+    edp_ranks = comm.edp_group(layout, stage)
+    if layout.zero_stage == 0:
+        reduce = (comm.allreduce_seconds(cluster, prof, dp_ranks, gb * n_dense)
+                  + comm.allreduce_seconds(cluster, prof, edp_ranks, gb * n_expert))
+    else:
+        reduce = (comm.reduce_scatter_seconds(cluster, prof, dp_ranks, gb * n_dense)
+                  + comm.reduce_scatter_seconds(cluster, prof, edp_ranks, gb * n_expert))
+    if layout.zero_stage == 2:  # ZeRO-2 reduce-scatters in the backward hooks of every micro-batch
+        reduce *= layout.grad_accum
+    gather = 0.0
+    if layout.precision == "bf16" or layout.zero_stage > 0:  # sharded master weights -> all-gather bf16
+        gather = (comm.allgather_seconds(cluster, prof, dp_ranks, gb * n_dense)
+                  + comm.allgather_seconds(cluster, prof, edp_ranks, gb * n_expert))
+    hide = prof.grad_sync_overlap if (layout.pp == 1 and layout.zero_stage > 0) else 0.0
+    return {"reduce": reduce, "gather": gather, "exposed": reduce * (1 - hide) + gather}
+
+
+def optimizer_seconds(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: PlatformProfile,
+                      stage: int) -> float:
+    """Adam step on the local shard: ~32 bytes of HBM traffic per sharded parameter (read and write of
+    master, moments, grad; bf16 weight write), seconds."""
+    n_dense, n_expert = stage_params(model, layout, stage)
+    sharded = layout.precision == "bf16" or layout.zero_stage > 0
+    n = n_dense / layout.dp + n_expert / layout.edp if sharded else n_dense + n_expert
+    return 32.0 * n / prof.hbm_rate(cluster)
+
+
+def estimate(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
+             profile: Optional[PlatformProfile] = None) -> Estimate:
+    """Predicts memory per stage and the step time breakdown of ``layout``."""
+    prof = profile or PlatformProfile()
+    if layout.pp > model.n_layers:
+        raise ValueError(f"pp ({layout.pp}) must be <= n_layers ({model.n_layers})")
+    if model.num_experts % layout.ep:
+        raise ValueError(f"num_experts ({model.num_experts}) must be divisible by ep ({layout.ep})")
+    memory = all_stages(model, layout, prof)
+    times = [stage_time(model, cluster, layout, prof, s) for s in range(layout.pp)]
+    slow = max(range(layout.pp), key=lambda s: sum(times[s][p] for p in STAGE_PARTS))
+    st, m = times[slow], layout.grad_accum
+    per_mb = sum(st[p] for p in STAGE_PARTS)
+    syncs = [grad_sync_seconds(model, cluster, layout, prof, s)["exposed"] for s in range(layout.pp)]
+    opts = [optimizer_seconds(model, cluster, layout, prof, s) for s in range(layout.pp)]
+    parts = {
+        "compute": m * sum(st[p] for p in ("dense", "attention", "experts", "elementwise", "overhead")),
+        "a2a": m * st["a2a"],
+        "p2p": m * st["p2p"],
+        "bubble": (layout.pp - 1) * per_mb,
+        "grad_sync": max(syncs),
+        "optimizer": max(opts),
+    }
+    notes = [f"slowest stage {slow}"] if layout.pp > 1 else []
+    return Estimate(model=model, cluster=cluster, layout=layout, memory=memory, stage_times=times,
+                    step_parts=parts, a2a_hidden=m * st["a2a_hidden"], notes=notes)
