@@ -126,7 +126,7 @@ def p2p_seconds(cluster: ClusterSpec, profile: PlatformProfile, layout: Layout, 
     # the pair pattern repeats every node; sample two nodes' worth and the last pair
     for j in sorted(set(range(min(layout.dp, 2 * cluster.gpus_per_node))) | {layout.dp - 1}):
         a, b = stage * layout.dp + j, (stage + 1) * layout.dp + j
-        worst = max(worst, profile.tier(cluster, cluster.tier_between(a, b)).seconds(nbytes))
+        worst = max(worst, profile.p2p_tier(cluster, cluster.tier_between(a, b)).seconds(nbytes))
     return worst
 
 

@@ -2,8 +2,9 @@
 
 The JSON holds DeepSpeed's own blocks (batch split, bf16, ZeRO, optimizer, pipeline), the ``"piper"`` block
 (``model``: every :class:`ModelSpec` field; ``moe``: a validated :class:`piper_ds.moe.config.MoEConfig`;
-``parallel``: ep_size and pp_size) and a ``"piper_plan"`` block recording the layout and the prediction,
-so that a measured run can be set beside it. DeepSpeed keeps unknown top-level keys, so both ride along.
+``parallel``: ep_size and pp_size; ``topology``: gpus_per_node; ``tracking``: the MFU peak) and a
+``"piper_plan"`` block recording the layout and the prediction, so that a measured run can be set beside
+it. DeepSpeed keeps unknown top-level keys, so both ride along.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-from piper_ds.planner.cluster import GIB, Layout
+from piper_ds.planner.cluster import GIB, ClusterSpec, Layout
 from piper_ds.planner.resources import Estimate
 from piper_ds.planner.specs import ModelSpec
 
@@ -39,8 +40,12 @@ def moe_block(model: ModelSpec, layout: Layout) -> Dict[str, Any]:
 
 
 def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = None, *, lr: float = 3e-4,
-                    steps_per_print: int = 10) -> Dict[str, Any]:
-    """A ds_config dict for ``layout`` (batch sizes per DeepSpeed's rule train = micro * accum * dp)."""
+                    steps_per_print: int = 10, cluster: Optional[ClusterSpec] = None) -> Dict[str, Any]:
+    """A ds_config dict for ``layout`` (batch sizes per DeepSpeed's rule train = micro * accum * dp).
+
+    ``cluster`` (default: the estimate's) fills ``piper.topology.gpus_per_node`` and the MFU peak.
+    """
+    cluster = cluster or (est.cluster if est is not None else None)
     cfg: Dict[str, Any] = {
         "train_batch_size": layout.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
@@ -64,6 +69,9 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
         "moe": moe_block(model, layout),
         "parallel": {"ep_size": layout.ep, "pp_size": layout.pp},
     }
+    if cluster is not None:
+        cfg["piper"]["topology"] = {"gpus_per_node": cluster.gpus_per_node}
+        cfg["piper"]["tracking"] = {"peak_tflops": cluster.peak_tflops}
     cfg["piper_plan"] = plan_block(layout, est)
     return cfg
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,9 +50,15 @@ class PlatformProfile(BaseModel):
     attention_tflops: Optional[float] = Field(
         None, gt=0, description="Causal attention fwd+bwd rate, TFLOP/s; None = attention_fraction x dense.")
     attention_fraction: float = Field(0.65, gt=0, le=1.5, description="Attention rate / dense rate default.")
-    hbm_efficiency: float = Field(0.7, gt=0, le=1, description="Achieved / nominal HBM bw for elementwise ops.")
+    hbm_tbps: Optional[float] = Field(
+        None, gt=0, description="Measured device-copy bandwidth, TB/s (read + write); None = the cluster's.")
+    hbm_efficiency: float = Field(0.7, gt=0, le=1, description="Elementwise-kernel share of the HBM bandwidth.")
     tiers: Dict[str, LinkTier] = Field(
-        default_factory=dict, description="Measured link tiers overriding the cluster's (same names).")
+        default_factory=dict, description="Measured all-to-all/collective link tiers overriding the cluster's.")
+    p2p_tiers: Dict[str, LinkTier] = Field(
+        default_factory=dict, description="Measured point-to-point link tiers (pipeline sends); default = tiers.")
+    measurements: Dict[str, Any] = Field(
+        default_factory=dict, description="Raw calibration tables (for the record; the model reads the fits).")
     dense_layer_overhead_us: float = Field(
         60.0, ge=0, description="Launch/host overhead of one dense block, fwd+bwd, microseconds.")
     moe_layer_overhead_us: float = Field(
@@ -94,11 +100,15 @@ class PlatformProfile(BaseModel):
 
     def hbm_rate(self, cluster: ClusterSpec) -> float:
         """Achieved HBM bandwidth for memory-bound ops, bytes/s."""
-        return cluster.hbm_tbps * 1e12 * self.hbm_efficiency
+        return (self.hbm_tbps or cluster.hbm_tbps) * 1e12 * self.hbm_efficiency
 
     def tier(self, cluster: ClusterSpec, name: str) -> LinkTier:
         """A link tier: measured if the profile has it, else the cluster's."""
         return self.tiers.get(name) or cluster.tier(name)
+
+    def p2p_tier(self, cluster: ClusterSpec, name: str) -> LinkTier:
+        """A link tier for point-to-point sends: measured p2p, else :meth:`tier`."""
+        return self.p2p_tiers.get(name) or self.tier(cluster, name)
 
     # ---- files --------------------------------------------------------------------------------------
     @classmethod

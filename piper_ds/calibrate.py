@@ -1,0 +1,277 @@
+"""``python -m piper_ds.calibrate``: micro-benchmarks of this machine, written as a planner profile JSON.
+
+Measures (on CUDA when present, else a tiny CPU mode that still writes a valid profile):
+
+- dense GEMM rate (one large bf16 matmul; fp32 on CPU);
+- grouped GEMM rate against rows per expert (``torch._grouped_mm``; a per-expert loop where unavailable),
+  for the model's expert shapes;
+- causal attention fwd+bwd rate (``scaled_dot_product_attention``), counted as 6*b*s^2*H*hd FLOPs;
+- device copy bandwidth;
+- when launched with several ranks (``deepspeed --num_gpus N -m piper_ds.calibrate`` or ``torchrun``):
+  all-to-all time by size inside a node and across nodes, and point-to-point, fitted to alpha-beta tiers.
+
+Use it with ``python -m piper_ds.plan ... --profile <out>``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from piper_ds.planner.cluster import LinkTier
+from piper_ds.planner.profile import PlatformProfile
+from piper_ds.planner.specs import ModelSpec
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, warmup: int = 2, iters: int = 5) -> float:
+    """Median seconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """rows of ``a`` [R, K] split at ``offs`` (cumulative ends, int32 [E]) times ``b`` [E, K, N]."""
+    if hasattr(torch, "_grouped_mm"):
+        try:
+            return torch._grouped_mm(a, b, offs=offs)
+        except (RuntimeError, NotImplementedError):
+            pass  # unsupported dtype/device: fall back to the loop below
+    outs, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        outs.append(a[start:end] @ b[e])
+        start = end
+    return torch.cat(outs)
+
+
+def bench_dense(device: torch.device, dtype: torch.dtype, n: int, iters: int) -> float:
+    """Dense n x n x n matmul rate, TFLOP/s."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, device, iters=iters) / 1e12
+
+
+def bench_grouped(device: torch.device, dtype: torch.dtype, d: int, f: int, experts: int,
+                  rows_list: Sequence[int], iters: int) -> List[Tuple[int, float]]:
+    """(rows per expert, TFLOP/s) for the up (d -> f) and down (f -> d) expert GEMMs, averaged by time."""
+    out = []
+    w_up = torch.randn(experts, f, d, device=device, dtype=dtype).transpose(-2, -1)  # [E, d, f], col-major
+    w_dn = torch.randn(experts, d, f, device=device, dtype=dtype).transpose(-2, -1)  # [E, f, d]
+    for rows in rows_list:
+        total = rows * experts
+        offs = torch.arange(1, experts + 1, device=device, dtype=torch.int32) * rows
+        x = torch.randn(total, d, device=device, dtype=dtype)
+        h = torch.randn(total, f, device=device, dtype=dtype)
+        t = timed(lambda: grouped_mm(x, w_up, offs), device, iters=iters)
+        t += timed(lambda: grouped_mm(h, w_dn, offs), device, iters=iters)
+        out.append((rows, 2 * 2 * total * d * f / t / 1e12))
+    return out
+
+
+def bench_attention(device: torch.device, dtype: torch.dtype, b: int, h: int, s: int, hd: int,
+                    iters: int) -> float:
+    """Causal SDPA forward + backward rate, TFLOP/s, counting 6*b*s^2*h*hd (the planner's convention)."""
+    q, k, v = (torch.randn(b, h, s, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def step():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o.backward(torch.ones_like(o))
+
+    return 6 * b * s * s * h * hd / timed(step, device, iters=iters) / 1e12
+
+
+def bench_copy(device: torch.device, nbytes: int, iters: int) -> float:
+    """Device-to-device copy bandwidth (read + write), TB/s."""
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), device, iters=iters) / 1e12
+
+
+def fit_tier(points: Sequence[Tuple[float, float]]) -> Optional[LinkTier]:
+    """Alpha-beta fit of (bytes, seconds) points -> LinkTier; None without a usable point.
+
+    Least squares when the points rise with size; else (noisy timings) bandwidth from the largest transfer
+    and latency from the fastest one.
+    """
+    pts = [(float(x), float(y)) for x, y in points if x > 0 and y > 0]
+    if not pts:
+        return None
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    if slope > 0:
+        return LinkTier(bw_gbps=1.0 / slope / 1e9, latency_us=max(my - slope * mx, 0.0) * 1e6)
+    big = max(pts)
+    return LinkTier(bw_gbps=big[0] / big[1] / 1e9, latency_us=min(ys) * 1e6)
+
+
+def _groups_by_node() -> Tuple[List[List[int]], List[List[int]]]:
+    """(ranks of each node, ranks sharing a local index across nodes), from every rank's host name."""
+    hosts: List[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    nodes: Dict[str, List[int]] = {}
+    for r, host in enumerate(hosts):
+        nodes.setdefault(host, []).append(r)
+    intra = list(nodes.values())
+    local = min(len(g) for g in intra)
+    inter = [[g[i] for g in intra] for i in range(local)] if len(intra) > 1 else []
+    return intra, inter
+
+
+def bench_alltoall(device: torch.device, dtype: torch.dtype, sizes: Sequence[int], groups: List[List[int]],
+                   iters: int) -> List[Tuple[float, float]]:
+    """(bytes each rank sends to others, seconds) of all_to_all_single per size, within each of ``groups``
+    (every rank must call; handles are made collectively). Times are the max over ranks."""
+    handles = [dist.new_group(g) for g in groups]
+    mine = next((i for i, g in enumerate(groups) if dist.get_rank() in g), None)
+    out = []
+    for nbytes in sizes:
+        t = 0.0
+        if mine is not None:
+            n = len(groups[mine])
+            numel = max(nbytes // dtype.itemsize // n, 1) * n
+            src = torch.ones(numel, device=device, dtype=dtype)
+            dst = torch.empty_like(src)
+            t = timed(lambda: dist.all_to_all_single(dst, src, group=handles[mine]), device, iters=iters)
+        tt = torch.tensor([t], device=device, dtype=torch.float64)
+        dist.all_reduce(tt, op=dist.ReduceOp.MAX)
+        n = len(groups[0])
+        out.append((nbytes * (n - 1) / n, tt.item()))
+    return out
+
+
+def bench_p2p(device: torch.device, dtype: torch.dtype, sizes: Sequence[int], peer: int,
+              iters: int) -> List[Tuple[float, float]]:
+    """(bytes, seconds) of one send from rank 0 to ``peer`` (half a ping-pong); other ranks idle."""
+    out = []
+    me = dist.get_rank()
+    for nbytes in sizes:
+        buf = torch.ones(max(nbytes // dtype.itemsize, 1), device=device, dtype=dtype)
+
+        def ping():
+            if me == 0:
+                dist.send(buf, peer)
+                dist.recv(buf, peer)
+            elif me == peer:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+
+        t = timed(ping, device, iters=iters) / 2 if me in (0, peer) else 0.0
+        tt = torch.tensor([t], device=device, dtype=torch.float64)
+        dist.all_reduce(tt, op=dist.ReduceOp.MAX)
+        out.append((float(nbytes), tt.item()))
+        dist.barrier()
+    return out
+
+
+def _setup(args) -> Tuple[torch.device, bool]:
+    cuda = torch.cuda.is_available() and not args.cpu
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device, args.tiny or not cuda
+
+
+def _comm(device: torch.device, dtype: torch.dtype, tiny: bool, iters: int) -> Dict[str, object]:
+    sizes = [2 ** p for p in ((12, 16, 20) if tiny else (20, 22, 24, 26, 28))]
+    intra, inter = _groups_by_node()
+    res: Dict[str, object] = {"a2a_sizes": sizes, "tiers": {}, "p2p_tiers": {}}
+    if min(len(g) for g in intra) > 1:
+        pts = bench_alltoall(device, dtype, sizes, intra, iters)
+        res["a2a_intra_node"] = pts
+        res["tiers"]["intra_node"] = fit_tier(pts)
+        peer = intra[0][1]
+        pts = bench_p2p(device, dtype, sizes, peer, iters)
+        res["p2p_intra_node"] = pts
+        res["p2p_tiers"]["intra_node"] = fit_tier(pts)
+    if inter:
+        pts = bench_alltoall(device, dtype, sizes, inter, iters)
+        res["a2a_inter_node"] = pts
+        res["tiers"]["inter_node"] = fit_tier(pts)
+        pts = bench_p2p(device, dtype, sizes, intra[1][0], iters)
+        res["p2p_inter_node"] = pts
+        res["p2p_tiers"]["inter_node"] = fit_tier(pts)
+    return res
+
+
+def calibrate(args) -> Optional[PlatformProfile]:
+    """Runs the benchmarks; returns the profile on rank 0 (None on other ranks)."""
+    device, tiny = _setup(args)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = ModelSpec.preset(args.model)
+    iters = 2 if tiny else args.iters
+    d, f, hd = (64, 32, 16) if tiny else (model.d_model, model.d_ffn_expert, model.hd)
+    rows = [4, 16, 64] if tiny else [16, 64, 128, 256, 512, 768, 2048, 8192]
+    experts = 4 if tiny else min(16, model.num_experts)
+    meas: Dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                               "dtype": str(dtype), "tiny": tiny, "shapes": {"d": d, "f": f, "experts": experts}}
+    dense = bench_dense(device, dtype, 128 if tiny else 8192, iters)
+    grouped = bench_grouped(device, dtype, d, f, experts, rows, iters)
+    s = 64 if tiny else model.seq_len
+    attn = bench_attention(device, dtype, 1, 2 if tiny else model.n_heads, s, hd, iters)
+    copy = bench_copy(device, (1 << 24) if tiny else (1 << 30), iters)
+    meas.update(dense_tflops=dense, grouped_gemm=grouped, attention_tflops=attn, copy_tbps=copy)
+    comm: Dict[str, object] = {}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        comm = _comm(device, dtype, tiny, iters)
+        meas.update({k: v for k, v in comm.items() if k not in ("tiers", "p2p_tiers")})
+        meas["world_size"] = dist.get_world_size()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return PlatformProfile(
+        source=f"calibrate {meas['device']} x{meas.get('world_size', 1)} {socket.gethostname()} {stamp}"
+               + (" (tiny)" if tiny else ""),
+        dense_tflops=dense, grouped_gemm=[(float(r), float(tf)) for r, tf in grouped], attention_tflops=attn,
+        hbm_tbps=copy, attention_saves_scores=device.type != "cuda",
+        tiers={k: v for k, v in comm.get("tiers", {}).items() if v is not None},
+        p2p_tiers={k: v for k, v in comm.get("p2p_tiers", {}).items() if v is not None},
+        measurements=meas)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m piper_ds.calibrate``; returns the exit status."""
+    p = argparse.ArgumentParser(prog="python -m piper_ds.calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="platform_profile.json", help="profile JSON to write (rank 0)")
+    p.add_argument("--model", default="xmoe-small-swiglu", help="model preset whose shapes to benchmark")
+    p.add_argument("--iters", type=int, default=10, help="timed repetitions per point (median)")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (automatic without CUDA)")
+    p.add_argument("--cpu", action="store_true", help="ignore CUDA and run the tiny CPU mode")
+    args = p.parse_args(argv)
+    prof = calibrate(args)
+    if prof is not None:
+        prof.save(args.out)
+        print(f"wrote {args.out}: dense {prof.dense_tflops:.3g} TFLOP/s, attention {prof.attention_tflops:.3g} "
+              f"TFLOP/s, copy {prof.hbm_tbps:.3g} TB/s, grouped {prof.grouped_gemm}, tiers {list(prof.tiers)}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""`python -m piper_ds.plan` and `python -m piper_ds.calibrate` end to end (CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from piper_ds import calibrate, plan
+from piper_ds.planner.dsconfig import check_with_deepspeed
+from piper_ds.planner.profile import PlatformProfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_issue_command_writes_a_config_deepspeed_accepts(tmp_path):
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "piper_ds.plan", "--model", "xmoe-small", "--cluster", "h200-nvlink-ib400",
+           "--gpus", "4", "--global-batch", "512", "--seq", "2048", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"deepspeed --num_gpus 4 examples/train.py --deepspeed_config {out}" in proc.stdout
+    assert "Top 10 of" in proc.stdout and "Memory per stage" in proc.stdout
+    cfg = json.loads(out.read_text())
+    lay = cfg["piper_plan"]["layout"]
+    ds = check_with_deepspeed(cfg, lay["dp"])  # DeepSpeed's own parser, as on rank 0 of the job
+    assert ds.train_batch_size == 512 and ds.zero_optimization_stage == lay["zero_stage"]
+    assert ds._param_dict["piper"]["parallel"] == {"ep_size": lay["ep"], "pp_size": lay["pp"]}
+    from piper_ds.config import parse_piper_config  # the project's own validation of the "piper" block
+    piper = parse_piper_config(cfg)
+    assert piper.model.name == "xmoe-small" and piper.model.seq_len == 2048
+    assert piper.moe_for_model().top_k == 6
+
+
+def test_nothing_fits_exits_nonzero_naming_memory(tmp_path, capsys):
+    out = tmp_path / "x.json"
+    rc = plan.main(["--model", "deepseek-v3", "--gpus", "8", "--global-batch", "64", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == plan.EXIT_NOTHING_FITS and not out.exists()
+    assert "binding constraint 'memory'" in err and "over by" in err and "GiB" in err
+
+
+@pytest.mark.parametrize("extra,text", [
+    (["--zero", "3"], "ZeRO-3 is rejected"),
+    (["--pp", "2", "--zero", "2"], "PipelineEngine allows ZeRO 0/1 only"),
+])
+def test_nothing_fits_structural(tmp_path, capsys, extra, text):
+    rc = plan.main(["--model", "tiny", "--gpus", "4", "--global-batch", "8", "--out", str(tmp_path / "x.json")]
+                   + extra)
+    assert rc == plan.EXIT_NOTHING_FITS
+    assert text in " ".join(capsys.readouterr().err.split())
+
+
+def test_bad_input_exit_2(tmp_path, capsys):
+    assert plan.main(["--model", "nope", "--gpus", "4", "--global-batch", "8",
+                      "--out", str(tmp_path / "x.json")]) == plan.EXIT_BAD_INPUT
+    assert "unknown model preset 'nope'" in capsys.readouterr().err
+
+
+def test_model_json_plots_and_multinode_command(tmp_path, capsys):
+    spec = tmp_path / "model.json"
+    spec.write_text(json.dumps({"preset": "xmoe-small", "n_layers": 8}))
+    out = tmp_path / "cfg" / "plan_multi.json"
+    rc = plan.main(["--model", str(spec), "--gpus", "16", "--global-batch", "64", "--out", str(out),
+                    "--plot", "--no-ds-check", "--top", "3", "--max-micro-batch", "2"])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    for png in ("memory_per_stage.png", "step_breakdown.png"):
+        assert (out.parent / png).stat().st_size > 1000
+    assert f"deepspeed --hostfile hostfile --num_nodes 2 --num_gpus 8 examples/train.py --deepspeed_config {out}" \
+        in " ".join(stdout.split())
+    assert json.loads(out.read_text())["piper"]["model"]["n_layers"] == 8
+
+
+def test_calibrate_tiny_profile_feeds_the_planner(tmp_path, capsys):
+    prof_path = tmp_path / "profile.json"
+    assert calibrate.main(["--cpu", "--out", str(prof_path)]) == 0
+    prof = PlatformProfile.load(str(prof_path))
+    assert prof.dense_tflops > 0 and prof.attention_tflops > 0 and prof.hbm_tbps > 0
+    assert len(prof.grouped_gemm) == 3 and prof.measurements["tiny"] is True
+    out = tmp_path / "tiny.json"
+    rc = plan.main(["--model", "tiny", "--gpus", "2", "--global-batch", "8", "--profile", str(prof_path),
+                    "--precision", "fp32", "--out", str(out), "--no-ds-check"])
+    assert rc == 0, capsys.readouterr().err
+    cfg = json.loads(out.read_text())
+    assert cfg["bf16"]["enabled"] is False and cfg["piper_plan"]["predicted"]["tokens_per_s"] > 0
+
+
+def test_fit_tier_from_points():
+    tier = calibrate.fit_tier([(1e6, 1e-4 + 1e6 / 50e9), (1e8, 1e-4 + 1e8 / 50e9)])
+    assert tier.bw_gbps == pytest.approx(50) and tier.latency_us == pytest.approx(100)
+    noisy = calibrate.fit_tier([(1e3, 5e-4), (1e6, 1e-4)])
+    assert noisy.bw_gbps == pytest.approx(1e6 / 1e-4 / 1e9) and noisy.latency_us == pytest.approx(100)
+    assert calibrate.fit_tier([]) is None
