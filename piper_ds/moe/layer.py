@@ -86,10 +86,8 @@ class PiperMoE(MoE):
     def __init__(self, hidden_size: int, num_experts: int, d_ffn: int, ep_size: int = 1,
                  config: Union[MoEConfig, Dict[str, Any], None] = None, **overrides: Any):
         nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ would build its own gate and deep-copied experts
-        cfg = config if isinstance(config, MoEConfig) else MoEConfig(**(config or {}))
-        cfg = cfg.model_copy(update=overrides) if overrides else cfg
-        if overrides:
-            cfg = MoEConfig(**cfg.model_dump())  # re-validate
+        base = config.model_dump() if isinstance(config, MoEConfig) else dict(config or {})
+        cfg = MoEConfig(**{**base, **overrides})  # validated here, unknown keys included
         for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts), ("d_ffn", d_ffn),
                             ("ep_size", ep_size)):
             if not isinstance(value, int) or value < 1:
@@ -103,11 +101,13 @@ class PiperMoE(MoE):
         self.expert_group_name = f"ep_size_{ep_size}"
         self.enable_expert_tensor_parallelism, self.use_residual = False, False
         self.placement = ExpertPlacement(num_experts, ep_size)
-        self.ep_rank = 0
+        # DeepSpeed's EP groups are runs of consecutive ranks, so this is the EP rank the engine will bind;
+        # drawing this rank's experts now avoids a second initialisation (bind_ep_group checks it).
+        self.ep_rank = dist.get_rank() % ep_size if dist.is_initialized() else 0
         init_seed = int(torch.randint(0, 2**31 - 1, ()).item())  # one draw, whatever ep_size is
         gate = TopKGateFP32(hidden_size, num_experts, cfg)
         experts = GroupedExperts(hidden_size, d_ffn, self.num_local_experts, cfg, self.expert_group_name,
-                                 self.placement.local_experts(0), init_seed)
+                                 self.placement.local_experts(self.ep_rank), init_seed)
         self.deepspeed_moe = _MoECore(gate, experts)
         self._init_seed = init_seed
         self.shared_mlp = FeedForward(hidden_size, cfg.n_shared_experts * d_ffn, cfg.activation) \
@@ -128,14 +128,15 @@ class PiperMoE(MoE):
 
     def bind_ep_group(self, ep_group, dp_group=None, topology=None) -> None:
         """Uses ``ep_group`` for the all-to-all and ``dp_group`` for bias updates; re-draws this rank's experts
-        so rank r holds the experts the placement gives it (a no-op for rank 0)."""
+        if the layer was built for another EP rank, so each rank holds the experts the placement gives it."""
         self.deepspeed_moe.ep_group, self.dp_group = ep_group, dp_group
         size = dist.get_world_size(ep_group) if ep_group is not None and dist.is_initialized() else 1
         if size != self.ep_size:
             raise ValueError(f"EP group has {size} ranks but the layer was built with ep_size={self.ep_size}")
-        self.ep_rank = dist.get_rank(ep_group) if size > 1 else 0
+        ep_rank = dist.get_rank(ep_group) if size > 1 else 0
         self.deepspeed_moe.transport = make_transport(self.config.transport, ep_group, topology)
-        if self.ep_rank != 0:
+        if ep_rank != self.ep_rank:  # built for another EP rank: hold the experts the placement gives this one
+            self.ep_rank = ep_rank
             self._reinit_local_experts()
 
     @torch.no_grad()

@@ -1,0 +1,124 @@
+"""PiperMoE in one process: the whole-layer reference, DeepSpeed's own MoE, state dicts, bad input."""
+import pytest
+import torch
+
+from piper_ds.moe import MoEConfig, PiperMoE
+from piper_ds.ops import reference as R
+from piper_ds.testing import run_distributed
+
+
+def _reference_forward(layer, x_TD):
+    gate = layer.deepspeed_moe.gate
+    cfg = layer.config
+    g = R.gating_reference(x_TD.float() @ gate.wg.weight.float().t(), cfg.top_k, cfg.score_func,
+                           n_groups=cfg.n_groups, topk_groups=cfg.topk_groups, normalize=cfg.normalize_weights,
+                           scaling=cfg.routed_scaling_factor)
+    e = layer.deepspeed_moe.experts
+    y = R.moe_reference(x_TD, g.topk_idx_TK, g.topk_weights_TK, e.w1, e.w2, getattr(e, "w3", None))
+    return y + layer.shared_mlp(x_TD) if layer.shared_mlp is not None else y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [dict(top_k=1), dict(top_k=3, activation="gelu"),
+                                 dict(top_k=4, score_func="sigmoid", n_groups=4, topk_groups=2, n_shared_experts=2)])
+def test_layer_matches_dense_reference(cfg, dtype):
+    torch.manual_seed(0)
+    layer = PiperMoE(24, 8, 40, config=cfg).to(dtype)
+    x = torch.randn(2, 13, 24, dtype=dtype)
+    y, l_aux, counts = layer(x)
+    assert y.shape == x.shape and y.dtype == dtype and l_aux.dtype == torch.float32
+    assert counts.sum() == 26 * cfg["top_k"]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, _reference_forward(layer, x.view(-1, 24)).view_as(y), **tol)
+
+
+def test_zero_tokens():
+    layer = PiperMoE(8, 4, 16, top_k=2, n_shared_experts=1)
+    x = torch.randn(0, 8, requires_grad=True)
+    y, l_aux, counts = layer(x)
+    (y.sum() + l_aux).backward()
+    assert y.shape == (0, 8) and counts.sum() == 0 and x.grad.shape == (0, 8)
+
+
+def test_capacity_reports_dropped_fraction():
+    torch.manual_seed(1)
+    layer = PiperMoE(8, 4, 16, top_k=2, capacity_factor=0.5)
+    layer(torch.randn(40, 8))
+    st = layer.last_stats
+    assert st["assignments"].item() == 80
+    # capacity ceil(0.5 * 40 * 2 / 4) = 10 per expert: at most 40 of 80 assignments are kept
+    assert st["dropped"].item() >= 40
+
+
+def test_state_dict_is_per_expert_and_round_trips():
+    torch.manual_seed(2)
+    layer = PiperMoE(8, 4, 16, top_k=2, n_shared_experts=1)
+    sd = layer.state_dict()
+    expert_keys = [k for k in sd if "expert" in k]
+    assert sorted(expert_keys) == sorted(f"deepspeed_moe.experts.deepspeed_experts.{i}.{w}"
+                                         for i in range(4) for w in ("w1", "w2", "w3"))
+    # DeepSpeed keeps every key without "expert" in the dense checkpoint: router, bias, shared FFN
+    assert {"deepspeed_moe.gate.wg.weight", "deepspeed_moe.gate.selection_bias"} <= set(sd)
+    other = PiperMoE(8, 4, 16, top_k=2, n_shared_experts=1)
+    other.load_state_dict(sd)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(other(x)[0], layer(x)[0])
+
+
+def test_same_seed_same_global_experts_for_any_ep():
+    torch.manual_seed(3)
+    full = PiperMoE(8, 8, 16, ep_size=1)
+    torch.manual_seed(3)
+    half = PiperMoE(8, 8, 16, ep_size=2)
+    torch.testing.assert_close(half.deepspeed_moe.experts.w1, full.deepspeed_moe.experts.w1[:4])
+    torch.testing.assert_close(half.deepspeed_moe.gate.wg.weight, full.deepspeed_moe.gate.wg.weight)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_experts=6, ep_size=4), r"num_experts \(6\) must be divisible by ep_size \(4\)"),
+    (dict(num_experts=4, top_k=5), r"top_k \(5\) must be between 1 and num_experts \(4\)"),
+    (dict(num_experts=4, hidden_size=0), r"hidden_size must be a positive int, got 0"),
+    (dict(num_experts=4, bogus=3), r"bogus"),
+])
+def test_bad_construction_names_values(kwargs, match):
+    args = dict(hidden_size=8, num_experts=4, d_ffn=16)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        PiperMoE(**args)
+
+
+def test_wrong_hidden_size_names_values():
+    layer = PiperMoE(8, 4, 16)
+    with pytest.raises(ValueError, match=r"last dim 7, but the layer's hidden_size is 8"):
+        layer(torch.randn(3, 7))
+
+
+# --------------------------------------------------------------------------- equality with DeepSpeed's MoE
+def _stock_vs_piper(rank, world_size, k):
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+    from piper_ds.moe import FeedForward
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(5)
+    D, F, E = 16, 24, 4
+    stock = MoE(D, FeedForward(D, F), num_experts=E, ep_size=1, k=k, drop_tokens=False, use_rts=False,
+                top2_2nd_expert_sampling=False)
+    stock.set_deepspeed_parallelism()
+    ours = PiperMoE(D, E, F, top_k=k, normalize_weights=(k == 2), aux_loss_coef=1.0,
+                    aux_loss_type="switch" if k == 1 else "first_choice")
+    with torch.no_grad():
+        ours.deepspeed_moe.gate.wg.weight.copy_(stock.deepspeed_moe.gate.wg.weight)
+        for i, expert in enumerate(stock.deepspeed_moe.experts.deepspeed_experts):
+            for name in ("w1", "w2", "w3"):
+                getattr(ours.deepspeed_moe.experts, name)[i].copy_(getattr(expert, name).weight.t())
+    x = torch.randn(3, 10, D)
+    y_stock, aux_stock, _ = stock(x)
+    y_ours, aux_ours, _ = ours(x)
+    return y_stock.detach(), y_ours.detach(), aux_stock.detach(), aux_ours.detach()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_equals_deepspeed_moe_dropless(k):
+    y_stock, y_ours, aux_stock, aux_ours = run_distributed(_stock_vs_piper, 1, k, timeout=120)[0]
+    torch.testing.assert_close(y_ours, y_stock, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux_ours, aux_stock, rtol=1e-5, atol=1e-7)
