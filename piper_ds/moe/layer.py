@@ -162,6 +162,8 @@ class PiperMoE(MoE):
                              f"but the layer's hidden_size is {self.hidden_size}")
         x_TD = hidden_states.reshape(-1, self.hidden_size)
         core = self.deepspeed_moe
+        if self.placement.rank_of.device != x_TD.device:
+            self.placement.to(x_TD.device)
         route = core.gate(x_TD)
         topk_idx = self._drop_over_capacity(route.topk_idx_TK)
         state = dispatch.preprocess(x_TD, topk_idx, route.topk_weights_TK, self.placement, core.transport, self.ops)
@@ -172,6 +174,7 @@ class PiperMoE(MoE):
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(x_TD)
         l_aux = route.aux_loss + route.z_loss
+        self.last_send_counts = state.send_counts  # rows sent to each EP rank (host ints, for a2a accounting)
         self.last_stats = {"tokens_per_expert": route.tokens_per_expert_E.detach(),
                            "dropped": (topk_idx < 0).sum().detach(), "assignments": torch.tensor(topk_idx.numel()),
                            "aux_loss": route.aux_loss.detach(), "z_loss": route.z_loss.detach()}
