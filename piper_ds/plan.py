@@ -104,12 +104,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                              precision=args.precision)
         result = search(model, cluster, args.gpus, args.global_batch, profile, opts)
     except (ValueError, TypeError, ValidationError, OSError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
     try:
         top = best(result)
     except NothingFits as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
         return EXIT_NOTHING_FITS
     console.print(f"model {model.name}: {model.param_counts()['total'] / 1e9:.2f} B params "
                   f"({model.param_counts()['active'] / 1e9:.2f} B active), seq {model.seq_len}; cluster "
@@ -128,6 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         folder = args.plot or os.path.dirname(os.path.abspath(args.out))
         for path in report.plot_plan(result.ranked, folder, args.top):
             console.print(f"wrote {path}")
+    if top.layout.pp > 1:
+        console.print("note: pp > 1 needs the pipelined engine; pass --pp 1 for a layout PiperEngine runs today")
     console.print("launch:")
     console.print(dsconfig.launch_command(top.layout, cluster.gpus_per_node, args.out), soft_wrap=True,
                   highlight=False, markup=False)

@@ -197,9 +197,12 @@ def binding_message(res: SearchResult) -> NothingFits:
     if res.memory_failures:
         best = min(res.memory_failures, key=lambda e: e.worst.total)
         mv = memory_violation(best)
-        hint = "more GPUs, activation checkpointing, a smaller micro-batch"
-        hint += " or ZeRO-2" if best.layout.pp == 1 and best.layout.zero_stage < 2 else ""
-        return NothingFits(f"nothing fits: binding constraint 'memory': {mv.message}. Try {hint}.", "memory")
+        lay = best.layout
+        hints = ["more GPUs"] + (["activation checkpointing"] if not lay.activation_checkpointing else []) \
+            + (["a smaller micro-batch"] if lay.micro_batch > 1 else []) \
+            + (["ZeRO-2"] if lay.pp == 1 and lay.zero_stage < 2 else [])
+        return NothingFits(f"nothing fits: binding constraint 'memory': {mv.message} (the smallest overshoot "
+                           f"of {len(res.memory_failures)} layouts). Try {', '.join(hints)}.", "memory")
     if not res.rejected:
         return NothingFits("nothing fits: the search grid is empty", "grid")
     name, count = res.rejected.most_common(1)[0]
