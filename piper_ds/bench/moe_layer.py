@@ -107,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default=None, help="JSON file for the results (rank 0)")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of PiperMoE (rank 0)")
     args = ap.parse_args(argv)
     rank, ep = _init()
     rows = []
@@ -122,6 +123,8 @@ def main(argv=None):
             layer = build(peer, shape, ep, args.activation, kernels or "reference")
             err = check_against_reference(layer, inputs[0], rank, ep) if peer == "piper" else float("nan")
             ms, mem = time_layer(layer, inputs, grads, args.warmup, args.iters)
+            if args.profile and peer == "piper" and rank == 0:
+                _profile(layer, inputs, grads)
             mats = 3 if args.activation == "swiglu" else 2
             useful = 3 * 2 * args.tokens * shape["k"] * mats * shape["d"] * shape["f"]
             row = dict(shape=key, peer=peer if peer == "stock" else f"piper[{kernels}]", ep=ep, ms=ms,
@@ -134,6 +137,13 @@ def main(argv=None):
         _report(rows, args.out)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _profile(layer, inputs, grads):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_layer(layer, inputs, grads, warmup=0, iters=3)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
 def _report(rows, out):
