@@ -18,18 +18,18 @@ from typing import List, Optional
 import torch
 
 from piper_ds.comm.alltoall import Transport
+from piper_ds.moe import rows
 from piper_ds.moe.placement import ExpertPlacement
 from piper_ds.ops import reference
 
 
 @dataclass
 class Ops:
-    """The kernels the dispatcher uses; defaults are the PyTorch references."""
+    """The planning kernels the dispatcher uses; defaults are the PyTorch references. Row movement goes
+    through :mod:`piper_ds.moe.rows` (dense, atomic-free), which needs ``ExpandPlan.pair_N``."""
 
     send_plan: object = reference.send_plan_reference
     expand_plan: object = reference.expand_plan_reference
-    permute_rows: object = reference.permute_rows_reference
-    combine_rows: object = reference.combine_rows_reference
 
 
 @dataclass
@@ -37,14 +37,15 @@ class DispatchState:
     """What the later phases need from the earlier ones of the same micro-batch."""
 
     num_tokens: int
-    token_idx_S: torch.Tensor
+    ep_size: int
+    send_pos_S: Optional[torch.Tensor]  # token * ep_size + rank of every sent row; None: rows are the tokens
     send_counts: List[int]
     recv_counts: List[int]
     x_send_SD: Optional[torch.Tensor] = None
     meta_send_SK2: Optional[torch.Tensor] = None
     x_recv_RD: Optional[torch.Tensor] = None
     meta_recv_RK2: Optional[torch.Tensor] = None
-    row_idx_N: Optional[torch.Tensor] = None
+    pair_N: Optional[torch.Tensor] = None
     weight_N: Optional[torch.Tensor] = None
     tokens_per_slot_L: Optional[torch.Tensor] = None
 
@@ -52,13 +53,20 @@ class DispatchState:
 def preprocess(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                placement: ExpertPlacement, transport: Transport, ops: Ops) -> DispatchState:
     """Builds the send plan, gathers the rows to send and exchanges row counts with the EP group."""
-    plan = ops.send_plan(topk_idx_TK, topk_weights_TK, placement.rank_of, placement.slot_of, placement.ep_size)
+    ep, T = placement.ep_size, x_TD.shape[0]
+    plan = ops.send_plan(topk_idx_TK, topk_weights_TK, placement.rank_of, placement.slot_of, ep)
     # (slot, weight) travel as one fp32 tensor: slots < 2**24 are exact in fp32 and one exchange saves a launch
     meta = torch.cat([plan.slots_SK.to(torch.float32), plan.weights_SK.float()], dim=1)
-    recv_counts = transport.exchange_counts(plan.send_counts_R.to(torch.int64))
-    counts = torch.stack([plan.send_counts_R.to(torch.int64), recv_counts]).tolist()  # one host sync
-    state = DispatchState(x_TD.shape[0], plan.token_idx_S, counts[0], counts[1])
-    state.x_send_SD = ops.permute_rows(x_TD, plan.token_idx_S)
+    send_counts_R = plan.send_counts_R.to(torch.int64)
+    recv_counts = transport.exchange_counts(send_counts_R)
+    counts = torch.stack([send_counts_R, recv_counts]).tolist()  # the one host sync of the layer
+    sent = sum(counts[0])
+    if ep == 1 and sent == T:  # every token goes to the only rank, in token order: no copy needed
+        state = DispatchState(T, ep, None, counts[0], counts[1], x_send_SD=x_TD)
+    else:
+        rank_S = torch.repeat_interleave(torch.arange(ep, device=x_TD.device), send_counts_R, output_size=sent)
+        pos = plan.token_idx_S * ep + rank_S
+        state = DispatchState(T, ep, pos, counts[0], counts[1], x_send_SD=rows.gather_rows(x_TD, pos, ep))
     state.meta_send_SK2 = meta
     return state
 
@@ -76,12 +84,27 @@ def postprocess(state: DispatchState, num_local: int, ops: Ops) -> torch.Tensor:
     K = state.meta_recv_RK2.shape[1] // 2
     slots = state.meta_recv_RK2[:, :K].detach().round().to(torch.int64)
     plan = ops.expand_plan(slots, state.meta_recv_RK2[:, K:], num_local)
-    state.row_idx_N, state.weight_N, state.tokens_per_slot_L = plan.row_idx_N, plan.weight_N, plan.tokens_per_slot_L
-    return ops.permute_rows(state.x_recv_RD, plan.row_idx_N)
+    pair = plan.pair_N
+    if pair is None:  # an implementation without pair positions: rebuild them from (row, slot)
+        pair = _pair_positions(slots, plan.row_idx_N, plan.tokens_per_slot_L)
+    state.pair_N, state.weight_N, state.tokens_per_slot_L = pair, plan.weight_N, plan.tokens_per_slot_L
+    return rows.gather_rows(state.x_recv_RD, pair, K)
 
 
-def combine(state: DispatchState, y_ND: torch.Tensor, transport: Transport, ops: Ops) -> torch.Tensor:
-    """Weighted per-row sum at the expert rank, reverse exchange, scatter-add per source token: [T, D]."""
-    y_recv = ops.combine_rows(y_ND, state.row_idx_N, state.x_recv_RD.shape[0], state.weight_N)
+def combine(state: DispatchState, y_ND: torch.Tensor, transport: Transport) -> torch.Tensor:
+    """Weighted per-row sum at the expert rank, reverse exchange, sum per source token: [T, D]."""
+    K = state.meta_recv_RK2.shape[1] // 2
+    y_recv = rows.combine_rows(y_ND, state.pair_N, state.x_recv_RD.shape[0], K, state.weight_N)
     y_back = transport(y_recv, state.recv_counts, state.send_counts)
-    return ops.combine_rows(y_back, state.token_idx_S, state.num_tokens)
+    if state.send_pos_S is None:
+        return y_back
+    return rows.combine_rows(y_back, state.send_pos_S, state.num_tokens, state.ep_size)
+
+
+def _pair_positions(slots_RK: torch.Tensor, row_idx_N: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+    """row * K + k of each expanded row, from its row and its slot (slot order of the groups)."""
+    K = slots_RK.shape[1]
+    slot_N = torch.repeat_interleave(torch.arange(counts_L.numel(), device=counts_L.device), counts_L,
+                                     output_size=row_idx_N.numel())
+    k_N = (slots_RK[row_idx_N] == slot_N[:, None]).to(torch.int64).argmax(dim=1)
+    return row_idx_N * K + k_N

@@ -1,6 +1,7 @@
 """PiperMoE: a dropless, padding-free expert-parallel MoE layer inside DeepSpeed's MoE contract."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -48,7 +49,7 @@ class _MoECore(nn.Module):
 
 
 def _select_ops(kind: str) -> Tuple[dispatch.Ops, Any]:
-    """The permutation ops and gating function for ``kernels`` = 'auto' | 'cuda' | 'reference'."""
+    """The planning ops and gating function for ``kernels`` = 'auto' | 'cuda' | 'reference'."""
     if kind == "reference":
         return dispatch.Ops(), None
     try:
@@ -57,11 +58,10 @@ def _select_ops(kind: str) -> Tuple[dispatch.Ops, Any]:
         if kind == "cuda":
             raise ValueError("kernels='cuda' but piper_ds.ops kernels are not available in this installation")
         return dispatch.Ops(), None
-    ops = dispatch.Ops(send_plan=permute.backend_fn(permute.send_plan, kind),
-                       expand_plan=permute.backend_fn(permute.expand_plan, kind),
-                       permute_rows=permute.backend_fn(permute.permute_rows, kind),
-                       combine_rows=permute.backend_fn(permute.combine_rows, kind))
-    return ops, gating.backend_fn(gating.fused_gating, kind)
+    backend = "cuda" if kind == "cuda" else "auto"
+    ops = dispatch.Ops(send_plan=functools.partial(permute.send_plan, backend=backend),
+                       expand_plan=functools.partial(permute.expand_plan, backend=backend))
+    return ops, functools.partial(gating.fused_gating, backend=backend)
 
 
 class PiperMoE(MoE):
@@ -170,7 +170,7 @@ class PiperMoE(MoE):
         state = dispatch.dispatch(state, core.transport)
         h_ND = dispatch.postprocess(state, self.num_local_experts, self.ops)
         y_ND = core.experts(h_ND, state.tokens_per_slot_L)
-        out = dispatch.combine(state, y_ND, core.transport, self.ops)
+        out = dispatch.combine(state, y_ND, core.transport)
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(x_TD)
         l_aux = route.aux_loss + route.z_loss
