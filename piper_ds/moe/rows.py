@@ -16,6 +16,11 @@ from typing import Optional
 import torch
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: at least fp32 (bf16/fp16 sums in fp32, float64 stays float64)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _scatter_dense(y_ND: torch.Tensor, pos_N: torch.Tensor, rows: int, fan: int) -> torch.Tensor:
     """buf[pos[n]] = y[n] in a zeroed [rows * fan, D] buffer, viewed as [rows, fan, D]."""
     buf = y_ND.new_zeros(rows * fan, y_ND.shape[1])
@@ -35,7 +40,7 @@ class GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ND: torch.Tensor):
         (pos_N, ) = ctx.saved_tensors
-        grad = _scatter_dense(grad_ND.contiguous(), pos_N, ctx.rows, ctx.fan).sum(dim=1, dtype=torch.float32)
+        grad = _scatter_dense(grad_ND.contiguous(), pos_N, ctx.rows, ctx.fan).sum(dim=1, dtype=_acc(grad_ND))
         return grad.to(grad_ND.dtype), None, None
 
 
@@ -54,6 +59,6 @@ def combine_rows(y_ND: torch.Tensor, pos_N: torch.Tensor, rows: int, fan: int,
     """
     dense = _scatter_dense(y_ND, pos_N, rows, fan)
     if weight_N is None:
-        return dense.sum(dim=1, dtype=torch.float32).to(y_ND.dtype)
+        return dense.sum(dim=1, dtype=_acc(y_ND)).to(y_ND.dtype)
     w = weight_N.new_zeros(rows * fan).index_copy(0, pos_N, weight_N).view(rows, 1, fan)
     return torch.bmm(w.to(y_ND.dtype), dense).view(rows, y_ND.shape[1])

@@ -150,11 +150,14 @@ class ExpandPlan(NamedTuple):
     row_idx_N: int64 received row of each expanded row, grouped by local expert (stable in (row, k) order).
     weight_N: float32 combine weight of each expanded row (differentiable).
     tokens_per_slot_L: int64 expanded rows per local expert slot.
+    pair_N: int64 flat (row * K + k) position of each expanded row in the [R, K] metadata; distinct values,
+        which lets the combine scatter without atomics (None from an implementation that does not give it).
     """
 
     row_idx_N: torch.Tensor
     weight_N: torch.Tensor
     tokens_per_slot_L: torch.Tensor
+    pair_N: Optional[torch.Tensor] = None
 
 
 def expand_plan_reference(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int) -> ExpandPlan:
@@ -165,7 +168,7 @@ def expand_plan_reference(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_
     pair = pair[order]
     K = slots_RK.shape[1] if slots_RK.dim() == 2 else 1
     counts = torch.bincount(flat_slot[pair], minlength=num_local)
-    return ExpandPlan(pair // max(K, 1), weights_RK.reshape(-1)[pair], counts)
+    return ExpandPlan(pair // max(K, 1), weights_RK.reshape(-1)[pair], counts, pair)
 
 
 # ------------------------------------------------------------------------------------ row movement ops
@@ -176,9 +179,10 @@ def permute_rows_reference(x_TD: torch.Tensor, index_S: torch.Tensor) -> torch.T
 
 def combine_rows_reference(y_ND: torch.Tensor, index_N: torch.Tensor, num_out: int,
                            weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Weighted scatter-add: out[index[n]] += weight[n] * y[n]; accumulates in fp32, returns y's dtype."""
-    acc = y_ND.float() if weight_N is None else y_ND.float() * weight_N.float()[:, None]
-    out = torch.zeros(num_out, y_ND.shape[1], dtype=torch.float32, device=y_ND.device)
+    """Weighted scatter-add: out[index[n]] += weight[n] * y[n]; accumulates in >= fp32, returns y's dtype."""
+    acc_dtype = torch.promote_types(y_ND.dtype, torch.float32)  # at least fp32; float64 stays float64
+    acc = y_ND.to(acc_dtype) if weight_N is None else y_ND.to(acc_dtype) * weight_N.to(acc_dtype)[:, None]
+    out = torch.zeros(num_out, y_ND.shape[1], dtype=acc_dtype, device=y_ND.device)
     return out.index_add_(0, index_N, acc).to(y_ND.dtype)
 
 
@@ -196,3 +200,41 @@ def moe_reference(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK
             torch.nn.functional.gelu(h)
         out.index_add_(0, tok, (h @ w2_EFD[e]).float() * topk_weights_TK[tok, k, None].float())
     return out.to(x_TD.dtype)
+
+
+# ------------------------------------------------------------ hierarchical all-to-all: pack / unpack rows
+# (appended by the comm owner; the CUDA op csrc/hier_pack is tested against these)
+def segment_row_index(starts_K: torch.Tensor, lengths_K: torch.Tensor) -> torch.Tensor:
+    """Row indices of K segments laid end to end: [starts[0], .., starts[0]+lengths[0]-1, starts[1], ..].
+
+    starts_K, lengths_K: int64. Returns int64 [sum(lengths)]. No Python loop over segments or rows.
+    """
+    lengths = lengths_K.to(torch.int64)
+    total = int(lengths.sum())
+    first = torch.cumsum(lengths, 0) - lengths  # position of each segment in the concatenation
+    shift = torch.repeat_interleave(starts_K.to(torch.int64) - first, lengths, output_size=total)
+    return shift + torch.arange(total, dtype=torch.int64, device=lengths.device)
+
+
+def segment_copy_reference(src_SD: torch.Tensor, src_starts_K: torch.Tensor, dst_ND: torch.Tensor,
+                           dst_starts_K: torch.Tensor, lengths_K: torch.Tensor) -> torch.Tensor:
+    """dst[dst_starts[k] + r] = src[src_starts[k] + r] for r < lengths[k], every segment k; returns dst.
+
+    Rows are dim 0 (any trailing shape, equal in src and dst); segments of dst must not overlap.
+    """
+    src_idx = segment_row_index(src_starts_K, lengths_K)
+    dst_idx = segment_row_index(dst_starts_K, lengths_K)
+    dst_ND[dst_idx] = src_SD.index_select(0, src_idx)
+    return dst_ND
+
+
+def pack_segments_reference(src_SD: torch.Tensor, starts_K: torch.Tensor, lengths_K: torch.Tensor) -> torch.Tensor:
+    """Gathers K row segments of src into one contiguous [sum(lengths), ...] tensor (a packed message)."""
+    return src_SD.index_select(0, segment_row_index(starts_K, lengths_K))
+
+
+def unpack_segments_reference(packed_ND: torch.Tensor, dst_SD: torch.Tensor, starts_K: torch.Tensor,
+                              lengths_K: torch.Tensor) -> torch.Tensor:
+    """Scatters a packed message's consecutive pieces to the K row segments of dst (in place); returns dst."""
+    dst_SD[segment_row_index(starts_K, lengths_K)] = packed_ND
+    return dst_SD
