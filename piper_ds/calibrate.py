@@ -7,7 +7,8 @@ Measures (on CUDA when present, else a tiny CPU mode that still writes a valid p
   for the model's expert shapes;
 - causal attention fwd+bwd rate (``scaled_dot_product_attention``), counted as 6*b*s^2*H*hd FLOPs;
 - device copy bandwidth;
-- when launched with several ranks (``deepspeed --num_gpus N -m piper_ds.calibrate`` or ``torchrun``):
+- when launched with several ranks (``deepspeed --num_gpus N --module piper_ds.calibrate`` or
+  ``torchrun --nproc_per_node N -m piper_ds.calibrate``):
   all-to-all time by size inside a node and across nodes, and point-to-point, fitted to alpha-beta tiers.
 
 Use it with ``python -m piper_ds.plan ... --profile <out>``.
@@ -261,6 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--iters", type=int, default=10, help="timed repetitions per point (median)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (automatic without CUDA)")
     p.add_argument("--cpu", action="store_true", help="ignore CUDA and run the tiny CPU mode")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
     prof = calibrate(args)
     if prof is not None:

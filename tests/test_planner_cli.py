@@ -15,8 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_issue_command_writes_a_config_deepspeed_accepts(tmp_path):
     out = tmp_path / "plan.json"
+    # the issue's command; the DeepSpeed parse runs in this process (test_cli_runs_deepspeed_check runs the
+    # CLI's own check) to spare a second DeepSpeed import
     cmd = [sys.executable, "-m", "piper_ds.plan", "--model", "xmoe-small", "--cluster", "h200-nvlink-ib400",
-           "--gpus", "4", "--global-batch", "512", "--seq", "2048", "--out", str(out)]
+           "--gpus", "4", "--global-batch", "512", "--seq", "2048", "--out", str(out), "--no-ds-check"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"deepspeed --num_gpus 4 examples/train.py --deepspeed_config {out}" in proc.stdout
@@ -30,6 +32,16 @@ def test_issue_command_writes_a_config_deepspeed_accepts(tmp_path):
     piper = parse_piper_config(cfg)
     assert piper.model.name == "xmoe-small" and piper.model.seq_len == 2048
     assert piper.moe_for_model().top_k == 6
+
+
+def test_cli_runs_deepspeed_check(tmp_path, capsys, monkeypatch):
+    from piper_ds.planner import dsconfig
+    calls = []
+    real = dsconfig.check_with_deepspeed
+    monkeypatch.setattr(dsconfig, "check_with_deepspeed", lambda cfg, dp: calls.append(dp) or real(cfg, dp))
+    out = tmp_path / "tiny.json"
+    assert plan.main(["--model", "tiny", "--gpus", "2", "--global-batch", "8", "--out", str(out)]) == 0
+    assert len(calls) == 1 and out.exists()
 
 
 def test_nothing_fits_exits_nonzero_naming_memory(tmp_path, capsys):
