@@ -38,6 +38,9 @@ def test_zero_tokens():
     y, l_aux, counts = layer(x)
     (y.sum() + l_aux).backward()
     assert y.shape == (0, 8) and counts.sum() == 0 and x.grad.shape == (0, 8)
+    # every parameter still gets a (zero) gradient: ZeRO's reduction hooks must fire on every rank
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() == 0, name
 
 
 def test_capacity_reports_dropped_fraction():

@@ -30,8 +30,8 @@ def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor,
         return torch._grouped_mm(x_ND, w_EKM, offs=offs)
     counts_list = counts_E.tolist() if counts_list is None else counts_list
     outs = [chunk @ w_EKM[e] for e, chunk in enumerate(torch.split(x_ND, counts_list)) if counts_list[e] > 0]
-    if not outs:
-        return x_ND.new_zeros(0, w_EKM.shape[-1]) + 0 * w_EKM.sum()  # keep the graph for zero tokens
+    if not outs:  # no rows: still connect x and w, so every rank's gradient hooks fire (ZeRO counts on them)
+        return x_ND.new_zeros(0, w_EKM.shape[-1]) + 0 * (w_EKM.sum() + x_ND.sum())
     return torch.cat(outs)
 
 

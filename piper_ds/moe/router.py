@@ -43,10 +43,10 @@ class TopKGateFP32(nn.Module):
         cfg = self.config
         logits = nn.functional.linear(x_TD.float(), self.wg.weight.float())
         use_bias = cfg.bias_update_rate > 0
-        kwargs = dict(top_k=cfg.top_k, score_func=cfg.score_func, bias_E=self.selection_bias if use_bias else None,
-                      n_groups=cfg.n_groups, topk_groups=cfg.topk_groups, normalize=cfg.normalize_weights,
-                      scaling=cfg.routed_scaling_factor)
-        gate = (self.gating_fn or reference.gating_reference)(logits, **kwargs)
+        # positional: the fused kernel and the reference share this argument order
+        gate = (self.gating_fn or reference.gating_reference)(
+            logits, cfg.top_k, cfg.score_func, self.selection_bias if use_bias else None, cfg.n_groups,
+            cfg.topk_groups, cfg.normalize_weights, cfg.routed_scaling_factor)
         zero = logits.sum() * 0.0
         aux = cfg.aux_loss_coef * reference.aux_loss_reference(gate.scores_TE, gate.topk_idx_TK, cfg.aux_loss_type) \
             if cfg.aux_loss_coef > 0 and self.training else zero
