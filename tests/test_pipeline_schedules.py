@@ -1,0 +1,69 @@
+"""Pure-logic tests of the pipeline schedules: no processes."""
+import pytest
+from deepspeed.runtime.pipe.schedule import (ForwardPass, RecvActivation, SendActivation, SendGrad, RecvGrad,
+                                             TrainSchedule)
+
+from piper_ds.pipeline.schedules import (OverlapBackwardPass, OverlapForwardPass, OverlapSchedule, half_program,
+                                         make_schedule, simulate)
+
+SHAPES = [(pp, m) for pp in (1, 2, 3, 4) for m in (1, 2, 3, 4, 7)]
+
+
+@pytest.mark.parametrize("name", ["1f1b", "overlap"])
+@pytest.mark.parametrize("pp,m", SHAPES)
+def test_schedule_runs_without_deadlock(name, pp, m):
+    res = simulate([make_schedule(name, m, pp, s) for s in range(pp)])
+    for s, events in enumerate(res.events):
+        for mb in range(m):  # every micro-batch's forward precedes its backward on every stage
+            assert events.index(("F", mb)) < events.index(("B", mb))
+        assert [mb for k, mb in events if k == "F"] == list(range(m))
+    # sends match receives: every activation goes s -> s+1 and every gradient s+1 -> s, each micro-batch once
+    acts = sorted((src, mb) for kind, src, dst, mb in res.messages if kind == "act")
+    grads = sorted((dst, mb) for kind, src, dst, mb in res.messages if kind == "grad")
+    assert acts == grads == sorted((s, mb) for s in range(pp - 1) for mb in range(m))
+
+
+@pytest.mark.parametrize("pp,m", SHAPES)
+def test_overlap_schedule_is_1f1b_with_half_instructions(pp, m):
+    for s in range(pp):
+        base = [[(type(c).__name__, c.kwargs) for c in step] for step in TrainSchedule(m, pp, s)]
+        ours = [[(type(c).__name__, c.kwargs) for c in step] for step in OverlapSchedule(m, pp, s)]
+        swap = {"OverlapForwardPass": "ForwardPass", "OverlapBackwardPass": "BackwardPass"}
+        assert [[(swap.get(n, n), kw) for n, kw in step] for step in ours] == base
+        kinds = {type(c) for step in OverlapSchedule(m, pp, s) for c in step}
+        assert OverlapForwardPass in kinds and OverlapBackwardPass in kinds and ForwardPass not in kinds
+
+
+def test_simulator_catches_deadlock_and_mismatch():
+    class RecvFirst(TrainSchedule):  # both stages wait to receive before sending: a classic deadlock
+        def steps(self):
+            if self.stage_id == 0:
+                yield [RecvGrad(0)]
+            else:
+                yield [RecvActivation(0)]
+    with pytest.raises(RuntimeError, match="deadlock"):
+        simulate([RecvFirst(2, 2, 0), RecvFirst(2, 2, 1)])
+
+    class SendWrong(TrainSchedule):  # stage 0 sends an activation while stage 1 waits for... nothing
+        def steps(self):
+            yield [SendActivation(0)] if self.stage_id == 0 else [SendGrad(0)]
+    with pytest.raises(RuntimeError):
+        simulate([SendWrong(1, 2, 0), SendWrong(1, 2, 1)])
+
+
+def test_half_program_interleaves_halves():
+    prog = list(half_program(3))
+    assert prog == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    for h in (0, 1):
+        assert [l for hh, l in prog if hh == h] == [0, 1, 2]
+    for (h1, l1), (h2, l2) in zip(prog, prog[1:]):
+        assert h1 != h2  # one half's all-to-all always has the other half's compute issued beside it
+    with pytest.raises(ValueError, match="num_layers"):
+        list(half_program(-1))
+
+
+def test_make_schedule_errors_name_values():
+    with pytest.raises(ValueError, match="'zb'"):
+        make_schedule("zb", 4, 2, 0)
+    with pytest.raises(ValueError, match="stage_id=2"):
+        make_schedule("1f1b", 4, 2, 2)
