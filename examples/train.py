@@ -1,0 +1,205 @@
+"""Train the reference MoE LM with piper_ds.
+
+Launch (any of):
+    deepspeed --num_gpus 2 examples/train.py --deepspeed_config ds_configs/cpu_tiny.json
+    torchrun --nproc_per_node 4 examples/train.py --deepspeed_config ds_configs/h200_x4.json
+    srun --ntasks-per-node 4 python examples/train.py --deepspeed_config ds_configs/h200_x4.json
+
+The model comes from the ds_config's "piper.model" block; data defaults to byte-level LM on the Python
+standard library's sources (no download). Rank 0 shows a progress bar and, every steps_per_print optimizer
+steps, one line of metrics; every metric also goes through engine.monitor (W&B / CSV / TensorBoard blocks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import piper_ds  # noqa: E402
+from piper_ds.api import env_from_slurm  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    import deepspeed
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=100, help="train until this many optimizer steps in total")
+    p.add_argument("--data", default=None, help="text file or folder; 'random' = uniform random tokens; "
+                   "default: piper.data.path, else the Python standard library sources")
+    p.add_argument("--save-dir", default=None, help="checkpoint folder (DeepSpeed's format, experts per file)")
+    p.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints; 0 = at the end only")
+    p.add_argument("--resume", action="store_true", help="load the latest checkpoint of --save-dir first")
+    p.add_argument("--metrics-out", default=None, help="rank 0 writes a JSON summary (median step time, tokens/s "
+                   "per GPU, TFLOP/s per GPU, MFU, peak memory, losses) here")
+    p.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the median in --metrics-out")
+    p.add_argument("--stock-moe", action="store_true", help="build the MoE layers on stock "
+                   "deepspeed.moe.layer.MoE (capacity 1.25, token dropping) for side-by-side runs")
+    p.add_argument("--val-interval", type=int, default=None, help="steps between validation passes "
+                   "(default: piper.data.val_interval; 0 = never)")
+    p.add_argument("--seed", type=int, default=1234, help="model init seed (the data seed is piper.data.seed)")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help="set by the deepspeed launcher")
+    deepspeed.add_config_arguments(p)
+    return p.parse_args(argv)
+
+
+def setup_env() -> None:
+    """Under SLURM srun, map SLURM_* to the variables torch.distributed reads; pin the local GPU."""
+    os.environ.update(env_from_slurm(dict(os.environ)))
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def all_mean(values: List[float], device) -> List[float]:
+    """Means over all ranks (a collective)."""
+    import deepspeed.comm as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def all_max(value: float, device) -> float:
+    import deepspeed.comm as dist
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+@torch.no_grad()
+def validate(engine, model, data, step: int, rank: int, batches: int) -> float:
+    """Mean validation loss (LM loss, no aux) over ``batches`` micro-batches per rank and all ranks."""
+    engine.eval()
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for i in range(batches):
+        x, y = (t.to(engine.device) for t in data.get("val", step, i, rank))
+        logits, _ = engine(x)
+        total += model.loss(logits, y).double()
+    engine.train()
+    return all_mean([float(total) / batches], engine.device)[0]
+
+
+def format_line(step: int, m: Dict[str, float]) -> str:
+    """The one-line metrics summary printed every steps_per_print."""
+    def f(key, fmt, unit=""):
+        v = m.get(key)
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt) + unit
+    return (f"step {step:>6} | loss {f('loss', '.4f')} | aux {f('aux_loss', '.4f')} | gnorm {f('grad_norm', '.3f')}"
+            f" | lr {f('lr', '.2e')} | tok/s {f('tokens_per_s', ',.0f')} ({f('tokens_per_s_per_gpu', ',.0f')}/gpu)"
+            f" | {f('tflops_per_gpu', '.1f')} TFLOP/s/gpu | MFU {f('mfu_pct', '.2f', '%')}"
+            f" | mem {f('max_memory_gb', '.2f', ' GB')} | load max/mean {f('load_max_over_mean', '.2f')}"
+            f" | dropped {f('dropped_pct', '.2f', '%')}")
+
+
+def main(argv=None) -> Dict[str, float]:
+    args = parse_args(argv)
+    setup_env()
+    import deepspeed.comm as dist
+    from tqdm import tqdm
+
+    from piper_ds.config import load_ds_config, parse_piper_config
+    from piper_ds.data import make_batches
+    from piper_ds.models import build_model
+    from piper_ds.tracking import Throughput, peak_memory_gb
+
+    if args.deepspeed_config is None:
+        raise SystemExit("--deepspeed_config <path> is required")
+    ds_config = load_ds_config(args.deepspeed_config)
+    piper = parse_piper_config(ds_config)
+    if piper.model is None:
+        raise SystemExit(f'{args.deepspeed_config}: examples/train.py needs a "piper": {{"model": ...}} block')
+    spec = piper.model
+    model = build_model(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size, stock_moe=args.stock_moe,
+                        seed=args.seed)
+    engine, _, _, _ = piper_ds.initialize(args=args, model=model)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    dc = piper.data
+    data = make_batches(args.data if args.data is not None else dc.path, spec.vocab_size, spec.seq_len, micro,
+                        dc.seed, dc.val_fraction, dc.max_bytes)
+    if args.resume:
+        if not args.save_dir:
+            raise SystemExit("--resume needs --save-dir")
+        path, _ = engine.load_checkpoint(args.save_dir)
+        if path is None:
+            raise SystemExit(f"--resume: no checkpoint found in {args.save_dir!r}")
+    val_interval = dc.val_interval if args.val_interval is None else args.val_interval
+    print_every, hist_every = engine.steps_per_print(), piper.tracking.expert_load_interval
+    tput = Throughput(engine.train_batch_size() * spec.seq_len, spec.mfu_flops_per_token(), world,
+                      piper.tracking.peak_tflops)
+    history: List[Dict[str, float]] = []
+    start = engine.global_steps
+    bar = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="train", mininterval=2.0, file=sys.stderr)
+    lm_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    aux_sum = torch.zeros_like(lm_sum)
+    summed = 0
+    for step in range(start, args.steps):
+        tput.start()
+        for i in range(gas):
+            x, y = (t.to(engine.device) for t in data.get("train", step, i, rank))
+            logits, aux = engine(x)
+            lm = model.loss(logits, y)
+            engine.backward(lm + aux)
+            engine.step()
+            lm_sum += lm.detach().double()
+            aux_sum += aux.detach().double()
+            summed += 1
+        tput.stop()
+        done = step + 1
+        bar.update(1)
+        hist = hist_every > 0 and done % hist_every == 0
+        if done == start + 1 or done % print_every == 0 or done == args.steps or hist:
+            loss, aux_loss = all_mean([float(lm_sum) / summed, float(aux_sum) / summed], engine.device)
+            lm_sum.zero_(), aux_sum.zero_()
+            summed = 0
+            gnorm = engine.get_global_grad_norm()
+            m = {"loss": loss, "aux_loss": aux_loss, "lr": engine.get_lr()[0],
+                 "grad_norm": float(gnorm) if gnorm is not None else None,
+                 "max_memory_gb": all_max(peak_memory_gb(), engine.device),
+                 **tput.window(), **engine.collect_expert_load(histograms=hist)}
+            engine.write_metrics(m)
+            history.append({"step": done, **{k: v for k, v in m.items() if v is not None}})
+            if rank == 0:
+                bar.write(format_line(done, m))
+        if val_interval and (done % val_interval == 0 or done == args.steps):
+            v = validate(engine, model, data, done, rank, dc.val_batches)
+            engine.write_metrics({"val_loss": v})
+            history.append({"step": done, "val_loss": v})
+            if rank == 0:
+                bar.write(f"step {done:>6} | validation loss {v:.4f}")
+        if args.save_dir and args.save_interval and done % args.save_interval == 0:
+            engine.save_checkpoint(args.save_dir)
+    bar.close()
+    if args.save_dir and (not args.save_interval or engine.global_steps % args.save_interval):
+        engine.save_checkpoint(args.save_dir)
+    summary = summarize(tput, history, args, engine)
+    if rank == 0 and args.metrics_out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.metrics_out)), exist_ok=True)
+        with open(args.metrics_out, "w") as f:
+            json.dump(summary, f, indent=2)
+    piper_ds.shutdown(engine)
+    return summary
+
+
+def summarize(tput, history, args, engine) -> Dict[str, float]:
+    """The --metrics-out JSON: medians after warm-up, peak memory (max over ranks), losses and the config."""
+    from piper_ds.tracking import peak_memory_gb
+    s = tput.summary(args.warmup_steps)
+    s["peak_memory_gb"] = all_max(peak_memory_gb(), engine.device)
+    losses = [h["loss"] for h in history if "loss" in h]
+    vals = [h["val_loss"] for h in history if "val_loss" in h]
+    s.update({"first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+              "final_val_loss": vals[-1] if vals else None, "steps": engine.global_steps,
+              "world_size": tput.world_size, "tokens_per_step": tput.tokens_per_step,
+              "flops_per_token": tput.flops_per_token, "peak_tflops": tput.peak_tflops,
+              "stock_moe": args.stock_moe, "deepspeed_config": args.deepspeed_config, "history": history})
+    return s
+
+
+if __name__ == "__main__":
+    main()

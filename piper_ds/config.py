@@ -1,0 +1,152 @@
+"""The ``"piper"`` block of a ds_config, validated once at the edge.
+
+DeepSpeed keeps unknown top-level keys, so the block lives in the same JSON as DeepSpeed's own settings::
+
+    {
+      "train_micro_batch_size_per_gpu": 8,
+      "zero_optimization": {"stage": 2},
+      "piper": {
+        "model": {"preset": "tiny", "n_shared_experts": 1},
+        "moe": {"aux_loss_coef": 0.01},
+        "parallel": {"ep_size": 2},
+        "tracking": {"expert_load_interval": 50}
+      }
+    }
+
+Every model here forbids unknown keys (``extra="forbid"``): a typo is an error, never a silent default.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from piper_ds.moe.config import MoEConfig
+from piper_ds.planner.specs import ModelSpec
+
+#: Fields that both the model spec and the MoE block can set; the model spec decides, a conflict is an error.
+_SHARED_WITH_MODEL = ("top_k", "activation", "n_shared_experts")
+
+
+class ParallelConfig(BaseModel):
+    """How the ranks are laid out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ep_size: int = Field(1, ge=1, description="Expert-parallel group size: ranks sharing one copy of the routed "
+                         "experts. Must divide the world size and every layer's num_experts.")
+    pp_size: int = Field(1, ge=1, description="Pipeline stages. Only 1 is supported by PiperEngine today.")
+
+
+class TopologyConfig(BaseModel):
+    """What the cluster looks like (used by the hierarchical all-to-all and the planner)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpus_per_node: Optional[int] = Field(
+        None, ge=1, description="Ranks per node (fast NVLink domain); None = read LOCAL_WORLD_SIZE at run time.")
+
+
+class TrackingConfig(BaseModel):
+    """What PiperEngine's tracker writes through ``engine.monitor`` (W&B / CSV / TensorBoard blocks)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    expert_load_interval: int = Field(
+        100, ge=0, description="Optimizer steps between per-layer expert-load histograms (W&B, TensorBoard); "
+        "0 = never. Scalar load stats (max/mean, dropped %) are written every steps_per_print.")
+    peak_tflops: float = Field(
+        989.5, gt=0, description="Peak dense TFLOP/s of one accelerator used for MFU (H100/H200 bf16: 989.5).")
+    log_config_to_wandb: bool = Field(
+        True, description="Put the full ds_config (piper block included) into the W&B run config.")
+
+
+class DataConfig(BaseModel):
+    """Default data of examples/train.py (command-line flags override these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Optional[str] = Field(
+        None, description="Text file or folder for byte-level LM; None = the Python standard library's sources; "
+        "'random' = uniform random tokens over the vocabulary (benchmarks).")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of files (or of the bytes of a single file) "
+                                "held out for validation; the split is fixed by sorted path order.")
+    max_bytes: int = Field(64 * 2**20, ge=1024, description="Read at most this many bytes of the corpus (bytes).")
+    seed: int = Field(1234, description="Seed of the batch sampler (the same batches for the same step).")
+    val_interval: int = Field(50, ge=0, description="Optimizer steps between validation passes; 0 = never.")
+    val_batches: int = Field(4, ge=1, description="Micro-batches per validation pass on each rank.")
+
+
+class PiperConfig(BaseModel):
+    """The ``"piper"`` block. ``model`` is a :class:`ModelSpec` block: ``{"preset": name, **overrides}`` or all
+    fields; ``moe`` holds the routing/dispatch options of every MoE layer (its ``top_k``, ``activation`` and
+    ``n_shared_experts`` come from ``model`` when a model is given)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Optional[ModelSpec] = Field(
+        None, description="The reference model (piper_ds.models) to build: {'preset': name, ...} or all fields.")
+    moe: MoEConfig = Field(default_factory=MoEConfig, description="Options of every PiperMoE layer.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Rank layout.")
+    topology: TopologyConfig = Field(default_factory=TopologyConfig, description="Cluster shape.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Metrics options.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Default data of examples/train.py.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_block(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and "preset" in value:
+            return ModelSpec.from_block(value)
+        return value
+
+    def moe_for_model(self) -> MoEConfig:
+        """The MoE options with ``top_k``, ``activation`` and ``n_shared_experts`` taken from the model (when
+        one is given). Raises ValueError when the ``moe`` block sets one of them to another value."""
+        return self.moe if self.model is None else merge_moe_with_model(self.model, self.moe)
+
+
+def merge_moe_with_model(spec: ModelSpec, moe: Union[MoEConfig, Mapping[str, Any], None]) -> MoEConfig:
+    """``moe`` (MoEConfig, dict or None) with the model's ``top_k``, ``activation``, ``n_shared_experts``.
+
+    The model spec decides the architecture; an explicitly set, different value in ``moe`` is a ValueError.
+    """
+    cfg = moe if isinstance(moe, MoEConfig) else MoEConfig(**dict(moe or {}))
+    update = {}
+    for name in _SHARED_WITH_MODEL:
+        want = getattr(spec, name)
+        if name in cfg.model_fields_set and getattr(cfg, name) != want:
+            raise ValueError(f"piper.moe.{name} ({getattr(cfg, name)!r}) contradicts piper.model.{name} "
+                             f"({want!r}); set it in one place only")
+        update[name] = want
+    return MoEConfig(**{**cfg.model_dump(), **update})
+
+
+def load_ds_config(config: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """A ds_config as a dict, from a dict or a JSON file path."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    if isinstance(config, str):
+        with open(config) as f:
+            return json.load(f)
+    raise TypeError(f"config must be a dict or a JSON path, got {type(config).__name__}")
+
+
+def parse_piper_config(ds_config: Mapping[str, Any]) -> PiperConfig:
+    """Validates the ``"piper"`` block of ``ds_config`` (an empty block when absent).
+
+    Raises ValueError (pydantic's message: field path, value and reason) on any bad or unknown key.
+    """
+    block = ds_config.get("piper", {})
+    if not isinstance(block, Mapping):
+        raise ValueError(f'the "piper" block must be a JSON object, got {type(block).__name__}: {block!r}')
+    try:
+        cfg = PiperConfig(**block)
+    except ValidationError as err:  # a ValidationError is a ValueError; re-raise with the block named
+        raise ValueError(f'invalid "piper" block in the ds_config: {err}') from None
+    if cfg.model is not None:
+        cfg.moe_for_model()  # conflicts between model and moe blocks are config errors, found here
+        if cfg.model.num_experts % cfg.parallel.ep_size:
+            raise ValueError(f"piper.model.num_experts ({cfg.model.num_experts}) must be divisible by "
+                             f"piper.parallel.ep_size ({cfg.parallel.ep_size})")
+    return cfg
