@@ -1,0 +1,197 @@
+"""PiperPipelineEngine: DeepSpeed's ``PipelineEngine`` for pipelined MoE (pp x dp x ep, ZeRO-0/1).
+
+What it adds to ``PipelineEngine``:
+
+* validates the (pp, dp, ep) mesh before DeepSpeed builds anything (:class:`~piper_ds.pipeline.groups.MeshLayout`)
+  and checks after init that DeepSpeed's EP / expert-DP / DP groups are that mesh;
+* splits the optimizer parameter groups into dense and MoE groups
+  (``split_params_into_different_moe_groups_for_optimizer``) so ZeRO-1 shards expert state over expert-DP;
+* runs the schedule named by ``schedule``: '1f1b' (DeepSpeed's TrainSchedule) or 'overlap' (two half
+  micro-batches per stage on two CUDA streams, see :mod:`piper_ds.pipeline.schedules`), by overriding
+  ``_train_schedule`` and extending ``_INSTRUCTION_MAP`` (DeepSpeed's DualPipeVEngine pattern);
+* after each optimizer step, updates every PiperMoE's selection bias (aux-loss-free balancing);
+* optionally records a timeline (:class:`~piper_ds.pipeline.timeline.TimelineRecorder`) of every instruction
+  and every all-to-all.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.pipe import schedule as ds_schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe.module import PipelineModule
+
+from piper_ds.pipeline.groups import MeshLayout, check_groups
+from piper_ds.pipeline.schedules import SCHEDULES, OverlapBackwardPass, OverlapForwardPass, make_schedule
+
+
+def _zero_stage(ds_config: Dict[str, Any]) -> int:
+    zero = ds_config.get("zero_optimization") or {}
+    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+
+
+def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
+            gpus_per_node: Optional[int] = None, allow_cross_node_ep: bool = False) -> MeshLayout:
+    """The validated mesh of ``model`` (its stages and its MoE layers' ep_size) under ``ds_config``."""
+    eps = sorted({m.ep_size for m in model.modules() if isinstance(m, MoE)})
+    if len(eps) > 1:
+        raise ValueError(f"MoE layers of one pipeline use different ep_size values {eps}; use one")
+    spec = getattr(model, "spec", None)
+    return MeshLayout(world_size=world_size, pp=model.num_stages, ep=eps[0] if eps else 1,
+                      gpus_per_node=gpus_per_node, zero_stage=_zero_stage(ds_config),
+                      n_blocks=spec.n_layers if spec is not None else None,
+                      num_experts=spec.num_experts if spec is not None else None,
+                      allow_cross_node_ep=allow_cross_node_ep)
+
+
+def moe_param_groups(model: torch.nn.Module) -> list:
+    """Trainable parameters in a dense group and one MoE group per EP group name; each exactly once."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [g for g in split_params_into_different_moe_groups_for_optimizer([{"name": "params", "params": params}])
+              if g["params"]]
+    seen = [id(p) for g in groups for p in g["params"]]
+    if sorted(seen) != sorted(id(p) for p in params) or len(seen) != len(set(seen)):
+        raise ValueError(f"optimizer groups hold {len(seen)} parameter entries for {len(params)} trainable "
+                         "parameters: every parameter must be in exactly one group")
+    for g in groups:
+        if any(is_moe_param(p) != bool(g.get("moe", False)) for p in g["params"]):
+            raise ValueError(f"param group {g.get('name')!r} mixes expert and dense parameters")
+    return groups
+
+
+class PiperPipelineEngine(PipelineEngine):
+    """``PipelineEngine`` running a pipelined MoE model. Same constructor as ``PipelineEngine`` plus:
+
+    Args:
+        schedule: '1f1b' or 'overlap'.
+        gpus_per_node: ranks per node for the EP locality check (None: LOCAL_WORLD_SIZE).
+        allow_cross_node_ep: accept EP groups spanning nodes.
+        timeline: a :class:`~piper_ds.pipeline.timeline.TimelineRecorder` or None.
+    """
+
+    def __init__(self, *args, schedule: str = "1f1b", gpus_per_node: Optional[int] = None,
+                 allow_cross_node_ep: bool = False, timeline=None, **kwargs):
+        import deepspeed.comm as dist
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown pipeline schedule {schedule!r}; known: {sorted(SCHEDULES)}")
+        # Attributes first: PipelineEngine.__init__ runs hooks and instructions that may look at them.
+        self.piper_schedule, self.timeline = schedule, timeline
+        model, config = kwargs["model"], kwargs.get("config") or {}
+        if not isinstance(model, PipelineModule):
+            raise ValueError(f"PiperPipelineEngine needs a PipelineModule, got {type(model).__name__}")
+        self.mesh = mesh_of(model, config, dist.get_world_size(), gpus_per_node, allow_cross_node_ep)
+        self.piper_moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+        opt = kwargs.get("optimizer")
+        if not isinstance(opt, torch.optim.Optimizer) and kwargs.get("model_parameters") is None:
+            kwargs["model_parameters"] = moe_param_groups(model)
+        super().__init__(*args, **kwargs)
+        if self.piper_moe_layers:
+            check_groups(self.mesh, dist.get_rank(), self.piper_moe_layers[0].expert_group_name)
+        if schedule == "overlap" and self.micro_batch_size % 2:
+            raise ValueError(f"the overlap schedule splits each micro-batch in two halves: "
+                             f"train_micro_batch_size_per_gpu ({self.micro_batch_size}) must be even")
+        if timeline is not None:
+            timeline.attach(self)
+
+    def _train_schedule(self):
+        return make_schedule(self.piper_schedule, self.micro_batches, self.num_stages, self.stage_id)
+
+    # ----------------------------------------------------------------------------- instructions
+    def _exec_overlap_forward(self, buffer_id: int) -> None:
+        self.module.halves = 2
+        try:
+            PipelineEngine._exec_forward_pass(self, buffer_id)
+        finally:
+            self.module.halves = 1
+
+    def _exec_overlap_backward(self, buffer_id: int) -> None:
+        # Autograd replays the forward's half interleave: nodes run by creation order, on their forward stream.
+        PipelineEngine._exec_backward_pass(self, buffer_id)
+
+    def _exec_optimizer_step(self, lr_kwargs=None):
+        skipped = self.skipped_steps
+        PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+        if self.skipped_steps == skipped:
+            for layer in self.piper_moe_layers:
+                if hasattr(layer, "update_selection_bias"):
+                    layer.update_selection_bias()
+
+    def _exec_schedule(self, pipe_schedule):
+        if self.timeline is None:
+            return super()._exec_schedule(pipe_schedule)
+        self.timeline.begin_step()
+        try:
+            return super()._exec_schedule(pipe_schedule)
+        finally:
+            self.timeline.end_step()
+
+
+def _timed(kind: str, fn):
+    """Wraps an instruction so that, with a timeline attached, its interval is recorded as ``kind``."""
+    def run(self, **kwargs):
+        if self.timeline is None:
+            return fn(self, **kwargs)
+        with self.timeline.interval(kind, buffer=kwargs.get("buffer_id")):
+            return fn(self, **kwargs)
+    run.__name__ = getattr(fn, "__name__", kind)
+    return run
+
+
+_KINDS = {ds_schedule.ForwardPass: "fwd", ds_schedule.BackwardPass: "bwd", OverlapForwardPass: "fwd",
+          OverlapBackwardPass: "bwd", ds_schedule.SendActivation: "p2p", ds_schedule.RecvActivation: "p2p",
+          ds_schedule.SendGrad: "p2p", ds_schedule.RecvGrad: "p2p", ds_schedule.ReduceGrads: "grad_sync",
+          ds_schedule.ReduceTiedGrads: "grad_sync", ds_schedule.OptimizerStep: "optimizer",
+          ds_schedule.LoadMicroBatch: "load"}
+
+PiperPipelineEngine._INSTRUCTION_MAP = {
+    cls: _timed(_KINDS.get(cls, cls.__name__), fn) for cls, fn in {
+        **PipelineEngine._INSTRUCTION_MAP,
+        ds_schedule.OptimizerStep: PiperPipelineEngine._exec_optimizer_step,
+        OverlapForwardPass: PiperPipelineEngine._exec_overlap_forward,
+        OverlapBackwardPass: PiperPipelineEngine._exec_overlap_backward,
+    }.items()
+}
+
+
+def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimizer=None, model_parameters=None,
+                        training_data=None, lr_scheduler=None, config=None, collate_fn=None,
+                        dist_init_required: Optional[bool] = None, schedule: str = "1f1b",
+                        gpus_per_node: Optional[int] = None, allow_cross_node_ep: bool = False, timeline=None):
+    """Like ``deepspeed.initialize`` for a ``PipelineModule``; returns ``(engine, optimizer, dataloader,
+    lr_scheduler)`` with a :class:`PiperPipelineEngine`. ``config``: dict or JSON path (or
+    ``args.deepspeed_config``). The ``"piper"`` block's topology.gpus_per_node is used when
+    ``gpus_per_node`` is None."""
+    import deepspeed
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from piper_ds.config import load_ds_config, parse_piper_config
+    if not isinstance(model, PipelineModule):
+        raise ValueError(f"the pipeline engine needs a deepspeed.pipe.PipelineModule (e.g. "
+                         f"piper_ds.pipeline.model.PiperPipelineModule), got {type(model).__name__}")
+    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                          dist_init_required=dist_init_required)
+    if config is None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ValueError("no ds_config: pass config=<dict or path> or --deepspeed_config <path>")
+    ds_config = load_ds_config(config)
+    piper = parse_piper_config(ds_config)
+    pp = piper.parallel.pp_size
+    if "pp_size" in piper.parallel.model_fields_set and pp != model.num_stages:
+        raise ValueError(f"piper.parallel.pp_size ({pp}) differs from the PipelineModule's stages "
+                         f"({model.num_stages})")
+    if gpus_per_node is None:
+        gpus_per_node = piper.topology.gpus_per_node
+    mpu = model.mpu()
+    config_class = DeepSpeedConfig(ds_config, mpu)
+    deepspeed.set_optimizer_flags(config_class, model)
+    engine = PiperPipelineEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                 training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                                 dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
+                                 config_class=config_class, schedule=schedule, gpus_per_node=gpus_per_node,
+                                 allow_cross_node_ep=allow_cross_node_ep, timeline=timeline)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -1,0 +1,230 @@
+"""The reference MoE LM as a ``deepspeed.pipe.PipelineModule``: embedding, blocks and head as layer specs.
+
+Every layer maps ``(h [B,S,D], aux)`` to ``(h, aux)``: the MoE aux loss (fp32) travels with the activations
+across stage boundaries and :func:`lm_loss` adds it to the cross-entropy on the last stage, so its gradient
+flows back through every stage to every router. ``aux`` is a scalar under 1F1B and a ``[2]`` vector (one per
+half micro-batch) under the overlap schedule.
+
+Stages are balanced by the planner's estimates (``partition_method="planner"``): each layer weighs its share
+of the model's training FLOPs plus its share of the memory it pins (16 B per parameter held, experts divided
+by ep, plus saved activations), then DeepSpeed's ``partition_balanced`` cuts the sequence.
+
+Weights are drawn per layer from ``seed + layer index`` (``seed_layers``), so :func:`reference_layers` builds
+exactly the same weights unpipelined, at ep = 1, for numerics tests.
+"""
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from deepspeed.runtime import utils as ds_utils
+from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule
+from torch import nn
+
+from piper_ds.config import merge_moe_with_model
+from piper_ds.models.layers import Embedding, Head
+from piper_ds.models.transformer import MoETransformer
+from piper_ds.moe import MoEConfig
+from piper_ds.pipeline.schedules import half_program
+from piper_ds.planner.specs import ModelSpec
+
+PARTITION_METHODS = ("planner", "uniform", "parameters")
+
+
+class EmbeddingLayer(Embedding):
+    """The first layer: ``ids [B,S] int64 -> (h [B,S,D], aux 0.0 fp32)``; ``aux`` is tied to the graph (a zero
+    times one weight) so a first stage without MoE blocks still has a differentiable aux output."""
+
+    def forward(self, ids_BS: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = F.embedding(ids_BS, self.weight)
+        return h, self.weight[0, 0].float() * 0.0
+
+
+class BlockLayer(nn.Module):
+    """A transformer block exactly as :class:`MoETransformer` builds block ``index`` (dense for the first
+    ``n_dense_layers``, else PiperMoE); ``BlockLayer(...)`` returns that ``Block`` instance."""
+
+    def __new__(cls, spec: ModelSpec, moe: Dict[str, Any], ep_size: int, index: int):
+        owner = SimpleNamespace(spec=spec, stock_moe=False, moe_config=MoEConfig(**moe), ep_size=ep_size)
+        return MoETransformer._block(owner, index, 1.25)
+
+
+class HeadLayer(Head):
+    """The last layer: final norm and untied LM head, ``(h, aux) -> (logits [B,S,V], aux)``."""
+
+    def __init__(self, vocab_size: int, d_model: int):
+        super().__init__(vocab_size, d_model)
+
+
+def lm_loss(outputs: Tuple[torch.Tensor, torch.Tensor], labels_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats, fp32) plus the aux loss (the mean over halves when aux is [2])."""
+    logits, aux = outputs
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels_BS.reshape(-1))
+    return ce + aux.float().mean()
+
+
+def layer_specs(spec: ModelSpec, moe: Dict[str, Any], ep_size: int) -> List[LayerSpec]:
+    """``[embedding, block 0..L-1, head]`` as DeepSpeed layer specs (built lazily, per stage)."""
+    if spec.tie_embeddings:
+        raise ValueError(f"model {spec.name!r} ties embeddings (tie_embeddings=True); the pipeline model needs an "
+                         "untied LM head (set tie_embeddings false)")
+    return ([LayerSpec(EmbeddingLayer, spec.vocab_size, spec.d_model)]
+            + [LayerSpec(BlockLayer, spec, moe, ep_size, i) for i in range(spec.n_layers)]
+            + [LayerSpec(HeadLayer, spec.vocab_size, spec.d_model)])
+
+
+def layer_costs(spec: ModelSpec, micro_batch: int, ep: int, memory_weight: float = 1.0) -> List[float]:
+    """Balancing weight of every layer ``[embed, blocks..., head]``: its share of training FLOPs plus
+    ``memory_weight`` x its share of pinned memory (model states 16 B/param, experts / ep, and the planner's
+    saved activations of one micro-batch). Dimensionless, sums to ``1 + memory_weight``."""
+    from piper_ds.planner.cluster import Layout
+    from piper_ds.planner.memory import block_activations
+    from piper_ds.planner.profile import PlatformProfile
+    layout, prof = Layout(dp=ep, ep=ep, micro_batch=micro_batch), PlatformProfile()
+    tok = micro_batch * spec.seq_len
+    attn = spec.attention_params_per_layer() + 2 * spec.d_model
+    flops, mem = [0.0], [16.0 * spec.vocab_size * spec.d_model]
+    for i in range(spec.n_layers):
+        moe = i >= spec.n_dense_layers
+        active = attn + (spec.num_experts * spec.d_model + spec.shared_params_per_layer()
+                         + spec.top_k * spec.expert_params() if moe else spec.ffn_params(spec.ffn_dense))
+        held = attn + (spec.num_experts * spec.d_model + spec.shared_params_per_layer()
+                       + spec.num_experts // ep * spec.expert_params() if moe else spec.ffn_params(spec.ffn_dense))
+        flops.append(6.0 * tok * (active + spec.seq_len * spec.d_attn))
+        mem.append(16.0 * held + block_activations(spec, layout, prof, moe)["saved"])
+    flops.append(6.0 * tok * spec.vocab_size * spec.d_model)
+    mem.append(16.0 * (spec.vocab_size + 1) * spec.d_model + 4.0 * tok * spec.vocab_size)
+    sf, sm = sum(flops), sum(mem)
+    return [f / sf + memory_weight * m / sm for f, m in zip(flops, mem)]
+
+
+class PiperPipelineModule(PipelineModule):
+    """A ``PipelineModule`` of the reference MoE LM with planner-balanced stages and a two-half forward.
+
+    Args:
+        spec: model shape. moe: MoE options (dict or MoEConfig; top_k etc. taken from ``spec``).
+        ep_size: EP group size. num_stages / topology: as for ``PipelineModule``.
+        partition_method: 'planner' (default), 'uniform' or 'parameters'.
+        micro_batch: sequences per micro-batch (for the planner's activation estimate).
+        seed: per-layer seed base (layer i is drawn after seeding ``seed + i``).
+        activation_checkpoint_interval: as for ``PipelineModule`` (non-reentrant with
+            ``"pipeline": {"use_reentrant": false}``); the two-half forward checkpoints each layer.
+    """
+
+    def __init__(self, spec: ModelSpec, moe: Union[MoEConfig, Dict[str, Any], None] = None, ep_size: int = 1,
+                 num_stages: Optional[int] = None, topology=None, partition_method: str = "planner",
+                 micro_batch: int = 1, seed: int = 1234, activation_checkpoint_interval: int = 0):
+        if partition_method not in PARTITION_METHODS:
+            raise ValueError(f"partition_method {partition_method!r} is not one of {PARTITION_METHODS}")
+        self.spec, self.ep_size = spec, ep_size
+        self.moe_config = merge_moe_with_model(spec, moe)
+        self._costs = layer_costs(spec, micro_batch, ep_size)
+        self.halves = 1  # 2 while an overlap instruction runs (set by the engine)
+        self._streams: Optional[List[Any]] = None
+        super().__init__(layer_specs(spec, self.moe_config.model_dump(), ep_size), num_stages=num_stages,
+                         topology=topology, loss_fn=lm_loss, seed_layers=True, base_seed=seed,
+                         partition_method=partition_method,
+                         activation_checkpoint_interval=activation_checkpoint_interval)
+        self.seed_layers = False  # seeds were for building; forward must not reseed the global RNG
+
+    # ------------------------------------------------------------------------------------ partition
+    def _partition_layers(self, method: str = "uniform") -> None:
+        if method != "planner":
+            super()._partition_layers(method)
+        else:
+            self.parts = [int(x) for x in ds_utils.partition_balanced(weights=self._costs, num_parts=self.num_stages)]
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+        sizes = [b - a for a, b in zip(self.parts, self.parts[1:])]
+        if min(sizes) < 1:
+            raise ValueError(f"partition {method!r} of {len(self._layer_specs)} layers into {self.num_stages} "
+                             f"stages left a stage empty (layers per stage {sizes})")
+
+    def stage_costs(self) -> List[float]:
+        """Planner weight of each stage under the current partition (for docs, tests and the benchmark)."""
+        return [sum(self._costs[a:b]) for a, b in zip(self.parts, self.parts[1:])]
+
+    # -------------------------------------------------------------------------------------- forward
+    def forward(self, forward_input):
+        if self.halves == 1:
+            return super().forward(forward_input)
+        return self._forward_halves(forward_input)
+
+    def _forward_halves(self, inputs):
+        """Runs this stage's layers on two halves of the micro-batch in :func:`half_program` order, half h on
+        CUDA stream h (no streams on CPU: the same order, sequential). Output: (cat of halves, aux [2])."""
+        parts = self._split(inputs)
+        streams = self._half_streams(parts[0][0] if isinstance(parts[0], tuple) else parts[0])
+        main = torch.cuda.current_stream() if streams else None
+        for s in streams or ():
+            s.wait_stream(main)
+        for half, layer in half_program(len(self.forward_funcs)):
+            ctx = torch.cuda.stream(streams[half]) if streams else contextlib.nullcontext()
+            with ctx:
+                parts[half] = self._run_layer(layer, parts[half])
+        for s in streams or ():
+            main.wait_stream(s)
+        return torch.cat([p[0] for p in parts]), torch.stack([p[1].float().reshape(()) for p in parts])
+
+    def _split(self, inputs) -> List[Any]:
+        if torch.is_tensor(inputs):  # first stage: token ids [B, S]
+            b = inputs.shape[0]
+            if b % 2:
+                raise ValueError(f"the overlap schedule splits each micro-batch in two halves; micro-batch size "
+                                 f"{b} is odd")
+            return list(inputs.chunk(2))
+        h, aux = inputs
+        if aux.dim() != 1 or aux.numel() != 2:
+            raise ValueError(f"overlap stage input: aux must have shape [2] (one per half), got {tuple(aux.shape)}")
+        return [(hh, aux[i]) for i, hh in enumerate(h.chunk(2))]
+
+    def _run_layer(self, idx: int, x):
+        layer = self.forward_funcs[idx]
+        if self.activation_checkpoint_interval > 0 and isinstance(layer, nn.Module) and \
+                any(p.requires_grad for p in layer.parameters()):
+            args = x if isinstance(x, tuple) else (x, )
+            return self.activation_checkpoint_func(lambda *a: layer(a if len(a) > 1 else a[0]), *args)
+        return layer(x)
+
+    def _half_streams(self, x: torch.Tensor) -> Optional[List[Any]]:
+        if not x.is_cuda:
+            return None
+        if self._streams is None:
+            self._streams = [torch.cuda.Stream(device=x.device) for _ in range(2)]
+        return self._streams
+
+    def moe_layers(self) -> List[nn.Module]:
+        """This stage's MoE modules (PiperMoE), in layer order."""
+        from deepspeed.moe.layer import MoE
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+
+# ------------------------------------------------------------------------------------------ reference
+def reference_layers(spec: ModelSpec, moe: Union[MoEConfig, Dict[str, Any], None] = None,
+                     seed: int = 1234) -> nn.ModuleList:
+    """The same layers, unpipelined, at ep = 1 and with the same weights as :class:`PiperPipelineModule`
+    (built under the same per-layer seeds). Run with :func:`reference_loss`."""
+    cfg = merge_moe_with_model(spec, moe).model_dump()
+    layers = nn.ModuleList()
+    for i, ls in enumerate(layer_specs(spec, cfg, 1)):
+        ds_utils.set_random_seed(seed + i)
+        layers.append(ls.build())
+    return layers
+
+
+def reference_loss(layers: Sequence[nn.Module], ids_BS: torch.Tensor, labels_BS: torch.Tensor,
+                   halves: int = 1) -> torch.Tensor:
+    """:func:`lm_loss` of one micro-batch run through ``layers``; with ``halves=2`` the aux loss is computed
+    per half and averaged, as the overlap schedule does (cross-entropy is the same either way)."""
+    outs = []
+    for ids in ids_BS.chunk(halves):
+        x: Any = ids
+        for layer in layers:
+            x = layer(x)
+        outs.append(x)
+    logits = torch.cat([o[0] for o in outs])
+    aux = torch.stack([o[1].float().reshape(()) for o in outs])
+    return lm_loss((logits, aux), labels_BS)
