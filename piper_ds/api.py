@@ -46,6 +46,10 @@ def initialize(args: Any = None,
     dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                           distributed_port=distributed_port, dist_init_required=dist_init_required)
     ds_config = load_ds_config(_resolve_config(args, config, config_params))
+    if isinstance(model, PipelineModule) or parse_piper_config(ds_config).parallel.pp_size > 1:
+        from piper_ds.pipeline.engine import initialize_pipeline  # pp > 1: PiperPipelineEngine
+        return initialize_pipeline(args, model, optimizer, model_parameters, training_data, lr_scheduler,
+                                   config=ds_config, collate_fn=collate_fn, dist_init_required=dist_init_required)
     _reject_unsupported(model, ds_config, mesh_param, PipelineModule)
     piper = parse_piper_config(ds_config)
     world = dist.get_world_size()

@@ -158,12 +158,12 @@ PiperPipelineEngine._INSTRUCTION_MAP = {
 
 def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimizer=None, model_parameters=None,
                         training_data=None, lr_scheduler=None, config=None, collate_fn=None,
-                        dist_init_required: Optional[bool] = None, schedule: str = "1f1b",
+                        dist_init_required: Optional[bool] = None, schedule: Optional[str] = None,
                         gpus_per_node: Optional[int] = None, allow_cross_node_ep: bool = False, timeline=None):
     """Like ``deepspeed.initialize`` for a ``PipelineModule``; returns ``(engine, optimizer, dataloader,
     lr_scheduler)`` with a :class:`PiperPipelineEngine`. ``config``: dict or JSON path (or
-    ``args.deepspeed_config``). The ``"piper"`` block's topology.gpus_per_node is used when
-    ``gpus_per_node`` is None."""
+    ``args.deepspeed_config``). ``schedule`` None: ``"pipeline": {"piper_schedule": ...}`` of the ds_config,
+    else '1f1b'. The ``"piper"`` block's topology.gpus_per_node is used when ``gpus_per_node`` is None."""
     import deepspeed
     from deepspeed import comm as dist
     from deepspeed.accelerator import get_accelerator
@@ -186,6 +186,8 @@ def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimize
                          f"({model.num_stages})")
     if gpus_per_node is None:
         gpus_per_node = piper.topology.gpus_per_node
+    if schedule is None:
+        schedule = (ds_config.get("pipeline") or {}).get("piper_schedule", "1f1b")
     mpu = model.mpu()
     config_class = DeepSpeedConfig(ds_config, mpu)
     deepspeed.set_optimizer_flags(config_class, model)
