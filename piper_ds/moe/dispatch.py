@@ -48,6 +48,7 @@ class DispatchState:
     pair_N: Optional[torch.Tensor] = None
     weight_N: Optional[torch.Tensor] = None
     tokens_per_slot_L: Optional[torch.Tensor] = None
+    exchange_plan: Optional[object] = None  # the transport's own plan, when it makes one
 
 
 def preprocess(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
@@ -58,8 +59,13 @@ def preprocess(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: t
     # (slot, weight) travel as one fp32 tensor: slots < 2**24 are exact in fp32 and one exchange saves a launch
     meta = torch.cat([plan.slots_SK.to(torch.float32), plan.weights_SK.float()], dim=1)
     send_counts_R = plan.send_counts_R.to(torch.int64)
-    recv_counts = transport.exchange_counts(send_counts_R)
-    counts = torch.stack([send_counts_R, recv_counts]).tolist()  # the one host sync of the layer
+    exchange_plan = None
+    if hasattr(transport, "plan"):  # a transport that plans its exchange once per micro-batch (hierarchical)
+        exchange_plan = transport.plan(send_counts_R)
+        counts = [send_counts_R.tolist(), [int(c) for c in exchange_plan.recv_counts]]
+    else:
+        recv_counts = transport.exchange_counts(send_counts_R)
+        counts = torch.stack([send_counts_R, recv_counts]).tolist()  # the one host sync of the layer
     sent = sum(counts[0])
     if ep == 1 and sent == T:  # every token goes to the only rank, in token order: no copy needed
         state = DispatchState(T, ep, None, counts[0], counts[1], x_send_SD=x_TD)
@@ -68,13 +74,19 @@ def preprocess(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: t
         pos = plan.token_idx_S * ep + rank_S
         state = DispatchState(T, ep, pos, counts[0], counts[1], x_send_SD=rows.gather_rows(x_TD, pos, ep))
     state.meta_send_SK2 = meta
+    state.exchange_plan = exchange_plan
     return state
+
+
+def _send(transport: Transport, x: torch.Tensor, send: List[int], recv: List[int], plan) -> torch.Tensor:
+    return transport(x, send, recv) if plan is None else transport(x, send, recv, plan=plan)
 
 
 def dispatch(state: DispatchState, transport: Transport) -> DispatchState:
     """Sends the rows and their routing metadata to the expert ranks."""
-    state.x_recv_RD = transport(state.x_send_SD, state.send_counts, state.recv_counts)
-    state.meta_recv_RK2 = transport(state.meta_send_SK2, state.send_counts, state.recv_counts)
+    plan = state.exchange_plan
+    state.x_recv_RD = _send(transport, state.x_send_SD, state.send_counts, state.recv_counts, plan)
+    state.meta_recv_RK2 = _send(transport, state.meta_send_SK2, state.send_counts, state.recv_counts, plan)
     state.x_send_SD = state.meta_send_SK2 = None  # free the send buffers early
     return state
 
@@ -95,7 +107,8 @@ def combine(state: DispatchState, y_ND: torch.Tensor, transport: Transport) -> t
     """Weighted per-row sum at the expert rank, reverse exchange, sum per source token: [T, D]."""
     K = state.meta_recv_RK2.shape[1] // 2
     y_recv = rows.combine_rows(y_ND, state.pair_N, state.x_recv_RD.shape[0], K, state.weight_N)
-    y_back = transport(y_recv, state.recv_counts, state.send_counts)
+    reverse = state.exchange_plan.reversed() if state.exchange_plan is not None else None
+    y_back = _send(transport, y_recv, state.recv_counts, state.send_counts, reverse)
     if state.send_pos_S is None:
         return y_back
     return rows.combine_rows(y_back, state.send_pos_S, state.num_tokens, state.ep_size)
