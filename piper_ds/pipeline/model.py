@@ -123,6 +123,7 @@ class PiperPipelineModule(PipelineModule):
         self.moe_config = merge_moe_with_model(spec, moe)
         self._costs = layer_costs(spec, micro_batch, ep_size)
         self.halves = 1  # 2 while an overlap instruction runs (set by the engine)
+        self.timeline = None  # a TimelineRecorder, set by its attach()
         self._streams: Optional[List[Any]] = None
         super().__init__(layer_specs(spec, self.moe_config.model_dump(), ep_size), num_stages=num_stages,
                          topology=topology, loss_fn=lm_loss, seed_layers=True, base_seed=seed,
@@ -164,9 +165,11 @@ class PiperPipelineModule(PipelineModule):
         for half, layer in half_program(len(self.forward_funcs)):
             ctx = torch.cuda.stream(streams[half]) if streams else contextlib.nullcontext()
             with ctx:
-                parts[half] = self._run_layer(layer, parts[half])
+                parts[half] = self._run_layer_timed(layer, parts[half], f"h{half}")
         for s in streams or ():
             main.wait_stream(s)
+        if self.timeline is not None:
+            self.timeline.lane = "main"
         return torch.cat([p[0] for p in parts]), torch.stack([p[1].float().reshape(()) for p in parts])
 
     def _split(self, inputs) -> List[Any]:
@@ -180,6 +183,17 @@ class PiperPipelineModule(PipelineModule):
         if aux.dim() != 1 or aux.numel() != 2:
             raise ValueError(f"overlap stage input: aux must have shape [2] (one per half), got {tuple(aux.shape)}")
         return [(hh, aux[i]) for i, hh in enumerate(h.chunk(2))]
+
+    def _run_layer_timed(self, idx: int, x, lane: str):
+        rec = self.timeline
+        if rec is None:
+            return self._run_layer(idx, x)
+        rec.lane, key = lane, rec.new_key()
+        first = lambda v, f: (f(v[0]), *v[1:]) if isinstance(v, tuple) else f(v)  # noqa: E731
+        x = first(x, lambda t: rec.mark_backward(t, "layer_bwd", lane, key, opens=False))
+        with rec.interval("layer_fwd", lane, layer=idx):
+            y = self._run_layer(idx, x)
+        return first(y, lambda t: rec.mark_backward(t, "layer_bwd", lane, key, opens=True))
 
     def _run_layer(self, idx: int, x):
         layer = self.forward_funcs[idx]
