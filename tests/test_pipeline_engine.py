@@ -90,7 +90,7 @@ def _reference(halves, aux=True):
                 grads[f"{key}#{e}"] = p.grad[e]
         else:
             grads[key] = p.grad
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 @pytest.fixture(scope="module")
