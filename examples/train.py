@@ -91,14 +91,14 @@ def format_line(step: int, m: Dict[str, float]) -> str:
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt) + unit
     return (f"step {step:>6} | loss {f('loss', '.4f')} | aux {f('aux_loss', '.4f')} | gnorm {f('grad_norm', '.3f')}"
             f" | lr {f('lr', '.2e')} | tok/s {f('tokens_per_s', ',.0f')} ({f('tokens_per_s_per_gpu', ',.0f')}/gpu)"
-            f" | {f('tflops_per_gpu', '.1f')} TFLOP/s/gpu | MFU {f('mfu_pct', '.2f', '%')}"
+            f" | {f('tflops_per_gpu', '.4g')} TFLOP/s/gpu | MFU {f('mfu_pct', '.2f', '%')}"
             f" | mem {f('max_memory_gb', '.2f', ' GB')} | load max/mean {f('load_max_over_mean', '.2f')}"
             f" | dropped {f('dropped_pct', '.2f', '%')}")
 
 
 def main(argv=None) -> Dict[str, float]:
+    setup_env()  # before parsing: --local_rank defaults to LOCAL_RANK, which srun only gives as SLURM_LOCALID
     args = parse_args(argv)
-    setup_env()
     import deepspeed.comm as dist
     from tqdm import tqdm
 

@@ -36,6 +36,20 @@ def test_unknown_key_in_piper_block_is_named():
         parse_piper_config(ds_config(ep=3))
 
 
+def test_every_piper_key_is_documented():
+    import os
+    from piper_ds.config import PiperConfig
+    from piper_ds.moe import MoEConfig
+    from piper_ds.planner.specs import ModelSpec
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "training.md")).read()
+    blocks = {name: f.annotation for name, f in PiperConfig.model_fields.items()}
+    blocks.update(model=ModelSpec, moe=MoEConfig)
+    for block, cls in blocks.items():
+        section = doc.split(f"#### `piper.{block}`", 1)[1].split("####", 1)[0]
+        for key in cls.model_fields:
+            assert f"| `{key}` |" in section, f"piper.{block}.{key} is missing from docs/training.md"
+
+
 @pytest.mark.parametrize("batch, world, message", [
     ({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}, 2,
      r"train_batch_size \(10\) != train_micro_batch_size_per_gpu \(2\) \* gradient_accumulation_steps \(2\) "
