@@ -38,3 +38,24 @@ def test_pair_positions_rebuilt_from_slots():
     plan = R.expand_plan_reference(slots, torch.rand(20, 3, generator=gen), 4)
     rebuilt = dispatch._pair_positions(slots, plan.row_idx_N, plan.tokens_per_slot_L)
     assert torch.equal(rebuilt, plan.pair_N)
+
+
+@pytest.mark.parametrize("T, K, E, ep", [(50, 3, 8, 4), (1, 1, 4, 2), (0, 2, 4, 2), (33, 6, 64, 1)])
+def test_dispatch_planning_equals_reference(T, K, E, ep):
+    from piper_ds.moe.placement import ExpertPlacement
+    gen = torch.Generator().manual_seed(T + K)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]) if T else \
+        torch.zeros(0, K, dtype=torch.int64)
+    idx[torch.rand(idx.shape, generator=gen) < 0.2] = -1  # dropped assignments
+    w = torch.rand(idx.shape, generator=gen)
+    placement = ExpertPlacement(E, ep, rank_of=torch.randperm(E, generator=gen) % ep)  # a shuffled placement
+    counts, finish = dispatch._send_plan(idx, w, placement)
+    fast = finish(int(counts.sum()))
+    ref = R.send_plan_reference(idx, w, placement.rank_of, placement.slot_of, ep)
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+    slots = ref.slots_SK
+    fast_e = dispatch._expand_plan(slots, ref.weights_SK, E // ep)
+    ref_e = R.expand_plan_reference(slots, ref.weights_SK, E // ep)
+    for a, b in zip(fast_e, ref_e):
+        assert torch.equal(a, b)

@@ -7,8 +7,9 @@
     combine      weighted sum per received row at the expert rank, one row back per (token, rank),
                  reverse exchange, scatter-add into the source tokens
 
-A token crosses the wire at most once per destination rank however many of its k experts live there. All
-the index work comes from :mod:`piper_ds.ops` (fused kernels when built, else the PyTorch references).
+A token crosses the wire at most once per destination rank however many of its k experts live there. The
+planning waits on the device twice per layer (the row counts for the exchange, the expanded row count); the
+fused kernels of :mod:`piper_ds.ops` can replace it (``Ops``).
 """
 from __future__ import annotations
 
@@ -25,11 +26,52 @@ from piper_ds.ops import reference
 
 @dataclass
 class Ops:
-    """The planning kernels the dispatcher uses; defaults are the PyTorch references. Row movement goes
-    through :mod:`piper_ds.moe.rows` (dense, atomic-free), which needs ``ExpandPlan.pair_N``."""
+    """The planning kernels the dispatcher uses. None (the default) selects the built-in PyTorch planning
+    below, which equals :func:`reference.send_plan_reference` / ``expand_plan_reference`` but waits on the
+    device only where a size must reach the host. Row movement goes through :mod:`piper_ds.moe.rows`."""
 
-    send_plan: object = reference.send_plan_reference
-    expand_plan: object = reference.expand_plan_reference
+    send_plan: object = None
+    expand_plan: object = None
+
+
+def _send_plan(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, placement: ExpertPlacement):
+    """``send_plan_reference`` in two halves: counts on the device now, rows once the host knows their number.
+
+    Returns (send_counts_R, finish) where ``finish(num_rows)`` gives the SendPlan. No host sync inside.
+    """
+    T, K = topk_idx_TK.shape
+    ep = placement.ep_size
+    valid = topk_idx_TK >= 0
+    safe = topk_idx_TK.clamp_min(0)
+    dest_TK = torch.where(valid, placement.rank_of[safe], -1)
+    # [T, ep + 1] hit map; column 0 collects dropped assignments and is discarded
+    hits = torch.zeros(T, ep + 1, dtype=torch.bool, device=topk_idx_TK.device)
+    hits.scatter_(1, dest_TK + 1, True)
+    to_rank_RT = hits[:, 1:].t()
+    send_counts_R = to_rank_RT.sum(dim=1)
+
+    def finish(num_rows: int) -> reference.SendPlan:
+        # stable sort puts the True entries of the rank-major [R, T] map first, in (rank, token) order
+        flat = torch.argsort(to_rank_RT.reshape(-1).logical_not().to(torch.int8), stable=True)[:num_rows]
+        rank_S, token_S = flat // T, flat % T
+        here_SK = dest_TK[token_S] == rank_S[:, None]
+        slots = torch.where(here_SK, placement.slot_of[safe[token_S]], -1)
+        return reference.SendPlan(token_S, send_counts_R, slots, topk_weights_TK[token_S] * here_SK)
+
+    return send_counts_R, finish
+
+
+def _expand_plan(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int) -> reference.ExpandPlan:
+    """``expand_plan_reference`` with a counting sort: one host sync for the number of expanded rows."""
+    flat_slot = slots_RK.reshape(-1)
+    key = torch.where(flat_slot >= 0, flat_slot, num_local)  # dropped / elsewhere sort last
+    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=slots_RK.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    pair = torch.argsort(key, stable=True)
+    n = int(flat_slot.numel() - counts[num_local])  # host sync: the expanded row count
+    pair = pair[:n]
+    K = max(slots_RK.shape[1], 1)
+    return reference.ExpandPlan(pair // K, weights_RK.reshape(-1)[pair], counts[:num_local], pair)
 
 
 @dataclass
@@ -55,10 +97,12 @@ def preprocess(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: t
                placement: ExpertPlacement, transport: Transport, ops: Ops) -> DispatchState:
     """Builds the send plan, gathers the rows to send and exchanges row counts with the EP group."""
     ep, T = placement.ep_size, x_TD.shape[0]
-    plan = ops.send_plan(topk_idx_TK, topk_weights_TK, placement.rank_of, placement.slot_of, ep)
-    # (slot, weight) travel as one fp32 tensor: slots < 2**24 are exact in fp32 and one exchange saves a launch
-    meta = torch.cat([plan.slots_SK.to(torch.float32), plan.weights_SK.float()], dim=1)
-    send_counts_R = plan.send_counts_R.to(torch.int64)
+    if ops.send_plan is None:
+        send_counts_R, finish = _send_plan(topk_idx_TK, topk_weights_TK, placement)
+    else:
+        plan = ops.send_plan(topk_idx_TK, topk_weights_TK, placement.rank_of, placement.slot_of, ep)
+        send_counts_R, finish = plan.send_counts_R, (lambda _: plan)
+    send_counts_R = send_counts_R.to(torch.int64)
     exchange_plan = None
     if hasattr(transport, "plan"):  # a transport that plans its exchange once per micro-batch (hierarchical)
         exchange_plan = transport.plan(send_counts_R)
@@ -67,6 +111,9 @@ def preprocess(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: t
         recv_counts = transport.exchange_counts(send_counts_R)
         counts = torch.stack([send_counts_R, recv_counts]).tolist()  # the one host sync of the layer
     sent = sum(counts[0])
+    plan = finish(sent)
+    # (slot, weight) travel as one fp32 tensor: slots < 2**24 are exact in fp32 and one exchange saves a launch
+    meta = torch.cat([plan.slots_SK.to(torch.float32), plan.weights_SK.float()], dim=1)
     if ep == 1 and sent == T:  # every token goes to the only rank, in token order: no copy needed
         state = DispatchState(T, ep, None, counts[0], counts[1], x_send_SD=x_TD)
     else:
@@ -95,7 +142,7 @@ def postprocess(state: DispatchState, num_local: int, ops: Ops) -> torch.Tensor:
     """Expands received rows to (row, local expert) pairs grouped by slot; returns the expert input [N, D]."""
     K = state.meta_recv_RK2.shape[1] // 2
     slots = state.meta_recv_RK2[:, :K].detach().round().to(torch.int64)
-    plan = ops.expand_plan(slots, state.meta_recv_RK2[:, K:], num_local)
+    plan = (ops.expand_plan or _expand_plan)(slots, state.meta_recv_RK2[:, K:], num_local)
     pair = plan.pair_N
     if pair is None:  # an implementation without pair positions: rebuild them from (row, slot)
         pair = _pair_positions(slots, plan.row_idx_N, plan.tokens_per_slot_L)

@@ -29,7 +29,8 @@ def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor,
         offs = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         return torch._grouped_mm(x_ND, w_EKM, offs=offs)
     counts_list = counts_E.tolist() if counts_list is None else counts_list
-    outs = [chunk @ w_EKM[e] for e, chunk in enumerate(torch.split(x_ND, counts_list)) if counts_list[e] > 0]
+    # unbind, not w[e]: the backward of E selects would allocate E full-size zero gradients
+    outs = [chunk @ w for chunk, w, n in zip(torch.split(x_ND, counts_list), w_EKM.unbind(0), counts_list) if n > 0]
     if not outs:  # no rows: still connect x and w, so every rank's gradient hooks fire (ZeRO counts on them)
         return x_ND.new_zeros(0, w_EKM.shape[-1]) + 0 * (w_EKM.sum() + x_ND.sum())
     return torch.cat(outs)

@@ -65,7 +65,9 @@ def gating_reference(logits_TE: torch.Tensor,
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     weights = weights * scaling
-    counts = torch.bincount(topk_idx.flatten(), minlength=E)
+    # scatter_add, not bincount: bincount waits on the device for its output size
+    counts = torch.zeros(E, dtype=torch.int64, device=logits.device).scatter_add_(
+        0, topk_idx.flatten(), torch.ones_like(topk_idx.flatten()))
     return GatingOutput(topk_idx, weights, scores, counts)
 
 
@@ -81,7 +83,8 @@ def aux_loss_reference(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, kind:
         return scores_TE.sum() * 0.0
     probs = scores_TE.float().mean(dim=0)
     idx = topk_idx_TK if kind == "switch" else topk_idx_TK[:, :1]
-    f = torch.bincount(idx.flatten(), minlength=E).float() / idx.numel()
+    f = torch.zeros(E, device=idx.device).scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), device=idx.device))
+    f = f / idx.numel()
     return E * (probs * f).sum()
 
 
