@@ -221,3 +221,13 @@ def test_ep1_vs_ep2_parity_zero012():
     for res in results:
         torch.testing.assert_close(torch.tensor(res[(2, 0, "sgd")][0][3:]), torch.tensor(res[(2, 2, "sgd")][0][3:]),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_initialize_mirrors_deepspeed_signature():
+    import inspect
+
+    import deepspeed
+    import piper_ds
+    ours, theirs = inspect.signature(piper_ds.initialize), inspect.signature(deepspeed.initialize)
+    assert [(p.name, p.default, p.kind) for p in ours.parameters.values()] == \
+        [(p.name, p.default, p.kind) for p in theirs.parameters.values()]
