@@ -231,3 +231,13 @@ def test_initialize_mirrors_deepspeed_signature():
     ours, theirs = inspect.signature(piper_ds.initialize), inspect.signature(deepspeed.initialize)
     assert [(p.name, p.default, p.kind) for p in ours.parameters.values()] == \
         [(p.name, p.default, p.kind) for p in theirs.parameters.values()]
+
+
+def test_throughput_rates_and_mfu():
+    from piper_ds.tracking import Throughput
+    t = Throughput(tokens_per_step=1000, flops_per_token=1e9, world_size=2, peak_tflops=100.0)
+    r = t.rates(0.5)
+    assert r == {"tokens_per_s": 2000.0, "tokens_per_s_per_gpu": 1000.0, "tflops_per_gpu": 1.0, "mfu_pct": 1.0}
+    t.step_times = [9.0, 0.5, 0.4, 0.6]
+    s = t.summary(warmup=1)
+    assert s["median_step_time_s"] == 0.5 and s["steps_timed"] == 3 and s["mfu_pct"] == 1.0

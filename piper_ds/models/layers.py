@@ -13,7 +13,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain of size D (no bias); statistics in fp32."""
+    """Root-mean-square norm with a learned gain of size D (no bias); torch's fused ``rms_norm`` (fp32
+    statistics) in the input's dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -21,9 +22,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        x = x_BSD.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x.to(x_BSD.dtype) * self.weight.to(x_BSD.dtype)
+        return F.rms_norm(x_BSD, (x_BSD.shape[-1], ), self.weight.to(x_BSD.dtype), self.eps)
 
 
 class Rotary(nn.Module):
