@@ -22,6 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from piper_ds.comm.topology import TopologyConfig  # the all-to-all's own model: one definition
 from piper_ds.moe.config import MoEConfig
 from piper_ds.planner.specs import ModelSpec
 
@@ -37,15 +38,6 @@ class ParallelConfig(BaseModel):
     ep_size: int = Field(1, ge=1, description="Expert-parallel group size: ranks sharing one copy of the routed "
                          "experts. Must divide the world size and every layer's num_experts.")
     pp_size: int = Field(1, ge=1, description="Pipeline stages. Only 1 is supported by PiperEngine today.")
-
-
-class TopologyConfig(BaseModel):
-    """What the cluster looks like (used by the hierarchical all-to-all and the planner)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    gpus_per_node: Optional[int] = Field(
-        None, ge=1, description="Ranks per node (fast NVLink domain); None = read LOCAL_WORLD_SIZE at run time.")
 
 
 class TrackingConfig(BaseModel):
@@ -89,7 +81,8 @@ class PiperConfig(BaseModel):
         None, description="The reference model (piper_ds.models) to build: {'preset': name, ...} or all fields.")
     moe: MoEConfig = Field(default_factory=MoEConfig, description="Options of every PiperMoE layer.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Rank layout.")
-    topology: TopologyConfig = Field(default_factory=TopologyConfig, description="Cluster shape.")
+    topology: TopologyConfig = Field(default_factory=TopologyConfig,
+                                     description="Cluster shape (ranks per node) for the hierarchical all-to-all.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Metrics options.")
     data: DataConfig = Field(default_factory=DataConfig, description="Default data of examples/train.py.")
 

@@ -141,8 +141,23 @@ class PiperEngine(DeepSpeedEngine):
                          training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
                          dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
                          config_class=config_class, mesh_device=mesh_device, dont_change_device=dont_change_device)
+        self._apply_topology_override()
         if self.piper_config.tracking.log_config_to_wandb:
             log_config_to_wandb(self.monitor, self.config)
+
+    def _apply_topology_override(self) -> None:
+        """With ``piper.topology.gpus_per_node`` set, rebuilds every PiperMoE's transport for that topology
+        (DeepSpeed's group setup gives the layers the launcher's topology). Same order on every rank."""
+        topo = self.piper_config.topology
+        if topo.gpus_per_node is None or not self.piper_moe_layers:
+            return
+        import deepspeed.comm as dist
+        from piper_ds.comm.alltoall import make_transport
+        from piper_ds.comm.topology import Topology
+        topology = Topology.from_config(topo, dist.get_world_size())
+        for layer in self.piper_moe_layers:
+            layer.deepspeed_moe.transport = make_transport(layer.config.transport, layer.deepspeed_moe.ep_group,
+                                                           topology)
 
     def step(self, lr_kwargs=None):
         """DeepSpeed's step; after an applied optimizer step, every PiperMoE updates its selection bias."""

@@ -1,5 +1,6 @@
 """Metrics through engine.monitor: CSV rows, W&B offline run files with the full ds_config in the run config
-and expert-load histograms, and the aux-loss-free bias update after each optimizer step."""
+and expert-load histograms; the aux-loss-free bias update after each optimizer step; piper.topology reaching
+the MoE transports."""
 import csv
 import glob
 import os
@@ -24,10 +25,13 @@ def _worker(rank, world, out_dir):
            "wandb": {"enabled": True, "project": "piper-ds-test"},
            "piper": {"model": MODEL, "moe": {"bias_update_rate": 0.01, "kernels": "reference"},
                      "parallel": {"ep_size": 2},
-                     "tracking": {"expert_load_interval": 1}}}
+                     "tracking": {"expert_load_interval": 1},
+                     "topology": {"gpus_per_node": 1}}}  # 2 ranks posing as 2 nodes: hierarchical all-to-all
     piper = parse_piper_config(cfg)
     model = build_model(piper.model, piper.moe_for_model(), ep_size=2, seed=0)
     engine, _, _, _ = piper_ds.initialize(model=model, config=cfg)
+    transports = {type(layer.deepspeed_moe.transport).__name__ for layer in model.moe_layers()}
+    assert transports == {"HierarchicalAllToAll"}, transports
     data = RandomTokens(256, 16, 2, seed=3)
     bias_changes, loads = [], []
     for step in range(3):
