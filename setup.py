@@ -18,7 +18,10 @@ def _ext_modules():
     sys.path.insert(0, HERE)
     from op_builder import ALL_OPS  # our builders, absolute csrc paths
     from torch.utils.cpp_extension import BuildExtension
-    exts = [builder().builder() for builder in ALL_OPS.values() if builder().is_compatible(verbose=True)]
+    builders = [cls() for cls in ALL_OPS.values()]  # CUDA flavours need a GPU and nvcc; CPU ones a C++ compiler
+    exts = [b.builder() for b in builders if b.is_compatible(verbose=True)]
+    for ext in exts:  # the builders give absolute paths (what a JIT build needs); setuptools wants relative ones
+        ext.sources = [os.path.relpath(src, HERE) for src in ext.sources]
     return exts, {"build_ext": BuildExtension}
 
 
@@ -34,7 +37,9 @@ setup(
     packages=find_packages(include=["piper_ds", "piper_ds.*"]) + ["piper_ds.op_builder"],
     package_dir={"piper_ds.op_builder": "op_builder"},
     # the kernel sources travel with the package so a JIT build works from an installed copy
-    data_files=[],
+    data_files=[(os.path.join("share", "piper_ds", os.path.relpath(d, HERE)),
+                 [os.path.relpath(os.path.join(d, f), HERE) for f in sorted(fs)])
+                for d, _, fs in sorted(os.walk(os.path.join(HERE, "csrc"))) if fs],
     package_data={"piper_ds": ["csrc/**/*"]},
     include_package_data=True,
     install_requires=[

@@ -1,0 +1,186 @@
+"""Fused gating and token permutation kernels vs PyTorch: ``python -m piper_ds.bench.kernels [--out DIR]``.
+
+Gating: :func:`piper_ds.ops.fused_gating` (CUDA op) against ``gating_reference`` (the PyTorch sequence) at
+(16384 tokens, 256 experts, top-8, 8 groups of which 4 kept, sigmoid, bias, scaling 2.5) and (8192, 64, top-6,
+softmax), fp32 and bf16 logits, forward and forward+backward. Rows: ``permute_rows`` (gather) and
+``combine_rows`` (weighted scatter-add) at T=16384, K=8, D in {2048, 7168}, bf16, against index_select /
+``combine_rows_reference``; achieved bandwidth (bytes read + written, counted once) against a device-to-device
+copy measured in the same run.
+
+Method: CUDA events around every call (launch overhead included), warm-up first, the median of the timed
+calls, inputs drawn fresh (non-zero random) and cycled from a pool larger than the L2 cache, and every
+configuration checked against the reference before timing. Results go to ``--out``/kernels.json (default
+``$OUT`` when set); the table prints last. Exit status 1 when a check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+from datetime import datetime, timezone
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+from piper_ds.ops import combine_rows, fused_gating, permute_rows
+from piper_ds.ops.reference import combine_rows_reference, gating_reference
+
+GATING_CASES = [  # name, T, E, K, score_func, n_groups, topk_groups, bias, scaling
+    ("16384x256 top8 g8/4 sigmoid", 16384, 256, 8, "sigmoid", 8, 4, True, 2.5),
+    ("8192x64 top6 softmax", 8192, 64, 6, "softmax", 1, 1, False, 1.0),
+]
+ROW_CASES = [(16384, 8, 2048), (16384, 8, 7168)]  # T, K, D (bf16)
+L2_BYTES = 64 << 20
+DEVICE, BACKEND = "cuda", "cuda"  # module constants, so that the logic can be dry-run elsewhere
+
+
+def time_calls(fn: Callable, inputs: Sequence, warmup: int = 5, iters: int = 40) -> float:
+    """Median milliseconds of ``fn(inputs[i])`` over ``iters`` calls, each between two CUDA events."""
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    events = []
+    for i in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(inputs[i % len(inputs)])
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def pool_size(bytes_each: int) -> int:
+    """Inputs to cycle through so that one pass exceeds the L2 cache (2 at least, 8 at most)."""
+    return max(2, min(8, -(-2 * L2_BYTES // max(bytes_each, 1))))
+
+
+def check_gating(out, ref, bias) -> str:
+    """Same selection up to ties: the selection scores at the chosen experts agree (random bf16 logits tie)."""
+    sel = ref.scores_TE if bias is None else ref.scores_TE + bias
+    a, b = sel.gather(1, out.topk_idx_TK), sel.gather(1, ref.topk_idx_TK)
+    frac = torch.isclose(a, b, rtol=1e-6, atol=0.0).all(dim=1).float().mean().item()
+    wdiff = (out.topk_weights_TK - ref.topk_weights_TK).abs().max().item() if a.numel() else 0.0
+    sdiff = (out.scores_TE - ref.scores_TE).abs().max().item()
+    ok = frac >= 0.999 and wdiff < 1e-5 and sdiff < 1e-5
+    return f"{'ok' if ok else 'FAIL'} (rows equal {frac:.5f}, |dw| {wdiff:.1e}, |ds| {sdiff:.1e})"
+
+
+def bench_gating(name, T, E, K, score_func, G, TG, use_bias, scaling, dtype, backward: bool) -> Dict:
+    dev = DEVICE
+    bias = (torch.rand(E, device=dev) * 0.1 - 0.05) if use_bias else None
+    n = pool_size(T * E * dtype.itemsize)
+    pool = [torch.randn(T, E, device=dev, dtype=dtype).requires_grad_(backward) for _ in range(n)]
+    grads = [(torch.randn(T, K, device=dev), torch.randn(T, E, device=dev)) for _ in range(n)] if backward else None
+    args = (K, score_func, bias, G, TG, True, scaling)
+    check = check_gating(fused_gating(pool[0], *args, backend=BACKEND), gating_reference(pool[0], *args), bias)
+
+    def run(fn):
+        def call(i):
+            out = fn(pool[i], *args)
+            if backward:
+                gw, gs = grads[i]
+                torch.autograd.backward([out.topk_weights_TK, out.scores_TE], [gw, gs])
+        return call
+
+    idx = list(range(n))
+    fused = time_calls(run(lambda x, *a: fused_gating(x, *a, backend=BACKEND)), idx)
+    ref = time_calls(run(gating_reference), idx)
+    return {"kind": "gating", "case": name, "dtype": str(dtype).split(".")[-1], "pass": "fwd+bwd" if backward
+            else "fwd", "fused_ms": fused, "reference_ms": ref, "speedup": ref / fused, "check": check}
+
+
+def copy_rate(nbytes: int) -> Dict:
+    """Device-to-device copy of ``nbytes``: milliseconds and TB/s counting bytes read + written."""
+    src = [torch.randint(1, 100, (nbytes // 2,), device=DEVICE, dtype=torch.int16) for _ in range(2)]
+    dst = torch.empty_like(src[0])
+    ms = time_calls(lambda s: dst.copy_(s), src)
+    return {"bytes": nbytes, "ms": ms, "tb_s": 2 * nbytes / ms / 1e9}
+
+
+def bench_rows(T: int, K: int, D: int, copy_tb_s: float) -> List[Dict]:
+    dev, dtype = DEVICE, torch.bfloat16
+    N, esize = T * K, dtype.itemsize
+    routing = torch.rand(T, 256, device=dev).topk(K, dim=1).indices  # experts of each token
+    token_N = torch.sort(routing.reshape(-1), stable=True).indices // K  # rows grouped by expert, as dispatched
+    weight_N = torch.rand(N, device=dev)
+    xs = [torch.randn(T, D, device=dev, dtype=dtype) for _ in range(2)]
+    ys = [torch.randn(N, D, device=dev, dtype=dtype) for _ in range(2)]
+    results = []
+    ok_p = torch.equal(permute_rows(xs[0], token_N, backend=BACKEND), xs[0].index_select(0, token_N))
+    got = combine_rows(ys[0], token_N, T, weight_N, backend=BACKEND).float()
+    want = combine_rows_reference(ys[0], token_N, T, weight_N).float()
+    ok_c = torch.allclose(got, want, atol=2e-2, rtol=1e-2)  # bf16 outputs: one rounding apart at most
+    for name, fn, ref, nbytes, ok in (
+            ("permute_rows", lambda x: permute_rows(x, token_N, backend=BACKEND),
+             lambda x: x.index_select(0, token_N), 2 * N * D * esize + N * 8, ok_p),
+            ("combine_rows", lambda y: combine_rows(y, token_N, T, weight_N, backend=BACKEND),
+             lambda y: combine_rows_reference(y, token_N, T, weight_N), (N + T) * D * esize + N * 12, ok_c)):
+        data = xs if name == "permute_rows" else ys
+        fused, reference = time_calls(fn, data), time_calls(ref, data)
+        tb_s = nbytes / fused / 1e9
+        results.append({"kind": "rows", "case": f"{name} T={T} K={K} D={D} bf16", "fused_ms": fused,
+                        "reference_ms": reference, "speedup": reference / fused, "bytes": nbytes,
+                        "tb_s": tb_s, "of_copy": tb_s / copy_tb_s, "check": "ok" if ok else "FAIL"})
+    return results
+
+
+def meta() -> Dict:
+    commit = os.environ.get("PIPER_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                             stderr=subprocess.DEVNULL).strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def table(rows: List[Dict], copy: Dict) -> str:
+    lines = [f"{'kernel':<44} {'pass':<8} {'fused ms':>9} {'torch ms':>9} {'speedup':>8} {'TB/s':>6} "
+             f"{'of copy':>8}  check"]
+    for r in rows:
+        tb = f"{r['tb_s']:.2f}" if "tb_s" in r else ""
+        of = f"{100 * r['of_copy']:.0f}%" if "of_copy" in r else ""
+        name = r["case"] + (f" {r['dtype']}" if "dtype" in r else "")
+        lines.append(f"{name:<44} {r.get('pass', 'fwd'):<8} {r['fused_ms']:>9.4f} {r['reference_ms']:>9.4f} "
+                     f"{r['speedup']:>7.1f}x {tb:>6} {of:>8}  {r['check']}")
+    lines.append(f"device-to-device copy of {copy['bytes'] / 2**20:.0f} MiB: {copy['ms']:.4f} ms = "
+                 f"{copy['tb_s']:.2f} TB/s (read + write)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m piper_ds.bench.kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for kernels.json (default $OUT)")
+    p.add_argument("--quick", action="store_true", help="one row shape, forward-only gating")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("python -m piper_ds.bench.kernels needs a CUDA GPU")
+    torch.manual_seed(0)
+    rows: List[Dict] = []
+    for case in GATING_CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            for backward in ((False,) if args.quick else (False, True)):
+                rows.append(bench_gating(*case, dtype=dtype, backward=backward))
+                print(rows[-1], flush=True)
+    row_cases = ROW_CASES[:1] if args.quick else ROW_CASES
+    copy = copy_rate(max(T * K * D for T, K, D in row_cases) * 2)
+    print(copy, flush=True)
+    for T, K, D in row_cases:
+        rows += bench_rows(T, K, D, copy["tb_s"])
+        print(rows[-2:], flush=True)
+    report = {"meta": meta(), "copy": copy, "results": rows}
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernels.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    print(table(rows, copy))
+    return 1 if any(r["check"].startswith("FAIL") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Fused MoE router: scores, biased group-limited top-k, normalised weights and token counts in one kernel.
+
+``fused_gating`` computes exactly :func:`piper_ds.ops.reference.gating_reference` and picks its implementation
+by ``backend`` (see ``op_builder/loader.py``): the CUDA kernel for CUDA tensors when it is built or buildable,
+the C++ CPU kernel for CPU tensors when it is built, else the PyTorch reference.
+
+The kernel returns ``scores_TE`` too (fused, fp32), so the aux loss needs no second softmax/sigmoid; gradients of
+both ``topk_weights_TK`` and ``scores_TE`` flow back to the logits through the kernel's backward. The bias gets
+no gradient (it only selects), as in the reference. Differences from the reference, all documented choices:
+
+* fp64 logits are computed in fp64 (weights and scores fp64), so that ``gradcheck`` works; other dtypes in fp32;
+* ties among equal selection scores go to the lower expert (group) id; NaN scores are selected last;
+* the CUDA kernel handles up to 1024 experts, top_k <= 32 and n_groups <= 32 (``"auto"`` falls back to the
+  reference beyond that, ``"cuda"`` raises).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from piper_ds.ops.reference import GatingOutput, gating_reference
+
+__all__ = ["fused_gating", "GatingOutput"]
+
+_SCORE_FUNCS = {"softmax": 0, "sigmoid": 1}
+_CUDA_MAX_EXPERTS, _CUDA_MAX_K, _CUDA_MAX_GROUPS = 1024, 32, 32
+
+
+_LOADER = []
+
+
+def _loader():
+    if not _LOADER:
+        try:
+            from piper_ds.op_builder import loader
+        except ImportError:  # a source checkout that is not pip-installed: op_builder/ is top level
+            from op_builder import loader
+        _LOADER.append(loader)
+    return _LOADER[0]
+
+
+def _check_args(logits: torch.Tensor, top_k: int, score_func: str, bias: Optional[torch.Tensor], n_groups: int,
+                topk_groups: int) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [tokens, experts], got shape {tuple(logits.shape)}")
+    if score_func not in _SCORE_FUNCS:
+        raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+    E = logits.shape[1]
+    if n_groups < 1 or E % n_groups:
+        raise ValueError(f"num_experts ({E}) must be divisible by n_groups ({n_groups})")
+    if not 1 <= topk_groups <= n_groups:
+        raise ValueError(f"topk_groups ({topk_groups}) must be in [1, n_groups ({n_groups})]")
+    reachable = topk_groups * (E // n_groups) if n_groups > 1 else E
+    if not 1 <= top_k <= reachable:
+        raise ValueError(f"top_k ({top_k}) must be in [1, {reachable}]: the experts reachable in topk_groups "
+                         f"({topk_groups}) of n_groups ({n_groups}) groups of {E} experts")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating torch.Tensor, got {type(bias).__name__}")
+        if tuple(bias.shape) != (E,):
+            raise ValueError(f"bias must have shape ({E},), got {tuple(bias.shape)}")
+        if bias.device != logits.device:
+            raise ValueError(f"bias ({bias.device}) and logits ({logits.device}) must be on the same device")
+
+
+class _FusedGating(torch.autograd.Function):
+    """Autograd wrapper of the compiled op: gradients of weights and scores flow to the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, bias, top_k, score_func, n_groups, topk_groups, normalize, scaling, op):
+        idx, weights, scores, counts = op.forward(logits, top_k, _SCORE_FUNCS[score_func], bias, n_groups,
+                                                  topk_groups, normalize, scaling)
+        ctx.save_for_backward(scores, idx)
+        ctx.cfg = (score_func, normalize, scaling, logits.dtype, op)
+        ctx.mark_non_differentiable(idx, counts)
+        ctx.set_materialize_grads(False)  # an unused output arrives as None: no zero tensors to read
+        return idx, weights, scores, counts
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _g_idx, g_weights, g_scores, _g_counts):
+        scores, idx = ctx.saved_tensors
+        score_func, normalize, scaling, dtype, op = ctx.cfg
+        if not ctx.needs_input_grad[0] or (g_weights is None and g_scores is None):
+            return (None,) * 9
+        grad = op.backward(g_weights, g_scores, scores, idx, _SCORE_FUNCS[score_func], normalize, scaling, dtype)
+        return (grad,) + (None,) * 8
+
+
+def _select_op(logits: torch.Tensor, top_k: int, n_groups: int, backend: str):
+    loader = _loader()
+    loader.check_backend(backend)
+    if backend == "auto" and logits.is_cuda and (logits.shape[1] > _CUDA_MAX_EXPERTS or top_k > _CUDA_MAX_K
+                                                 or n_groups > _CUDA_MAX_GROUPS):
+        return None  # beyond the CUDA kernel's limits: the reference
+    return loader.get_op("gating", logits.device.type, backend)
+
+
+def fused_gating(logits: torch.Tensor,
+                 top_k: int,
+                 score_func: str = "softmax",
+                 bias: Optional[torch.Tensor] = None,
+                 n_groups: int = 1,
+                 topk_groups: int = 1,
+                 normalize: bool = True,
+                 scaling: float = 1.0,
+                 backend: str = "auto") -> GatingOutput:
+    """Routes T tokens over E experts; same semantics as ``gating_reference``.
+
+    Args:
+        logits: [T, E] router logits, bf16/fp16/fp32/fp64.
+        top_k: experts per token (K).
+        score_func: "softmax" (over experts) or "sigmoid" (per expert).
+        bias: optional [E] selection bias (aux-loss-free balancing): changes which experts win, not the weights.
+        n_groups, topk_groups: group-limited routing; a group scores the sum of its two best biased scores and
+            only the experts of the ``topk_groups`` best groups can be selected.
+        normalize: renormalise the K weights of a token to sum to 1 (before ``scaling``).
+        scaling: multiplies the weights (DeepSeek-V3's routed_scaling_factor).
+        backend: "auto" | "cuda" | "cpu" | "reference".
+
+    Returns:
+        GatingOutput(topk_idx_TK int64 [T, K] (descending selection score), topk_weights_TK [T, K],
+        scores_TE [T, E], tokens_per_expert_E int64 [E]); weights and scores fp32 (fp64 for fp64 logits).
+    """
+    _check_args(logits, top_k, score_func, bias, n_groups, topk_groups)
+    op = _select_op(logits, top_k, n_groups, backend)
+    if op is None:
+        return gating_reference(logits, top_k, score_func, bias, n_groups, topk_groups, normalize, scaling)
+    bias_arg = None if bias is None else bias.detach()
+    if not (logits.requires_grad and torch.is_grad_enabled()):  # no graph to record: skip autograd's overhead
+        return GatingOutput(*op.forward(logits, int(top_k), _SCORE_FUNCS[score_func], bias_arg, int(n_groups),
+                                        int(topk_groups), bool(normalize), float(scaling)))
+    out = _FusedGating.apply(logits, bias_arg, int(top_k), score_func, int(n_groups), int(topk_groups),
+                             bool(normalize), float(scaling), op)
+    return GatingOutput(*out)

@@ -1,0 +1,196 @@
+"""Token permutation for MoE dispatch: send/expand plans (counting sorts) and row gather/combine with autograd.
+
+Each function computes exactly its reference in :mod:`piper_ds.ops.reference` and picks its implementation by
+``backend`` ("auto" | "cuda" | "cpu" | "reference", see ``op_builder/loader.py``). Extensions over the references:
+
+* ``expand_plan(..., align=a)`` pads every local expert's group to a multiple of ``a`` rows for grouped GEMMs;
+  padding rows have ``row_idx_N == pair_N == -1`` and weight 0, and ``tokens_per_slot_L`` holds the padded sizes
+  (the real counts are ``(row_idx_N >= 0)`` per group);
+* an index of -1 in ``permute_rows`` gives a zero row, and in ``combine_rows`` skips that input row;
+* fp64 rows accumulate in fp64 (gradcheck); every other dtype accumulates in fp32, as the reference does.
+
+Shapes: T tokens, K top-k, E experts, R ranks, S sent rows, N expanded rows, D model dim, L local experts.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from piper_ds.ops.reference import (ExpandPlan, SendPlan, combine_rows_reference, expand_plan_reference,
+                                    permute_rows_reference, send_plan_reference)
+
+__all__ = ["send_plan", "expand_plan", "permute_rows", "combine_rows", "SendPlan", "ExpandPlan"]
+
+
+def _get_op(device: torch.device, backend: str):
+    try:
+        from piper_ds.op_builder import loader
+    except ImportError:  # a source checkout that is not pip-installed: op_builder/ is top level
+        from op_builder import loader
+    return loader.get_op("permute", device.type, backend)
+
+
+def _check_index(index: torch.Tensor, name: str = "index") -> None:
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 torch.Tensor, got "
+                        f"{index.dtype if isinstance(index, torch.Tensor) else type(index).__name__}")
+    if index.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
+
+
+def _check_rows(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating torch.Tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(x.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------ plans
+def send_plan(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, expert_rank_E: torch.Tensor,
+              expert_slot_E: torch.Tensor, ep_size: int, backend: str = "auto") -> SendPlan:
+    """One row per (token, destination rank) pair, rank-major then token order (see ``send_plan_reference``).
+
+    topk_idx_TK int64 [T, K] (-1 = dropped), topk_weights_TK [T, K], expert_rank_E / expert_slot_E int [E].
+    Returns SendPlan(token_idx_S, send_counts_R, slots_SK, weights_SK); weights_SK is differentiable.
+    """
+    if topk_idx_TK.dtype != torch.int64 or topk_idx_TK.dim() != 2:
+        raise TypeError(f"topk_idx_TK must be int64 [T, K], got {topk_idx_TK.dtype} {tuple(topk_idx_TK.shape)}")
+    if tuple(topk_weights_TK.shape) != tuple(topk_idx_TK.shape):
+        raise ValueError(f"topk_weights_TK {tuple(topk_weights_TK.shape)} must match topk_idx_TK "
+                         f"{tuple(topk_idx_TK.shape)}")
+    if ep_size < 1:
+        raise ValueError(f"ep_size must be >= 1, got {ep_size}")
+    op = _get_op(topk_idx_TK.device, backend)
+    if op is None:
+        return send_plan_reference(topk_idx_TK, topk_weights_TK, expert_rank_E, expert_slot_E, ep_size)
+    token_S, counts_R, slots_SK = op.send_plan(topk_idx_TK, expert_rank_E, expert_slot_E, int(ep_size))
+    weights_SK = topk_weights_TK.index_select(0, token_S) * (slots_SK >= 0)
+    return SendPlan(token_S, counts_R, slots_SK, weights_SK)
+
+
+def _pad_groups(plan: ExpandPlan, align: int) -> ExpandPlan:
+    """PyTorch padding of each group to a multiple of ``align`` rows (-1 rows, weight 0)."""
+    counts = plan.tokens_per_slot_L
+    padded = (counts + align - 1) // align * align
+    start, pstart = counts.cumsum(0) - counts, padded.cumsum(0) - padded
+    group = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    pos = torch.arange(plan.row_idx_N.numel(), device=counts.device) - start[group] + pstart[group]
+    total = int(padded.sum())
+    row = plan.row_idx_N.new_full((total,), -1).index_copy(0, pos, plan.row_idx_N)
+    weight = plan.weight_N.new_zeros(total).index_copy(0, pos, plan.weight_N)
+    pair = plan.pair_N.new_full((total,), -1).index_copy(0, pos, plan.pair_N)
+    return ExpandPlan(row, weight, padded, pair)
+
+
+def expand_plan(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int, align: int = 1,
+                backend: str = "auto") -> ExpandPlan:
+    """Expands received rows to their local experts, grouped by local slot (see ``expand_plan_reference``).
+
+    slots_RK int64 [R, K] (or [R]) with -1 = not for this rank, weights_RK the matching weights, num_local L.
+    ``align > 1`` pads each group to a multiple of ``align`` rows (row -1, weight 0; padded sizes returned).
+    Returns ExpandPlan(row_idx_N int64, weight_N (differentiable), tokens_per_slot_L int64, pair_N int64):
+    pair_N is the flat (row * K + k) position of each expanded row (-1 on padding rows).
+    """
+    if slots_RK.dtype != torch.int64:
+        raise TypeError(f"slots_RK must be int64, got {slots_RK.dtype}")
+    if tuple(weights_RK.shape) != tuple(slots_RK.shape):
+        raise ValueError(f"weights_RK {tuple(weights_RK.shape)} must match slots_RK {tuple(slots_RK.shape)}")
+    if num_local < 1:
+        raise ValueError(f"num_local must be >= 1, got {num_local}")
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    op = _get_op(slots_RK.device, backend)
+    if op is None:
+        plan = expand_plan_reference(slots_RK, weights_RK, num_local)
+        if plan.tokens_per_slot_L.numel() != num_local:
+            raise ValueError(f"slots_RK holds a slot >= num_local ({num_local})")
+        return _pad_groups(plan, align) if align > 1 else plan
+    row_N, pair_N, per_slot_L = op.expand_plan(slots_RK, int(num_local), int(align))
+    flat = weights_RK.reshape(-1)
+    if align > 1:
+        weight_N = torch.where(pair_N >= 0, flat.index_select(0, pair_N.clamp_min(0)), flat.new_zeros(()))
+    else:
+        weight_N = flat.index_select(0, pair_N)
+    return ExpandPlan(row_N, weight_N, per_slot_L, pair_N)
+
+
+# ------------------------------------------------------------------------------------------ row movement
+class _PermuteRows(torch.autograd.Function):
+    """out[s] = x[index[s]]; backward: grad_x = combine(grad_out, index) without weights."""
+
+    @staticmethod
+    def forward(ctx, x, index, op):
+        ctx.save_for_backward(index)
+        ctx.num_rows, ctx.op = x.shape[0], op
+        return op.gather_rows(x, index, None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (index,) = ctx.saved_tensors
+        return ctx.op.combine_rows(grad_out.contiguous(), index, ctx.num_rows, None), None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """out[index[n]] += w[n] * y[n]; backward: grad_y = w * grad_out[index], grad_w[n] = <y[n], grad_out[index[n]]>."""
+
+    @staticmethod
+    def forward(ctx, y, index, num_out, weight, op):
+        ctx.save_for_backward(y, index, weight)
+        ctx.op = op
+        return op.combine_rows(y, index, num_out, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        y, index, weight = ctx.saved_tensors
+        grad_out = grad_out.to(y.dtype).contiguous()
+        grad_y = ctx.op.gather_rows(grad_out, index, weight) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if weight is not None and ctx.needs_input_grad[3]:
+            grad_w = ctx.op.row_dot(y, grad_out, index).to(weight.dtype)
+        return grad_y, None, None, grad_w, None
+
+
+def permute_rows(x: torch.Tensor, index: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Gathers rows: out[s] = x[index[s]] (zero row where index is -1). x [M, D], index int64 [S] -> [S, D]."""
+    _check_rows(x, "x")
+    _check_index(index)
+    op = _get_op(x.device, backend)
+    if op is not None:
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return op.gather_rows(x, index, None)
+        return _PermuteRows.apply(x, index, op)
+    valid = index >= 0
+    return permute_rows_reference(x, index.clamp_min(0)).masked_fill(~valid[:, None], 0)
+
+
+def combine_rows(y: torch.Tensor, index: torch.Tensor, num_out: int, weight: Optional[torch.Tensor] = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """Weighted scatter-add: out[index[n]] += weight[n] * y[n] (rows with index -1 skipped).
+
+    y [N, D], index int64 [N], weight [N] or None -> [num_out, D] in y's dtype, accumulated in fp32.
+    """
+    _check_rows(y, "y")
+    _check_index(index)
+    if index.shape[0] != y.shape[0]:
+        raise ValueError(f"index has {index.shape[0]} entries but y has {y.shape[0]} rows")
+    if num_out < 0:
+        raise ValueError(f"num_out must be >= 0, got {num_out}")
+    if weight is not None and tuple(weight.shape) != (y.shape[0],):
+        raise ValueError(f"weight must have shape ({y.shape[0]},), got {tuple(weight.shape)}")
+    op = _get_op(y.device, backend)
+    if op is not None:
+        needs_grad = y.requires_grad or (weight is not None and weight.requires_grad)
+        if not (needs_grad and torch.is_grad_enabled()):
+            return op.combine_rows(y, index, int(num_out), weight)
+        return _CombineRows.apply(y, index, int(num_out), weight, op)
+    if num_out == 0:
+        if bool((index >= 0).any()):
+            raise IndexError(f"combine_rows: num_out is 0 but index holds row {int(index.max())}")
+        return y.new_zeros(0, y.shape[1])
+    invalid = index < 0
+    w = None if weight is None else weight.masked_fill(invalid, 0)
+    return combine_rows_reference(y.masked_fill(invalid[:, None], 0), index.clamp_min(0), num_out, w)
