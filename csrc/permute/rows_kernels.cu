@@ -95,7 +95,10 @@ combine_rows_kernel(const scalar_t* __restrict__ y, const int32_t* __restrict__ 
     }
     const int64_t nv = D / V;
     Vec<scalar_t, V>* dst = reinterpret_cast<Vec<scalar_t, V>*>(out + o * D);
-    for (int64_t c0 = lane; c0 < nv; c0 += kWarp * kUnroll) {
+    // The column loop must be warp-uniform: every lane takes part in the shuffles below, also a lane whose
+    // columns ran out (a row of fewer than 32 * kUnroll vectors, or not a multiple of it).
+    for (int64_t base = 0; base < nv; base += kWarp * kUnroll) {
+        const int64_t c0 = base + lane;
         acc_t acc[kUnroll][V];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)

@@ -58,14 +58,21 @@ def pool_size(bytes_each: int) -> int:
 
 
 def check_gating(out, ref, bias) -> str:
-    """Same selection up to ties: the selection scores at the chosen experts agree (random bf16 logits tie)."""
+    """Same routing up to (near-)ties, same weights where the routing is identical, same scores.
+
+    Random logits hold exact ties (bf16) and near-ties closer than an ulp of the scores, where the kernel and
+    the reference may legally pick differently: a row counts as agreeing when the selection scores at the
+    chosen experts agree to 1e-6; weights are compared on the rows whose selection scores agree exactly.
+    """
     sel = ref.scores_TE if bias is None else ref.scores_TE + bias
     a, b = sel.gather(1, out.topk_idx_TK), sel.gather(1, ref.topk_idx_TK)
-    frac = torch.isclose(a, b, rtol=1e-6, atol=0.0).all(dim=1).float().mean().item()
-    wdiff = (out.topk_weights_TK - ref.topk_weights_TK).abs().max().item() if a.numel() else 0.0
+    agree = torch.isclose(a, b, rtol=1e-6, atol=0.0).all(dim=1).float().mean().item()
+    exact = (a == b).all(dim=1)
+    frac = exact.float().mean().item()
+    wdiff = (out.topk_weights_TK - ref.topk_weights_TK)[exact].abs().max().item() if exact.any() else 0.0
     sdiff = (out.scores_TE - ref.scores_TE).abs().max().item()
-    ok = frac >= 0.999 and wdiff < 1e-5 and sdiff < 1e-5
-    return f"{'ok' if ok else 'FAIL'} (rows equal {frac:.5f}, |dw| {wdiff:.1e}, |ds| {sdiff:.1e})"
+    ok = agree == 1.0 and frac >= 0.99 and wdiff < 1e-5 and sdiff < 1e-5
+    return f"{'ok' if ok else 'FAIL'} (rows exact {frac:.5f}, |dw| {wdiff:.1e}, |ds| {sdiff:.1e})"
 
 
 def bench_gating(name, T, E, K, score_func, G, TG, use_bias, scaling, dtype, backward: bool) -> Dict:
