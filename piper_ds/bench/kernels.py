@@ -9,8 +9,8 @@ copy measured in the same run.
 
 Method: CUDA events around every call (launch overhead included), warm-up first, the median of the timed
 calls, inputs drawn fresh (non-zero random) and cycled from a pool larger than the L2 cache, and every
-configuration checked against the reference before timing. Results go to ``--out``/kernels.json (default
-``$OUT`` when set); the table prints last. Exit status 1 when a check fails.
+configuration checked against the reference before timing. Results go to ``--out``/kernels.json when given;
+the table prints last. Exit status 1 when a check fails.
 """
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def table(rows: List[Dict], copy: Dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m piper_ds.bench.kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for kernels.json (default $OUT)")
+    p.add_argument("--out", default=None, help="folder for kernels.json (none: print only)")
     p.add_argument("--quick", action="store_true", help="one row shape, forward-only gating")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
