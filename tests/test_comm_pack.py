@@ -4,7 +4,6 @@ The reference is checked against a plain loop; every backend of ``piper_ds.ops.h
 reference. The C++ CPU op is built only when it is already in the JIT cache or ``PIPER_JIT_CPU_OPS=1`` (a
 build takes a minute on a small machine); the CUDA op runs on the GPU machine.
 """
-import os
 import random
 
 import pytest
@@ -90,15 +89,8 @@ def test_errors_name_values():
         hier_pack.segment_copy(src, [0], dst, [0], [1], backend="fast")
 
 
-def _cpu_op_available() -> bool:
-    if os.environ.get("PIPER_JIT_CPU_OPS", "0") == "1":
-        return True
-    from op_builder.hier_pack import HierPackCPUBuilder
-    return HierPackCPUBuilder().is_built()
-
-
-@pytest.mark.skipif(not _cpu_op_available(), reason="piper_hier_pack_cpu is not built; PIPER_JIT_CPU_OPS=1 builds it")
 def test_cpu_op():
+    """The C++ CPU path of the pack op (built here on first use, then cached)."""
     _check_backend("cpu", "cpu")
     with pytest.raises(IndexError, match=r"segment 0: rows \[8, 11\) of src \(10 rows\)"):
         hier_pack.load_op(cuda=False).segment_copy(torch.zeros(10, 2), torch.zeros(5, 2),

@@ -7,7 +7,8 @@
 // max_rows >= every meta[2][k] (the host knows it: it sizes the CUDA grid). Semantics follow
 // piper_ds.ops.reference.segment_copy_reference. The CUDA kernel lives in hier_pack_kernels.cu and is compiled
 // in when PIPER_WITH_CUDA is defined.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <ATen/Parallel.h>
 
