@@ -124,3 +124,91 @@ def test_activation_accounting_by_hand():
     head = (2 + 4) * t * v + 2 * t * 2 * d
     assert m.kinds["activations"] == block + 2 * t * d + head
     assert m.kinds["workspace"] == block + 4 * t * v
+
+
+# ---- phase accounting (backward vs step) and the optimizer term -------------------------------------------
+from piper_ds.planner.memory import phase_state_bytes, stage_memory  # noqa: E402
+
+
+def test_phase_accounting_by_hand_zero2_bf16():
+    # 1000 dense params over dp 4 (partition 250), 4000 expert params over edp 2 (partition 2000)
+    dense, expert, dp, edp = 1000, 4000, 4, 2
+    weights, opt, part = 2 * 5000, 12 * (250 + 2000), 250 + 2000
+    fused = phase_state_bytes(dense, expert, dp, edp, zero=2, precision="bf16", fused=True)
+    assert fused["backward"] == {"weights": weights, "grads": 2 * part, "optimizer": opt}
+    # step: the largest instant is the expert group's fp32 cast: 16-bit buffer 2*2250 + flat 2*2000 + fp32 4*2000
+    assert fused["step"] == {"weights": weights, "grads": 2 * part + 6 * 2000, "optimizer": opt}
+    foreach = phase_state_bytes(dense, expert, dp, edp, zero=2, precision="bf16", fused=False)
+    # the expert update: buffer already freed (last group), fp32 grad 4*2000 + exp_avg_sq_sqrt 4*2000 = 16000,
+    # below the cast (16500); the dense update with foreach: 4500 + 4*250 + 4*250 = 6500
+    assert foreach["step"] == fused["step"]
+    # one group only: cast 2*P + 6*P = 8P vs update 4P + 4P = 8P: equal; the cast is kept (strictly larger wins)
+    one = phase_state_bytes(0, 800, 1, 4, zero=2, precision="bf16", fused=False)["step"]
+    assert one["grads"] + one["optimizer"] == 8 * 200 + 12 * 200
+    # the backward phase holds DeepSpeed's estimator sum (2 + 18/D) less the fp32 gradients (4/D)
+    total = sum(model_state_bytes(dense, expert, dp, edp, zero=2).values())
+    assert sum(fused["backward"].values()) == total - 4 * part  # the fp32 grads (4/D) are not held in backward
+
+
+def test_phase_accounting_by_hand_zero1_bf16_foreach():
+    dense, expert, dp, edp = 1000, 4000, 4, 2
+    weights, opt = 2 * 5000, 12 * 2250
+    ph = phase_state_bytes(dense, expert, dp, edp, zero=1, precision="bf16", fused=False)
+    assert ph["backward"]["grads"] == 2 * 5000  # every parameter keeps its 16-bit grad until the boundary
+    # dense cast: buffer 4500 + expert non-partition 2*2000 + 6*250 = 10000; dense update: 4500 + 4000 + 1000 + 1000
+    # expert cast: 4500 + 12000 = 16500; expert update: 0 + 8000 + temporaries 8000 = 16000
+    assert ph["step"] == {"weights": weights, "grads": 16500, "optimizer": opt}
+    ph = phase_state_bytes(dense, expert, dp, edp=4, zero=1, precision="bf16", fused=False)
+    # expert partition 1000: expert cast = buffer 2*1250 + 6*1000 = 8500; dense update = buffer 2500 +
+    # expert non-partition 2*3000 + fp32 4*250 + temporaries 4*250 = 10500 is the largest instant
+    assert ph["step"] == {"weights": weights, "grads": 2500 + 6000 + 1000, "optimizer": 12 * 1250 + 1000}
+
+
+def test_phase_accounting_fp32_and_zero0():
+    # fp32 ZeRO-2: no cast; the flat copy is the fp32 grad. buffer 4*2250 + 4*2000 = 17000 at the expert cast
+    ph = phase_state_bytes(1000, 4000, 4, 2, zero=2, precision="fp32", fused=True)
+    assert ph["backward"]["grads"] == 4 * 2250 and ph["step"]["grads"] == 4 * 2250 + 4 * 2000
+    # ZeRO-0 keeps its grads in both phases; foreach adds exp_avg_sq_sqrt of the largest group
+    z0 = phase_state_bytes(1000, 4000, 1, 1, zero=0, precision="fp32", fused=False)
+    assert z0["backward"] == model_state_bytes(1000, 4000, 1, 1, zero=0, precision="fp32")
+    assert z0["step"]["optimizer"] == 8 * 5000 + 4 * 4000
+    with pytest.raises(ValueError, match="zero_stage=3"):
+        phase_state_bytes(1, 1, 1, 1, zero=3)
+
+
+def test_stage_peak_is_the_larger_phase():
+    spec = ModelSpec.preset("tiny")
+    prof = PlatformProfile(workspace_gib=0.0, fragmentation=0.0)
+    lay = Layout(dp=2, ep=2, zero_stage=2, micro_batch=1)
+    m = stage_memory(spec, lay, prof, 0)
+    n_dense, n_expert = stage_params(spec, lay, 0)
+    states = phase_state_bytes(n_dense, n_expert, 2, 1, 2, "bf16", True)
+    for kind in ("weights", "grads", "optimizer"):
+        assert m.phases["backward"][kind] == states["backward"][kind]
+        assert m.phases["step"][kind] == states["step"][kind]
+    assert m.phases["step"]["activations"] == 0.0 and m.phases["backward"]["activations"] > 0
+    totals = {ph: sum(k.values()) for ph, k in m.phases.items()}
+    assert m.total == max(totals.values()) and m.peak_phase == max(totals, key=totals.get)
+    # large expert states and short sequences: the step phase is the peak
+    big = stage_memory(ModelSpec.preset("tiny", d_model=512, d_ffn_expert=4096, seq_len=8), lay, prof, 0)
+    assert big.peak_phase == "step" and big.total == sum(big.phases["step"].values())
+
+
+def test_optimizer_term_reads_the_config():
+    from piper_ds.planner.cluster import ClusterSpec
+    from piper_ds.planner.resources import (ADAM_FOREACH_PASSES, adam_bytes_per_param, optimizer_fused,
+                                            optimizer_seconds, zero_step_bytes_per_param)
+    assert len(ADAM_FOREACH_PASSES) == 8 and adam_bytes_per_param(False) == 80 and adam_bytes_per_param(True) == 28
+    assert zero_step_bytes_per_param("bf16", 2) == 2 + 4 + 6 + 8 + 6
+    assert optimizer_fused({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})  # DeepSpeed FusedAdam
+    assert optimizer_fused({"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "fused": True}}})
+    assert not optimizer_fused({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}})
+    with pytest.raises(ValueError, match="'Lion' is not modelled"):
+        optimizer_fused({"optimizer": {"type": "Lion"}})
+    spec, h200, prof = ModelSpec.preset("tiny"), ClusterSpec.preset("h200-nvlink-ib400"), PlatformProfile()
+    lay = Layout(dp=2, ep=2, zero_stage=2)
+    n_dense, n_expert = stage_params(spec, lay, 0)
+    want = (26 + 28) * (n_dense / 2 + n_expert / 1) / prof.hbm_rate(h200)
+    assert optimizer_seconds(spec, h200, lay, prof, 0) == pytest.approx(want)
+    slow = optimizer_seconds(spec, h200, lay.model_copy(update={"fused_optimizer": False}), prof, 0)
+    assert slow == pytest.approx(want * (26 + 80) / (26 + 28))

@@ -129,6 +129,9 @@ class Layout(BaseModel):
         "bf16", description="Training precision: bf16 mixed precision (fp32 master + Adam) or plain fp32.")
     overlap_a2a: bool = Field(
         False, description="Schedule overlaps one half-micro-batch's all-to-all with the other half's compute.")
+    fused_optimizer: bool = Field(
+        True, description="AdamW runs as one fused kernel (DeepSpeed's FusedAdam, or torch AdamW with "
+        "fused=true); False = torch's foreach AdamW. Sets the optimizer's time and temporaries.")
 
     @model_validator(mode="after")
     def _check(self) -> "Layout":

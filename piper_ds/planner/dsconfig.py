@@ -59,6 +59,8 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
                               "contiguous_gradients": True, "reduce_scatter": True},
         "wall_clock_breakdown": False,
     }
+    if not layout.fused_optimizer:  # torch AdamW, foreach (the planner's optimizer term for fused=False)
+        cfg["optimizer"]["params"].update({"torch_adam": True, "fused": False})
     if layout.pp > 1:
         cfg["pipeline"] = {"use_reentrant": False}
     if layout.activation_checkpointing:

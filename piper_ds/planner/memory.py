@@ -18,6 +18,40 @@ fp32       0                                      4 / 4 / 8 (plain optimizer)
 fp32       1                                      4 / 4 / 12 over D (fp32 partition copy + Adam)
 fp32       2                                      4 / 4 over D / 12 over D
 =========  =====================================  ==================================================
+
+That table (:func:`model_state_bytes`) is the SUM of the model-state allocations over a step, the quantity
+DeepSpeed's ``estimate_zero2_model_states_mem_needs`` reports. Not all of it is alive at once. The peak is
+taken per phase (:func:`phase_state_bytes`, :func:`stage_memory`), the larger of:
+
+* backward phase: weights + persistent optimizer states (fp32 master + Adam moments, never freed without
+  offload) + the gradients held during backward + activations + all-to-all buffers + workspace;
+* step phase (inside ``step()``, activations freed): weights + optimizer states + the gradients still held
+  + the flat and fp32 copies of the parameter group being updated + the optimizer's temporaries.
+
+Read from DeepSpeed 0.19.8 ``runtime/zero/stage_1_and_2.py`` (ZeRO-1/2; bf16 keeps 16-bit gradients since
+``engine.get_data_types`` defaults ``grad_accum_dtype`` to the model dtype, so ``use_grad_accum_attribute``
+and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
+
+* ZeRO-2 backward: ``reduce_ipg_grads`` clears the gradients of parameters outside the rank's partition and
+  ``copy_grads_in_partition`` moves the rest into ``grads_in_partition`` (``torch.empty(..., dtype=self.dtype)``:
+  16-bit, 2 bytes per sharded parameter);
+* ZeRO-1 backward: the gradients are reduced only at the accumulation boundary, every parameter keeps its
+  16-bit ``param.grad`` (2 bytes per replicated parameter); ``copy_grads_in_partition`` moves the rank's
+  partition into the contiguous buffer, the total stays the same;
+* ``step()``, for each parameter group i in order: ``free_grad_in_param_list(params_not_in_partition[i])``
+  (ZeRO-1: group i's other gradients go), ``flatten(averaged_gradients[i])`` (a 16-bit copy of the group's
+  partition), ``.to(fp32)`` (4 bytes; a no-op for fp32), ``del flat_grad_partition``, ``_optimizer_step(i)``,
+  then ``single_partition_of_fp32_groups[i].grad = None``. Group i's 16-bit views are dropped before its
+  update (``free_grad_in_param_list(params_in_partition[i])``, ``averaged_gradients[i] = None``); the
+  contiguous 16-bit buffer they view is shared by all groups (``_release_ipg_buffers`` already dropped its
+  own reference), so it is freed before the LAST group's update only. Piper's groups are [dense, experts]
+  (``split_params_into_different_moe_groups_for_optimizer``), sharded over dp and expert-dp.
+
+Optimizer temporaries: torch's foreach AdamW (``torch/optim/adam.py`` ``_multi_tensor_adam``) allocates
+``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)`` (4 bytes per element of the group); the fused kernels
+(torch ``fused=True``, DeepSpeed's FusedAdam) update in place. ZeRO's reduction buckets (``setup_buckets``:
+``reduce_bucket_size`` 16-bit elements, two with ``overlap_comm``) fall under ``workspace_gib``.
+ZeRO-0 keeps its gradients (STATE_BYTES) through both phases.
 """
 from __future__ import annotations
 
@@ -62,6 +96,49 @@ def model_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
                          "(ZeRO-3 is rejected by DeepSpeed's native MoE; use ZeRO-1 or 2)")
     return {kind: rep * (n_dense + n_expert) + sh * (n_dense / dp + n_expert / edp)
             for kind, (rep, sh) in STATE_BYTES[key].items()}
+
+
+def optimizer_temp_bytes(fused: bool) -> int:
+    """Temporary bytes per updated element of one group: 0 for a fused kernel, 4 for torch's foreach AdamW
+    (its fp32 ``exp_avg_sq_sqrt``; see the module docstring)."""
+    return 0 if fused else 4
+
+
+def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: int, precision: str = "bf16",
+                      fused: bool = True) -> Dict[str, Dict[str, float]]:
+    """Weights/grads/optimizer bytes alive on one GPU at the peak of each phase, ``{"backward": {...},
+    "step": {...}}`` (bytes; step-phase ``optimizer`` includes the optimizer's temporaries, step-phase
+    ``grads`` the 16-bit gradients still held plus the flat/fp32 copies of the group being updated).
+
+    ``fused``: the AdamW implementation (see :func:`piper_ds.planner.resources.optimizer_fused`). The rules
+    are those of the module docstring; the step phase is the largest of the instants "group i cast to
+    fp32" and "group i updated" over Piper's groups [dense, experts].
+    """
+    states = model_state_bytes(n_dense, n_expert, dp, edp, zero, precision)
+    weights, opt = states["weights"], states["optimizer"]
+    temp = optimizer_temp_bytes(fused)
+    # (replicated elements, elements of this rank's partition) per group, in DeepSpeed's order
+    groups = [(n, n / d) for n, d in ((n_dense, dp), (n_expert, edp)) if n > 0]
+    if zero == 0:
+        opt_sharded = STATE_BYTES[(precision, 0)]["optimizer"][1] > 0
+        peak_temp = max((temp * (p if opt_sharded else n) for n, p in groups), default=0.0)
+        return {"backward": dict(states),
+                "step": {"weights": weights, "grads": states["grads"], "optimizer": opt + peak_temp}}
+    g = 2 if precision == "bf16" else 4  # gradient dtype = model dtype (grad_accum_dtype default)
+    part = sum(p for _, p in groups)
+    backward = {"weights": weights, "grads": g * (part if zero == 2 else n_dense + n_expert), "optimizer": opt}
+    best = (-1.0, 0.0, 0.0)  # (total, grads, temporaries)
+    for i, (_, p_i) in enumerate(groups):
+        later = g * sum(n - p for n, p in groups[i + 1:]) if zero == 1 else 0.0  # ZeRO-1: not yet freed
+        buffer = g * part  # contiguous gradient partition buffer (16-bit with bf16), shared by all groups
+        cast = buffer + later + (g + (4 if g != 4 else 0)) * p_i  # flat copy + fp32 copy (fp32: one copy)
+        # the last group drops the buffer's last views before its update
+        update = (buffer if i < len(groups) - 1 else 0.0) + later + 4 * p_i
+        for grads, tmp in ((cast, 0.0), (update, temp * p_i)):
+            if grads + tmp > best[0]:
+                best = (grads + tmp, grads, tmp)
+    step = {"weights": weights, "grads": best[1], "optimizer": opt + best[2]}
+    return {"backward": backward, "step": step}
 
 
 def stage_blocks(n_layers: int, pp: int) -> List[range]:
@@ -130,16 +207,22 @@ def block_activations(model: ModelSpec, layout: Layout, profile: PlatformProfile
 
 @dataclass
 class StageMemory:
-    """Bytes per GPU of one pipeline stage, by kind (see :data:`KINDS`)."""
+    """Bytes per GPU of one pipeline stage at its peak, by kind (see :data:`KINDS`).
+
+    ``phases`` holds the kinds of each phase ("backward", "step"); ``kinds`` is the larger one's,
+    named by ``peak_phase``.
+    """
 
     stage: int
     blocks: range
     in_flight: int
     kinds: Dict[str, float] = field(default_factory=dict)
+    phases: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    peak_phase: str = "backward"
 
     @property
     def total(self) -> float:
-        """All kinds together, bytes."""
+        """All kinds of the peak phase together, bytes."""
         return sum(self.kinds.values())
 
 
@@ -149,10 +232,12 @@ def in_flight(layout: Layout, stage: int) -> int:
 
 
 def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, stage: int) -> StageMemory:
-    """Memory of one GPU of ``stage``, by kind."""
+    """Memory of one GPU of ``stage`` at its peak phase, by kind (bytes); both phases in ``phases``."""
     blocks = stage_blocks(model.n_layers, layout.pp)[stage]
     n_dense, n_expert = stage_params(model, layout, stage)
-    kinds = dict(model_state_bytes(n_dense, n_expert, layout.dp, layout.edp, layout.zero_stage, layout.precision))
+    states = phase_state_bytes(n_dense, n_expert, layout.dp, layout.edp, layout.zero_stage, layout.precision,
+                               layout.fused_optimizer)
+    kinds = dict(states["backward"])
     a = 2 if layout.precision == "bf16" else 4
     t = layout.micro_batch * model.seq_len
     kinds_of = {moe: block_activations(model, layout, profile, moe) for moe in (False, True)}
@@ -174,7 +259,17 @@ def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, sta
     kinds["workspace"] = largest + recompute + head_grad + profile.workspace_gib * GIB
     dynamic = kinds["activations"] + kinds["a2a_buffers"] + kinds["workspace"]
     kinds["fragmentation"] = profile.fragmentation * dynamic
-    return StageMemory(stage=stage, blocks=blocks, in_flight=n_mb, kinds={k: float(kinds[k]) for k in KINDS})
+    backward = {k: float(kinds[k]) for k in KINDS}
+    step = dict.fromkeys(KINDS, 0.0)
+    step.update(states["step"])
+    # dynamic in the step phase: what step() allocates above the backward phase's states
+    step["fragmentation"] = profile.fragmentation * max(
+        0.0, step["grads"] + step["optimizer"] - backward["grads"] - backward["optimizer"])
+    step = {k: float(v) for k, v in step.items()}
+    peak = "step" if sum(step.values()) > sum(backward.values()) else "backward"
+    phases = {"backward": backward, "step": step}
+    return StageMemory(stage=stage, blocks=blocks, in_flight=n_mb, kinds=dict(phases[peak]), phases=phases,
+                       peak_phase=peak)
 
 
 def all_stages(model: ModelSpec, layout: Layout, profile: PlatformProfile) -> List[StageMemory]:

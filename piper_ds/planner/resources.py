@@ -15,13 +15,14 @@ Per micro-batch and stage (forward + backward), seconds:
 
 Step = m x slowest stage + (pp - 1) x slowest stage (the 1F1B bubble) + exposed gradient sync (ZeRO
 reduce-scatter/all-reduce over DP and expert-DP, once per step, or per micro-batch with ZeRO-2; all-gather of
-updated weights) + optimizer (HBM bound).
+updated weights) + optimizer (HBM bound: ZeRO's step() traffic + one fused AdamW pass or torch's foreach
+passes, see :func:`optimizer_seconds`).
 Activation checkpointing adds one forward of compute (x4/3). MFU uses :meth:`ModelSpec.mfu_flops_per_token`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from piper_ds.planner import comm
 from piper_ds.planner.cluster import ClusterSpec, Layout
@@ -161,14 +162,74 @@ def grad_sync_seconds(model: ModelSpec, cluster: ClusterSpec, layout: Layout, pr
     return {"reduce": reduce, "gather": gather, "exposed": reduce * (1 - hide) + gather}
 
 
+#: One fused AdamW kernel per element (fp32 master, fp32 grad, fp32 moments): read p, g, m, v; write p, m, v.
+ADAM_FUSED_PASSES: Tuple[Tuple[str, int, int], ...] = (("fused adamw: p, g, m, v -> p, m, v", 4, 3),)
+
+#: torch's foreach AdamW, ``_multi_tensor_adam`` in torch/optim/adam.py (AdamW = decoupled weight decay,
+#: no amsgrad, no maximize, capturable off, float beta2): one elementwise pass per foreach op, as
+#: (op, fp32 tensors read, fp32 tensors written); a tensor used twice by one op is read once.
+ADAM_FOREACH_PASSES: Tuple[Tuple[str, int, int], ...] = (
+    ("_foreach_mul_(params, 1 - lr * wd)", 1, 1),
+    ("_foreach_lerp_(exp_avgs, grads, 1 - beta1)", 2, 1),
+    ("_foreach_mul_(exp_avg_sqs, beta2)", 1, 1),
+    ("_foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)", 2, 1),
+    ("exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)", 1, 1),
+    ("_foreach_div_(exp_avg_sq_sqrt, bias_correction2_sqrt)", 1, 1),
+    ("_foreach_add_(exp_avg_sq_sqrt, eps)", 1, 1),
+    ("_foreach_addcdiv_(params, exp_avgs, exp_avg_sq_sqrt, step_size)", 3, 1),
+)
+
+
+def adam_bytes_per_param(fused: bool) -> int:
+    """HBM bytes per updated element of one AdamW update: 28 fused (one pass), 80 foreach (8 passes)."""
+    return sum(4 * (r + w) for _, r, w in (ADAM_FUSED_PASSES if fused else ADAM_FOREACH_PASSES))
+
+
+def zero_step_bytes_per_param(precision: str, zero: int) -> int:
+    """HBM bytes per sharded element that ZeRO's ``step()`` moves around the optimizer, gradient clipping on.
+
+    ZeRO-1/2, read from DeepSpeed 0.19.8 stage_1_and_2.py ``step()`` (g = gradient bytes, 2 bf16 / 4 fp32):
+    ``scaled_global_norm`` reads the gradients (g), ``flatten(averaged_gradients[i])`` copies them (2g),
+    ``.to(fp32)`` casts (g + 4; nothing for fp32), ``unscale_and_clip_grads`` scales in place (8), and the
+    updated master is copied to the 16-bit partition (4 + g): 26 bytes bf16, 28 fp32. ZeRO-0 (not traced
+    line by line): norm and clip of fp32 gradients (12) plus the bf16 weight copy (6) with bf16.
+    """
+    g = 2 if precision == "bf16" else 4
+    if zero == 0:
+        return 12 + (6 if precision == "bf16" else 0)
+    if zero in (1, 2):
+        return g + 2 * g + (g + 4 if g != 4 else 0) + 8 + (4 + g)
+    raise ValueError(f"no optimizer-step rule for zero_stage={zero} (ZeRO-3 is rejected with MoE)")
+
+
+def optimizer_fused(ds_config: Mapping[str, Any]) -> bool:
+    """Whether a ds_config's AdamW runs fused: DeepSpeed's FusedAdam (``torch_adam`` absent/false), or torch
+    AdamW with ``"fused": true``; torch AdamW otherwise runs foreach (its CUDA default)."""
+    opt = ds_config.get("optimizer") or {}
+    kind = str(opt.get("type", "")).lower()
+    if kind not in ("adam", "adamw"):
+        raise ValueError(f"optimizer type {opt.get('type')!r} is not modelled (Adam/AdamW only)")
+    params = opt.get("params") or {}
+    if not params.get("torch_adam", False):
+        return True
+    if params.get("fused"):
+        return True
+    if params.get("foreach") is False:
+        raise ValueError("torch AdamW with fused=false and foreach=false (the for-loop implementation) "
+                         "is not modelled")
+    return False
+
+
 def optimizer_seconds(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: PlatformProfile,
                       stage: int) -> float:
-    """Adam step on the local shard: ~32 bytes of HBM traffic per sharded parameter (read and write of
-    master, moments, grad; bf16 weight write), seconds."""
+    """Optimizer step on the local shard, seconds: (ZeRO ``step()`` bytes + AdamW bytes, fused or foreach,
+    per updated element) x elements / the profile's HBM rate."""
     n_dense, n_expert = stage_params(model, layout, stage)
     sharded = layout.precision == "bf16" or layout.zero_stage > 0
     n = n_dense / layout.dp + n_expert / layout.edp if sharded else n_dense + n_expert
-    return 32.0 * n / prof.hbm_rate(cluster)
+    per = zero_step_bytes_per_param(layout.precision, layout.zero_stage) + adam_bytes_per_param(
+        layout.fused_optimizer)
+    return per * n / prof.hbm_rate(cluster)
 
 
 def estimate(model: ModelSpec, cluster: ClusterSpec, layout: Layout,

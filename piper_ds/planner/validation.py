@@ -10,8 +10,10 @@ What the model can express, and how each row is formed:
 * end-to-end step of the reference model of ``ds_configs/h200_x2.json`` (2 GPUs, dp 2, ep 2, ZeRO-2, bf16,
   micro-batch 4 x seq 2048): ``Estimate.step_time`` (s) and ``Estimate.worst.total`` (bytes; the measured
   figure is ``torch.cuda.max_memory_allocated``, which does not see allocator fragmentation, so a second row
-  drops the model's ``fragmentation`` kind). The model has no term for the optimizer implementation: the
-  fused and the unfused AdamW runs get the same prediction;
+  drops the model's ``fragmentation`` kind; the peak is the larger of the backward and the step phase, see
+  :mod:`piper_ds.planner.memory`). Each run's layout takes ``fused_optimizer`` from its ds_config optimizer
+  block (:data:`RUN_OPTIMIZER`, read by :func:`piper_ds.planner.resources.optimizer_fused`), and a row sets
+  the predicted unfused - fused step difference against the measured one;
 * one MoE layer forward + backward (no attention, no norms of a transformer block): the MoE parts of the
   planner's block time (router GEMM, grouped expert GEMMs, elementwise traffic of the MoE activations,
   per-MoE-block overhead, 4 all-to-alls), see :func:`moe_layer_seconds`;
@@ -28,9 +30,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from piper_ds.planner.cluster import ClusterSpec, Layout
-from piper_ds.planner.memory import block_activations, stage_params
+from piper_ds.planner.memory import block_activations
 from piper_ds.planner.profile import PlatformProfile
-from piper_ds.planner.resources import _block_time, estimate
+from piper_ds.planner.resources import _block_time, estimate, optimizer_fused
 from piper_ds.planner.specs import ModelSpec
 
 MIB = 2 ** 20
@@ -63,6 +65,11 @@ H200_X2_MODEL_BLOCK = {"preset": "xmoe-small-swiglu", "n_layers": 14, "n_shared_
 H200_X2_LAYOUT = Layout(dp=2, ep=2, zero_stage=2, micro_batch=4, grad_accum=1)
 
 #: End-to-end: {run: {quantity: value}}; seconds, tokens/s per GPU, TFLOP/s per GPU, fraction, GB (1e9 B).
+#: The optimizer block of each run's ds_config (the fused run's is that of ds_configs/h200_x2.json; tested).
+RUN_OPTIMIZER: Dict[str, Dict] = {
+    "fused AdamW": {"type": "AdamW", "params": {"torch_adam": True, "fused": True}},
+    "unfused AdamW": {"type": "AdamW", "params": {"torch_adam": True, "fused": False}},
+}
 MEASURED_STEP: Dict[str, Dict[str, float]] = {
     "fused AdamW": dict(step_s=0.3574, tokens_per_s_gpu=22920.0, tflops_gpu=182.9, mfu=0.185, peak_gb=91.18),
     "unfused AdamW": dict(step_s=0.4071, peak_gb=91.18),
@@ -160,45 +167,41 @@ def calibrated_profile() -> PlatformProfile:
                                              "fwd+bwd (kernels=reference), 2026-11-28"})
 
 
-def backward_phase_bytes(model: ModelSpec, est) -> float:
-    """Diagnostic peak (bytes, without fragmentation) if grads were counted as DeepSpeed 0.19's ZeRO-2 holds
-    them during backward: its partition buffer ``grads_in_partition`` has the 16-bit dtype (2 bytes per
-    sharded parameter); the fp32 gradient copies (4/D) exist only inside ``step()``, after the activations
-    are freed. Max of the backward phase and the step phase (states with 6/D grads). bf16, ZeRO-2 only.
-    """
-    lay = est.layout
-    if (lay.precision, lay.zero_stage) != ("bf16", 2):
-        raise ValueError(f"backward_phase_bytes models bf16 ZeRO-2 only, got {lay.precision} ZeRO-{lay.zero_stage}")
-    k = est.worst.kinds
-    n_dense, n_expert = stage_params(model, lay, est.worst.stage)
-    grads_bf16 = 2.0 * (n_dense / lay.dp + n_expert / lay.edp)
-    backward = sum(k.values()) - k["fragmentation"] - k["grads"] + grads_bf16
-    step = k["weights"] + k["grads"] + k["optimizer"]
-    return max(backward, step)
+def run_layout(run: str) -> Layout:
+    """The h200_x2 layout with the optimizer implementation of ``run``'s ds_config."""
+    if run not in RUN_OPTIMIZER:
+        raise ValueError(f"unknown run {run!r}; known: {sorted(RUN_OPTIMIZER)}")
+    fused = optimizer_fused({"optimizer": RUN_OPTIMIZER[run]})
+    return H200_X2_LAYOUT.model_copy(update={"fused_optimizer": fused})
 
 
 def compare(profile: Optional[PlatformProfile] = None) -> List[Row]:
     """Predicted vs measured for every measurement above, under ``profile`` (default: the defaults)."""
     prof = profile or PlatformProfile()
     model, c = h200_x2_model(), cluster()
-    est = estimate(model, c, H200_X2_LAYOUT, prof)
+    ests = {run: estimate(model, c, run_layout(run), prof) for run in MEASURED_STEP}
     case = "h200_x2 (dp2 ep2 z2 mb4)"
     rows: List[Row] = []
     for run, meas in MEASURED_STEP.items():
-        rows.append(Row("step time", f"{case}, {run}", est.step_time, meas["step_s"], "s", THRESHOLDS["step"],
-                        "no optimizer-implementation term" if run.startswith("unfused") else ""))
+        rows.append(Row("step time", f"{case}, {run}", ests[run].step_time, meas["step_s"], "s",
+                        THRESHOLDS["step"]))
+    fused, unfused = ests["fused AdamW"], ests["unfused AdamW"]
+    rows.append(Row("optimizer, unfused - fused", case,
+                    (unfused.step_parts["optimizer"] - fused.step_parts["optimizer"]) * 1e3,
+                    (MEASURED_STEP["unfused AdamW"]["step_s"] - MEASURED_STEP["fused AdamW"]["step_s"]) * 1e3,
+                    "ms", None, "foreach AdamW's 8 passes (80 B) vs one fused pass (28 B) per element"))
     m = MEASURED_STEP["fused AdamW"]
-    rows.append(Row("tokens/s per GPU", f"{case}, fused AdamW", est.tokens_per_s / H200_X2_LAYOUT.gpus,
+    rows.append(Row("tokens/s per GPU", f"{case}, fused AdamW", fused.tokens_per_s / H200_X2_LAYOUT.gpus,
                     m["tokens_per_s_gpu"], "tok/s"))
     rows.append(Row("TFLOP/s per GPU at measured tok/s", "FLOP accounting check",
                     model.mfu_flops_per_token() * m["tokens_per_s_gpu"] / 1e12, m["tflops_gpu"], "TFLOP/s"))
-    frag = est.worst.kinds["fragmentation"]
-    rows.append(Row("peak memory", case, est.worst.total / 1e9, m["peak_gb"], "GB", THRESHOLDS["memory"]))
-    rows.append(Row("peak memory w/o fragmentation", case, (est.worst.total - frag) / 1e9, m["peak_gb"], "GB",
-                    THRESHOLDS["memory"], "max_memory_allocated does not see fragmentation"))
-    rows.append(Row("peak memory, backward-phase accounting", f"{case} (diagnostic, not the planner's model)",
-                    backward_phase_bytes(model, est) / 1e9, m["peak_gb"], "GB", THRESHOLDS["memory"],
-                    "ZeRO-2 holds 2/D bf16 grads in backward; fp32 grads only in step()"))
+    for run, meas in MEASURED_STEP.items():
+        w = ests[run].worst
+        rows.append(Row("peak memory", f"{case}, {run}", w.total / 1e9, meas["peak_gb"], "GB",
+                        THRESHOLDS["memory"], f"peak phase: {w.peak_phase}"))
+        rows.append(Row("peak memory w/o fragmentation", f"{case}, {run}",
+                        (w.total - w.kinds["fragmentation"]) / 1e9, meas["peak_gb"], "GB", THRESHOLDS["memory"],
+                        "max_memory_allocated does not see fragmentation"))
     for (shape, ep), secs in MEASURED_LAYER_S.items():
         s = LAYER_SHAPES[shape]
         rows.append(Row("MoE layer fwd+bwd", f"({shape}) d{s['d']} f{s['f']} E{s['E']} k{s['k']}, ep {ep}",
@@ -210,9 +213,15 @@ def compare(profile: Optional[PlatformProfile] = None) -> List[Row]:
     return rows
 
 
-def step_breakdown(profile: Optional[PlatformProfile] = None) -> Dict[str, float]:
-    """The planner's step parts for the h200_x2 run, seconds (what the step prediction is made of)."""
-    return dict(estimate(h200_x2_model(), cluster(), H200_X2_LAYOUT, profile or PlatformProfile()).step_parts)
+def step_breakdown(profile: Optional[PlatformProfile] = None, run: str = "fused AdamW") -> Dict[str, float]:
+    """The planner's step parts for the h200_x2 ``run``, seconds (what the step prediction is made of)."""
+    return dict(estimate(h200_x2_model(), cluster(), run_layout(run), profile or PlatformProfile()).step_parts)
+
+
+def phase_breakdown(run: str = "fused AdamW") -> Dict[str, Dict[str, float]]:
+    """The h200_x2 ``run``'s memory per phase and kind, GB (1e9 bytes), worst stage, default profile."""
+    w = estimate(h200_x2_model(), cluster(), run_layout(run), PlatformProfile()).worst
+    return {ph: {k: v / 1e9 for k, v in kinds.items()} for ph, kinds in w.phases.items()}
 
 
 def _print(rows: List[Row], title: str) -> None:
@@ -237,11 +246,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="also print the table under the profile with the fitted per-MoE-block overhead")
     args = p.parse_args(argv)
     _print(compare(), "planner defaults vs H200 measurements (2026-11-28)")
-    print("step parts, s:", {k: round(v, 4) for k, v in step_breakdown().items()})
+    for run in MEASURED_STEP:
+        print(f"{run}: step parts, s:", {k: round(v, 4) for k, v in step_breakdown(run=run).items()})
+        print(f"{run}: memory by phase, GB:",
+              {ph: round(sum(k.values()), 2) for ph, k in phase_breakdown(run).items()})
     if args.calibrated:
         prof = calibrated_profile()
         _print(compare(prof), f"moe_layer_overhead_us = {prof.moe_layer_overhead_us:.0f} (fitted to ep 1 layers)")
-        print("step parts, s:", {k: round(v, 4) for k, v in step_breakdown(prof).items()})
+        for run in MEASURED_STEP:
+            print(f"{run}: step parts, s:", {k: round(v, 4) for k, v in step_breakdown(prof, run).items()})
     return 0
 
 
