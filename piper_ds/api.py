@@ -28,8 +28,9 @@ def initialize(args: Any = None,
     The ds_config comes from ``config`` (dict or JSON path), ``config_params`` or ``args.deepspeed_config``;
     its ``"piper"`` block is validated (unknown keys are errors). Before DeepSpeed builds anything it checks
     batch sizes, ep_size against the world size and the ZeRO stage with MoE layers; every problem is a
-    ValueError that names the values. Not supported (ValueError): a ``PipelineModule``, ``mesh_param`` or
-    sequence parallelism, AutoTP, the hybrid engine.
+    ValueError that names the values. A ``PipelineModule`` or ``piper.parallel.pp_size > 1`` gets a
+    :class:`piper_ds.pipeline.engine.PiperPipelineEngine` instead. Not supported (ValueError): ``mesh_param``
+    or sequence parallelism, AutoTP, the hybrid engine.
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)``.
     """
@@ -46,12 +47,12 @@ def initialize(args: Any = None,
     dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                           distributed_port=distributed_port, dist_init_required=dist_init_required)
     ds_config = load_ds_config(_resolve_config(args, config, config_params))
-    if isinstance(model, PipelineModule) or parse_piper_config(ds_config).parallel.pp_size > 1:
+    piper = parse_piper_config(ds_config)
+    if isinstance(model, PipelineModule) or piper.parallel.pp_size > 1:
         from piper_ds.pipeline.engine import initialize_pipeline  # pp > 1: PiperPipelineEngine
         return initialize_pipeline(args, model, optimizer, model_parameters, training_data, lr_scheduler,
                                    config=ds_config, collate_fn=collate_fn, dist_init_required=dist_init_required)
     _reject_unsupported(model, ds_config, mesh_param, PipelineModule)
-    piper = parse_piper_config(ds_config)
     world = dist.get_world_size()
     dp_world = mpu.get_data_parallel_world_size() if mpu is not None else world
     check_batch_sizes(ds_config, dp_world)
