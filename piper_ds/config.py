@@ -37,7 +37,8 @@ class ParallelConfig(BaseModel):
 
     ep_size: int = Field(1, ge=1, description="Expert-parallel group size: ranks sharing one copy of the routed "
                          "experts. Must divide the world size and every layer's num_experts.")
-    pp_size: int = Field(1, ge=1, description="Pipeline stages. Only 1 is supported by PiperEngine today.")
+    pp_size: int = Field(1, ge=1, description="Pipeline stages; > 1 needs a `PiperPipelineModule` and runs on "
+                         "the pipeline engine (see pipeline.md).")
 
 
 class TrackingConfig(BaseModel):

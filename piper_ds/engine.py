@@ -56,8 +56,8 @@ def check_setup(model: torch.nn.Module, ds_config: Mapping[str, Any], piper: Pip
     ``"piper.parallel"`` block. Raises ValueError naming the values."""
     par = piper.parallel
     if par.pp_size != 1:
-        raise ValueError(f"piper.parallel.pp_size ({par.pp_size}) > 1 needs the pipeline engine, which this "
-                         "version does not have; use pp_size 1")
+        raise ValueError(f"piper.parallel.pp_size ({par.pp_size}) > 1 needs the pipeline engine: build a "
+                         "piper_ds.pipeline.model.PiperPipelineModule and call piper_ds.initialize")
     if world_size % par.ep_size:
         raise ValueError(f"piper.parallel.ep_size ({par.ep_size}) must divide the world size ({world_size})")
     moe_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
