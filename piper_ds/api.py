@@ -52,7 +52,7 @@ def initialize(args: Any = None,
         from piper_ds.pipeline.engine import initialize_pipeline  # pp > 1: PiperPipelineEngine
         return initialize_pipeline(args, model, optimizer, model_parameters, training_data, lr_scheduler,
                                    config=ds_config, collate_fn=collate_fn, dist_init_required=dist_init_required)
-    _reject_unsupported(model, ds_config, mesh_param, PipelineModule)
+    _reject_unsupported(ds_config, mesh_param)
     world = dist.get_world_size()
     dp_world = mpu.get_data_parallel_world_size() if mpu is not None else world
     check_batch_sizes(ds_config, dp_world)
@@ -89,10 +89,7 @@ def _resolve_config(args: Any, config: Any, config_params: Any) -> Any:
     return config
 
 
-def _reject_unsupported(model: torch.nn.Module, ds_config: Dict[str, Any], mesh_param: Any,
-                        pipeline_module: type) -> None:
-    if isinstance(model, pipeline_module):
-        raise ValueError("PipelineModule models need the pipeline engine, which this version does not have")
+def _reject_unsupported(ds_config: Dict[str, Any], mesh_param: Any) -> None:
     if mesh_param is not None:
         raise ValueError(f"mesh_param ({mesh_param!r}) is not supported by PiperEngine")
     sp = ds_config.get("sequence_parallel_size", 1)

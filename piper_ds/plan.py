@@ -129,7 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for path in report.plot_plan(result.ranked, folder, args.top):
             console.print(f"wrote {path}")
     if top.layout.pp > 1:
-        console.print("note: pp > 1 needs the pipelined engine; pass --pp 1 for a layout PiperEngine runs today")
+        console.print("note: pp > 1 runs on the pipeline engine with a PiperPipelineModule (docs/pipeline.md); "
+                      "examples/train.py trains pp = 1 layouts: pass --pp 1 for one")
     console.print("launch:")
     console.print(dsconfig.launch_command(top.layout, cluster.gpus_per_node, args.out), soft_wrap=True,
                   highlight=False, markup=False)
