@@ -10,7 +10,9 @@ def _positions(n_rows, fan, n, gen):
     return torch.randperm(n_rows * fan, generator=gen)[:n]
 
 
-@pytest.mark.parametrize("n_rows, fan, n, d", [(7, 3, 12, 5), (1, 1, 1, 3), (9, 4, 0, 6), (33, 8, 100, 17)])
+# (50, 8, 20, 5) is sparse enough (rows * fan > DENSE_LIMIT * n) to take the index_add path
+@pytest.mark.parametrize("n_rows, fan, n, d", [(7, 3, 12, 5), (1, 1, 1, 3), (9, 4, 0, 6), (33, 8, 100, 17),
+                                             (50, 8, 20, 5)])
 def test_gather_and_combine_match_reference(n_rows, fan, n, d):
     gen = torch.Generator().manual_seed(n_rows * 31 + n)
     pos = _positions(n_rows, fan, n, gen)
