@@ -229,14 +229,6 @@ at::Tensor gating_backward(const c10::optional<at::Tensor>& grad_w_in, const c10
     return grad_logits;
 }
 
-bool has_cuda() {
-#ifdef PIPER_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-}
-
 }  // namespace piper
 
 namespace py = pybind11;

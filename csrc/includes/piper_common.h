@@ -61,6 +61,15 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
                       ") must be on the same device");
 }
 
+// Whether this build of the op compiled its CUDA kernels in (the builders pass -DPIPER_WITH_CUDA).
+inline bool has_cuda() {
+#ifdef PIPER_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+}
+
 }  // namespace piper
 
 // bf16, fp16, fp32 and fp64 (the dtypes the references accept).

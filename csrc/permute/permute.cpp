@@ -301,14 +301,6 @@ at::Tensor row_dot(const at::Tensor& y_in, const at::Tensor& g_in, const at::Ten
     return out;
 }
 
-bool has_cuda() {
-#ifdef PIPER_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-}
-
 }  // namespace piper
 
 namespace py = pybind11;
