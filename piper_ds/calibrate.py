@@ -7,6 +7,11 @@ Measures (on CUDA when present, else a tiny CPU mode that still writes a valid p
   for the model's expert shapes;
 - causal attention fwd+bwd rate (``scaled_dot_product_attention``), counted as 6*b*s^2*H*hd FLOPs;
 - device copy bandwidth;
+- the per-block overheads the rates do not explain: one transformer block with a ``PiperMoE`` (ep 1) and one
+  dense block, the model's shapes, timed forward + backward at micro-batches 1, 2, 4; the residual
+  (measured - the planner's own block prediction with zero overhead, see :mod:`piper_ds.planner.overheads`)
+  is fitted to ``moe_layer_overhead_us`` + ``moe_overhead_ns_per_row`` x routed rows and
+  ``dense_layer_overhead_us``;
 - when launched with several ranks (``deepspeed --num_gpus N --module piper_ds.calibrate`` or
   ``torchrun --nproc_per_node N -m piper_ds.calibrate``):
   all-to-all time by size inside a node and across nodes, and point-to-point, fitted to alpha-beta tiers.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import socket
 import statistics
@@ -27,7 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from piper_ds.planner.cluster import LinkTier
+from piper_ds.planner.cluster import ClusterSpec, LinkTier
+from piper_ds.planner.overheads import OverheadFit, apply_fits, block_prediction, block_rows, fit_overhead
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.specs import ModelSpec
 
@@ -185,6 +192,111 @@ def bench_p2p(device: torch.device, dtype: torch.dtype, sizes: Sequence[int], pe
     return out
 
 
+def model_spec(name: str, n_shared_experts: Optional[int] = None) -> ModelSpec:
+    """A model preset by name, or the ``piper.model`` block of a ds_config JSON file; ``n_shared_experts``
+    (when given) overrides the model's."""
+    if name.endswith(".json"):
+        if not os.path.isfile(name):
+            raise ValueError(f"--model {name!r}: no such ds_config file")
+        with open(name) as f:
+            block = (json.load(f).get("piper") or {}).get("model")
+        if not block:
+            raise ValueError(f"--model {name!r}: the ds_config has no piper.model block")
+        spec = ModelSpec.from_block(block)
+    else:
+        spec = ModelSpec.preset(name)
+    if n_shared_experts is not None:
+        spec = spec.model_copy(update={"n_shared_experts": n_shared_experts})
+    return ModelSpec(**spec.model_dump())  # validated again
+
+
+def build_block(spec: ModelSpec, moe: bool, kernels: str, device: torch.device, dtype: torch.dtype):
+    """One block of the reference model (``piper_ds.models``): attention + a ``PiperMoE`` (ep 1, the model's
+    routing options, ``kernels``) or + the dense FFN, on ``device`` in ``dtype``."""
+    from piper_ds.config import merge_moe_with_model
+    from piper_ds.models.layers import Attention, Block, DenseFFN, PiperMoEFFN
+    from piper_ds.moe import FeedForward, PiperMoE
+    torch.manual_seed(1234)
+    attn = Attention(spec.d_model, spec.n_heads, spec.kv_heads, spec.hd, spec.seq_len)
+    if moe:
+        cfg = merge_moe_with_model(spec, {"kernels": kernels})
+        ffn = PiperMoEFFN(PiperMoE(spec.d_model, spec.num_experts, spec.d_ffn_expert, ep_size=1, config=cfg))
+    else:
+        ffn = DenseFFN(FeedForward(spec.d_model, spec.ffn_dense, spec.activation))
+    return Block(attn, ffn, spec.d_model).to(device=device, dtype=dtype)
+
+
+def time_block(block, spec: ModelSpec, micro_batch: int, device: torch.device, dtype: torch.dtype, warmup: int,
+               iters: int) -> List[float]:
+    """Seconds of ``iters`` forward + backward passes of ``block`` after ``warmup`` ones, each on fresh random
+    (non-zero) inputs and output gradients [micro_batch, seq_len, d_model]; CUDA events on GPU."""
+    gen = torch.Generator(device=device).manual_seed(7 + micro_batch)
+    shape = (micro_batch, spec.seq_len, spec.d_model)
+    xs = [torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(warmup + iters)]
+    gs = [torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(warmup + iters)]
+    zero = torch.zeros((), device=device, dtype=torch.float32)
+
+    def step(i: int) -> None:
+        h, aux = block((xs[i].requires_grad_(True), zero))
+        outs, grads = ([h, aux], [gs[i], torch.ones_like(aux)]) if aux.requires_grad else ([h], [gs[i]])
+        torch.autograd.backward(outs, grads)
+
+    times = []
+    for i in range(warmup + iters):
+        block.zero_grad(set_to_none=True)
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(i)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            step(i)
+            elapsed = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def bench_block_overheads(prof: PlatformProfile, spec: ModelSpec, cluster: ClusterSpec, device: torch.device,
+                          dtype: torch.dtype, kernels: str, micro_batches: Sequence[int], warmup: int,
+                          iters: int) -> Tuple[OverheadFit, OverheadFit, Dict[str, object]]:
+    """Times an MoE and a dense block at each micro-batch; fits their residuals over ``prof``'s rates.
+
+    Returns (MoE fit: fixed us + ns per routed row, dense fit: fixed us, the raw table for ``measurements``).
+    """
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    record: Dict[str, object] = {"kernels": kernels, "precision": precision, "model": spec.to_block(),
+                                 "micro_batches": list(micro_batches), "warmup": warmup, "iters": iters}
+    fits = {}
+    for moe in (True, False):
+        block = build_block(spec, moe, kernels, device, dtype)
+        points, rows_out = [], []
+        for mb in micro_batches:
+            times = time_block(block, spec, mb, device, dtype, warmup, iters)
+            pred = block_prediction(spec, cluster, prof, mb, moe, precision)
+            x = block_rows(spec, mb) if moe else mb * spec.seq_len
+            measured = statistics.median(times)
+            points.append((x, measured - pred["total"]))
+            rows_out.append({"micro_batch": mb, "tokens": mb * spec.seq_len, "rows": x, "measured_s": measured,
+                             "times_s": times, "predicted_no_overhead_s": pred["total"],
+                             "predicted_parts_s": pred, "residual_s": measured - pred["total"]})
+        kind = "moe" if moe else "dense"
+        fit = fit_overhead(points, per_row=moe, label=f"{kind} block")
+        for r in rows_out:
+            r["predicted_with_fit_s"] = r["predicted_no_overhead_s"] + fit.seconds(r["rows"] if moe else 0)
+        fits[kind] = fit
+        record[kind] = {"points": rows_out, "fit": fit.as_dict()}
+        del block
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    record["warnings"] = fits["moe"].warnings + fits["dense"].warnings
+    return fits["moe"], fits["dense"], record
+
+
 def _setup(args) -> Tuple[torch.device, bool]:
     cuda = torch.cuda.is_available() and not args.cpu
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -223,7 +335,7 @@ def calibrate(args) -> Optional[PlatformProfile]:
     """Runs the benchmarks; returns the profile on rank 0 (None on other ranks)."""
     device, tiny = _setup(args)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = ModelSpec.preset(args.model)
+    model = model_spec(args.model, args.n_shared_experts)
     iters = 2 if tiny else args.iters
     d, f, hd = (64, 32, 16) if tiny else (model.d_model, model.d_ffn_expert, model.hd)
     rows = [4, 16, 64] if tiny else [16, 64, 128, 256, 512, 768, 2048, 8192]
@@ -241,34 +353,65 @@ def calibrate(args) -> Optional[PlatformProfile]:
         comm = _comm(device, dtype, tiny, iters)
         meas.update({k: v for k, v in comm.items() if k not in ("tiers", "p2p_tiers")})
         meas["world_size"] = dist.get_world_size()
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    return PlatformProfile(
+    prof = PlatformProfile(
         source=f"calibrate {meas['device']} x{meas.get('world_size', 1)} {socket.gethostname()} {stamp}"
-               + (" (tiny)" if tiny else ""),
+               + (" (tiny)" if tiny else "") + f", kernels={args.kernels}",
         dense_tflops=dense, grouped_gemm=[(float(r), float(tf)) for r, tf in grouped], attention_tflops=attn,
         hbm_tbps=copy, attention_saves_scores=device.type != "cuda",
         tiers={k: v for k, v in comm.get("tiers", {}).items() if v is not None},
         p2p_tiers={k: v for k, v in comm.get("p2p_tiers", {}).items() if v is not None},
         measurements=meas)
+    if not args.skip_blocks:
+        prof = _calibrate_overheads(prof, args, device, dtype, tiny, iters)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return prof
+
+
+def _calibrate_overheads(prof: PlatformProfile, args, device: torch.device, dtype: torch.dtype, tiny: bool,
+                         iters: int) -> PlatformProfile:
+    """``prof`` with the block overheads fitted on this device (every rank measures its own GPU; rank 0's
+    figures are kept); warnings are printed by rank 0 and kept in ``measurements['block_overhead']``."""
+    spec = ModelSpec.preset("tiny", n_layers=2, n_dense_layers=1, n_shared_experts=1) if tiny else \
+        model_spec(args.model, args.n_shared_experts)
+    moe_fit, dense_fit, record = bench_block_overheads(
+        prof, spec, ClusterSpec.preset(args.cluster), device, dtype, args.kernels, (1, 2, 4),
+        warmup=1 if tiny else 3, iters=iters)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for w in record["warnings"]:
+            print(f"WARNING: {w}")
+    meas = dict(prof.measurements, block_overhead=record)
+    return apply_fits(prof, moe_fit, dense_fit).model_copy(update={"measurements": meas})
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``python -m piper_ds.calibrate``; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m piper_ds.calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="platform_profile.json", help="profile JSON to write (rank 0)")
-    p.add_argument("--model", default="xmoe-small-swiglu", help="model preset whose shapes to benchmark")
+    p.add_argument("--model", default="xmoe-small-swiglu",
+                   help="model preset, or a ds_config JSON whose piper.model block to use, for the shapes")
+    p.add_argument("--n-shared-experts", type=int, default=2,
+                   help="override the model's shared experts (default 2: the reference model of "
+                        "ds_configs/h200_x*.json); -1 keeps the model's")
+    p.add_argument("--kernels", default="auto", choices=["auto", "cuda", "reference"],
+                   help="PiperMoE gating/permutation kernels in the block benchmark (use what training uses)")
+    p.add_argument("--cluster", default="h200-nvlink-ib400", help="cluster preset for the block predictions")
+    p.add_argument("--skip-blocks", action="store_true", help="skip the block-overhead benchmark")
     p.add_argument("--iters", type=int, default=10, help="timed repetitions per point (median)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (automatic without CUDA)")
     p.add_argument("--cpu", action="store_true", help="ignore CUDA and run the tiny CPU mode")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
+    if args.n_shared_experts is not None and args.n_shared_experts < 0:
+        args.n_shared_experts = None
     prof = calibrate(args)
     if prof is not None:
         prof.save(args.out)
         print(f"wrote {args.out}: dense {prof.dense_tflops:.3g} TFLOP/s, attention {prof.attention_tflops:.3g} "
               f"TFLOP/s, copy {prof.hbm_tbps:.3g} TB/s, grouped {prof.grouped_gemm}, tiers {list(prof.tiers)}")
+        print(f"block overheads: MoE {prof.moe_layer_overhead_us:.1f} us + {prof.moe_overhead_ns_per_row:.3g} ns "
+              f"per routed row, dense {prof.dense_layer_overhead_us:.1f} us (fwd+bwd per block)")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -62,7 +62,11 @@ class PlatformProfile(BaseModel):
     dense_layer_overhead_us: float = Field(
         60.0, ge=0, description="Launch/host overhead of one dense block, fwd+bwd, microseconds.")
     moe_layer_overhead_us: float = Field(
-        250.0, ge=0, description="Launch/host-sync overhead of one MoE block, fwd+bwd, microseconds.")
+        250.0, ge=0, description="Launch/host-sync overhead of one MoE block, fwd+bwd, microseconds (the fixed "
+        "part; python -m piper_ds.calibrate measures it).")
+    moe_overhead_ns_per_row: float = Field(
+        0.0, ge=0, description="Overhead of one MoE block per routed row (token x top_k) on the busiest EP rank, "
+        "fwd+bwd, nanoseconds: routing plans and row permutations that scale with the rows (0 = fixed only).")
     load_imbalance: float = Field(
         1.15, ge=1, description="Rows on the busiest EP rank / mean (routing skew; sizes buffers and time).")
     overlap_efficiency: float = Field(
@@ -73,6 +77,11 @@ class PlatformProfile(BaseModel):
     workspace_gib: float = Field(1.0, ge=0, description="cuBLAS/NCCL workspaces and context tensors, GiB.")
     attention_saves_scores: bool = Field(
         False, description="Attention keeps the s x s scores (math SDPA, e.g. on CPU); False = flash/efficient.")
+
+    def moe_overhead_seconds(self, rows: float) -> float:
+        """Overhead of one MoE block, fwd+bwd, seconds: the fixed part + the per-row part for ``rows`` routed
+        rows (token x top_k, busiest rank)."""
+        return self.moe_layer_overhead_us * 1e-6 + self.moe_overhead_ns_per_row * 1e-9 * rows
 
     def imbalance(self, ep: int) -> float:
         """Busiest-rank / mean rows for an EP group of ``ep`` ranks (1 without EP: one rank has them all)."""

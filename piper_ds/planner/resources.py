@@ -7,7 +7,9 @@ Per micro-batch and stage (forward + backward), seconds:
 - experts: 6 * rows * expert params / grouped-GEMM rate at the rows per local expert, on the busiest EP rank
   (rows = T*k*load_imbalance; other ranks wait for it at the combine);
 - elementwise: norms, activations, permutes: 2 x saved activation bytes / achieved HBM bandwidth;
-- overhead: launches and host syncs per block;
+- overhead: launches, host syncs and row bookkeeping per block outside the terms above (dense block: a
+  constant; MoE block: a constant + a per-routed-row part, see :meth:`PlatformProfile.moe_overhead_seconds`;
+  both measured by ``python -m piper_ds.calibrate``);
 - a2a: 4 all-to-alls per MoE block (dispatch + combine, forward and backward; 6 with recomputation), less
   what hides under the shared experts (which run during the dispatch) or, with overlap_a2a, under
   overlap_efficiency x the block's compute;
@@ -17,7 +19,8 @@ Step = m x slowest stage + (pp - 1) x slowest stage (the 1F1B bubble) + exposed 
 reduce-scatter/all-reduce over DP and expert-DP, once per step, or per micro-batch with ZeRO-2; all-gather of
 updated weights) + optimizer (HBM bound: ZeRO's step() traffic + one fused AdamW pass or torch's foreach
 passes, see :func:`optimizer_seconds`).
-Activation checkpointing adds one forward of compute (x4/3). MFU uses :meth:`ModelSpec.mfu_flops_per_token`.
+Activation checkpointing adds one forward of compute and of overhead (x4/3: a forward is a third of
+fwd+bwd). MFU uses :meth:`ModelSpec.mfu_flops_per_token`.
 """
 from __future__ import annotations
 
@@ -98,14 +101,14 @@ def _block_time(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: Pl
         rows = t * model.top_k * prof.imbalance(layout.ep)
         per_expert = rows / (model.num_experts // layout.ep)
         out["experts"] = 6.0 * rows * model.expert_params() / prof.grouped_rate(cluster, per_expert)
-        out["overhead"] = prof.moe_layer_overhead_us * 1e-6
+        out["overhead"] = prof.moe_overhead_seconds(rows)
         a = 2 if layout.precision == "bf16" else 4
         disp = comm.alltoall_seconds(cluster, prof, layout, t, model.top_k, a * model.d_model + 8 * model.top_k)
         comb = comm.alltoall_seconds(cluster, prof, layout, t, model.top_k, a * model.d_model)
         n = 3 if layout.activation_checkpointing else 2  # forward (+ recompute) and backward
         out["a2a"] = n * (disp["seconds"] + comb["seconds"])
     if layout.activation_checkpointing:
-        for part in ("dense", "attention", "experts", "elementwise"):
+        for part in ("dense", "attention", "experts", "elementwise", "overhead"):  # the forward runs twice
             out[part] *= 4.0 / 3.0
     compute = sum(out[p] for p in ("dense", "attention", "experts", "elementwise"))
     hidden = min(out["a2a"], shared)
