@@ -1,0 +1,91 @@
+"""``python -m piper_ds.bench.layouts``: candidate choice and verdicts (pure), and a tiny 2-rank gloo run
+that trains every candidate layout in the same processes and reports the top-choice verdict."""
+import json
+
+import pytest
+
+from piper_ds.bench import layouts as L
+from piper_ds.planner import ClusterSpec, ModelSpec, PlatformProfile
+from piper_ds.testing import run_distributed
+
+H200 = ClusterSpec.preset("h200-nvlink-ib400")
+
+
+def test_auto_n_layers_fits_one_and_two_h200():
+    base = ModelSpec.preset("xmoe-small-swiglu", n_shared_experts=2)
+    prof = PlatformProfile()
+    assert L.auto_n_layers(base, H200, 2, prof, 0.8) == 14  # the reference model of ds_configs/h200_x2.json
+    one = L.auto_n_layers(base, H200, 1, prof, 0.8)
+    assert 7 <= one < 14  # ds_configs/h200_x1.json runs 7
+    with pytest.raises(ValueError, match="exceed"):
+        L.auto_n_layers(base, H200, 1, prof, 0.05)
+
+
+def test_candidates_top_then_deliberately_different():
+    args = L.parse_args(["--global-batch", "8"])
+    spec = ModelSpec.preset("xmoe-small-swiglu", n_shared_experts=2, n_layers=14)
+    cands = L.candidates(spec, H200, 2, 8, PlatformProfile(), args)
+    roles = [r for r, _ in cands]
+    assert roles[:4] == ["top 1", "top 2", "top 3", "top 4"] and len(cands) == 6
+    assert roles[4] == "predicted slowest"
+    steps = [e.step_time for _, e in cands[:4]]
+    assert steps == sorted(steps)
+    assert cands[4][1].step_time >= max(steps)
+    lays = [e.layout for _, e in cands]
+    assert len({lay.short() for lay in lays}) == 6
+    assert all(lay.zero_stage in (1, 2) and lay.pp == 1 and lay.global_batch == 8 for lay in lays)
+    assert all(e.worst.total <= 0.8 * H200.hbm_bytes for _, e in cands)
+
+
+def test_explicit_layouts_and_errors():
+    lays = L.parse_layouts("ep2.z2.mb4, ep1.z1.mb2.ckpt", 2, 8, "bf16")
+    assert [(x.ep, x.zero_stage, x.micro_batch, x.grad_accum, x.activation_checkpointing) for x in lays] == [
+        (2, 2, 4, 1, False), (1, 1, 2, 2, True)]
+    with pytest.raises(ValueError, match="unknown part 'pp2'"):
+        L.parse_layouts("ep2.pp2", 2, 8, "bf16")
+    with pytest.raises(ValueError, match=r"global batch \(8\) must be divisible by GPUs x micro-batch \(2 x 3\)"):
+        L.parse_layouts("mb3", 2, 8, "bf16")
+    with pytest.raises(ValueError, match="--steps"):
+        L.parse_args(["--steps", "0"])
+
+
+def test_verdicts_and_top_choice():
+    def res(name, step, pred, peak=None, pred_peak=10.0):
+        return L.add_errors({"layout": name, "role": "given", "step_s": step, "peak_gb": peak,
+                             "predicted": {"step_s": pred, "peak_wo_fragmentation_gb": pred_peak}})
+    a, b, c = res("a", 1.0, 0.8, 10.5), res("b", 0.9, 0.85), res("c", 2.0, 1.0)
+    assert a["rel_err"]["step"] == pytest.approx(-0.2) and a["within"]["step_25pct"] is True
+    assert a["within"]["step_10pct"] is False and a["within"]["peak_10pct"] is True
+    assert b["rel_err"]["peak"] is None and b["within"]["peak_25pct"] is None
+    v = L.top_choice([a, b, c])
+    assert v["predicted_top"] == "a" and v["fastest_measured"] == "b" and v["top_is_fastest"] is False
+    assert v["gap"] == pytest.approx(1.0 / 0.9 - 1) and v["spearman"] == pytest.approx(0.5)
+    text = L.table([a, b, c], v)
+    assert "is NOT the fastest measured" in text and "-20.0%" in text
+
+
+def _bench_worker(rank, world_size, out, profile):
+    return L.run(L.parse_args(["--tiny", "--out", out, "--profile", profile, "--top", "2", "--extra", "1",
+                               "--warmup", "1", "--steps", "2"]))
+
+
+def test_bench_layouts_tiny_two_gloo_ranks(tmp_path):
+    profile = tmp_path / "profile.json"
+    PlatformProfile(source="test", moe_layer_overhead_us=100.0, moe_overhead_ns_per_row=5.0).save(str(profile))
+    out = tmp_path / "layouts.json"
+    reports = run_distributed(_bench_worker, 2, str(out), str(profile), timeout=120)
+    rep = reports[0]
+    assert [r["role"] for r in rep["results"]] == ["top 1", "top 2", "predicted slowest"]
+    assert reports[1]["top_choice"] == rep["top_choice"]  # every rank holds the same report
+    for r in rep["results"]:
+        assert r["step_s"] > 0 and len(r["step_times_s"]) == 2 and r["predicted"]["step_s"] > 0
+        assert r["rel_err"]["step"] is not None and r["peak_gb"] is None  # no CUDA memory on CPU
+        assert set(r["within"]) == {"step_25pct", "step_10pct", "peak_25pct", "peak_10pct"}
+    assert any(r["config"]["ep"] == 2 for r in rep["results"])  # EP over both ranks ran too
+    assert any(r["config"]["activation_checkpointing"] for r in rep["results"])
+    v = rep["top_choice"]
+    assert v["predicted_top"] == rep["results"][0]["layout"]
+    assert v["fastest_measured"] in {r["layout"] for r in rep["results"]}
+    assert isinstance(v["top_is_fastest"], bool)
+    data = json.loads(out.read_text())
+    assert data["profile_source"] == "test" and len(data["results"]) == 3 and data["gpus"] == 2
