@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from piper_ds.ops import combine_rows, expand_plan, fused_gating, permute_rows, send_plan
+from piper_ds.ops import combine_index, combine_rows, expand_plan, fused_gating, permute_rows, send_plan
 from piper_ds.ops.permute import _pad_groups
-from piper_ds.ops.reference import (combine_rows_reference, expand_plan_reference, gating_reference,
-                                    permute_rows_reference, send_plan_reference)
+from piper_ds.ops.reference import (combine_index_reference, combine_rows_reference, expand_plan_reference,
+                                    gating_reference, permute_rows_reference, send_plan_reference)
 from test_ops_gating import assert_gating_equal, distinct_logits, random_bias
 from test_ops_permute import assert_plans_equal, masked_combine_reference, placement, routing, rows_index
 
@@ -150,6 +150,72 @@ def test_rows_cuda_gradients():
     assert torch.autograd.gradcheck(lambda a, b: combine_rows(a, small, 7, b, backend="cuda"), (yd, wd))
     assert torch.autograd.gradcheck(lambda a: permute_rows(a, small, backend="cuda"), (yd[:7].detach()
                                                                                          .requires_grad_(),))
+
+
+def assert_inverse_equivalent(inv, ref):
+    """Same starts; each output row lists the same inputs (the CUDA fill order within a row is free)."""
+    assert inv.starts_O1.dtype == inv.rows_N.dtype == torch.int32
+    assert torch.equal(inv.starts_O1, ref.starts_O1)
+    n = int(ref.starts_O1[-1])
+    assert bool((inv.rows_N[n:] == -1).all())
+    seg = torch.repeat_interleave(torch.arange(ref.starts_O1.numel() - 1, device=DEV),
+                                  ref.starts_O1.diff().long(), output_size=n)
+    big = inv.rows_N.numel() + 1
+    assert torch.equal(torch.sort(seg * big + inv.rows_N[:n].long()).values, seg * big + ref.rows_N[:n].long())
+
+
+@pytest.mark.parametrize("n,num_out,pad", [(0, 5, True), (0, 0, True), (1, 1, False), (1003, 301, True),
+                                           (97, 3000, True), (5000, 3, False), (131072, 16384, False)])
+def test_combine_index_cuda_equals_reference(n, num_out, pad):
+    index = (rows_index(n, num_out, seed=n + num_out, pad=pad) if num_out else torch.full((n,), -1)).to(DEV)
+    assert_inverse_equivalent(combine_index(index, num_out, backend="cuda"), combine_index_reference(index, num_out))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("D", [1, 7, 130, 2048])
+def test_rows_cuda_with_inverse_equal_reference(dtype, D):
+    index = rows_index(1003, 301, seed=D + 1).to(DEV)
+    inv = combine_index(index, 301, backend="cuda")
+    y = torch.randn(1003, D, device=DEV).to(dtype)
+    w = torch.rand(1003, device=DEV)
+    for weight in (None, w):
+        out = combine_rows(y, index, 301, weight, backend="cuda", inverse=inv)
+        assert torch.equal(out, combine_rows(y, index, 301, weight, backend="cuda"))  # same sum order as without
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype in (torch.float32, torch.float64) else {}
+        torch.testing.assert_close(out, masked_combine_reference(y, index, 301, weight), **tol)
+    zero = torch.zeros(0, dtype=torch.int64, device=DEV)  # zero input rows: zero output rows
+    assert torch.equal(combine_rows(y[:0], zero, 5, backend="cuda", inverse=combine_index(zero, 5, backend="cuda")),
+                       torch.zeros(5, D, device=DEV, dtype=dtype))
+
+
+@pytest.mark.parametrize("D", [1, 7, 72, 130])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("need", ["both", "y", "w"])
+def test_rows_cuda_one_pass_backward_with_inverse(D, dtype, need):
+    index = rows_index(700, 129, seed=D).to(DEV)
+    inv = combine_index(index, 129, backend="cuda")
+    x0, y0 = torch.randn(129, D, device=DEV).to(dtype), torch.randn(700, D, device=DEV).to(dtype)
+    w0 = torch.rand(700, device=DEV)
+    up_p, up_c = torch.randn(700, D, device=DEV).to(dtype), torch.randn(129, D, device=DEV).to(dtype)
+    got, want = [], []
+    for backend, sink, kw in (("cuda", got, dict(inverse=inv)), ("reference", want, {})):
+        x = x0.clone().requires_grad_()
+        y, w = y0.clone().requires_grad_(need != "w"), w0.clone().requires_grad_(need != "y")
+        ((permute_rows(x, index, backend=backend, **kw).float() * up_p.float()).sum()
+         + (combine_rows(y, index, 129, w, backend=backend, **kw).float() * up_c.float()).sum()).backward()
+        sink += [x.grad, y.grad, w.grad]
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+    small = rows_index(30, 7, seed=D).to(DEV)
+    inv_s = combine_index(small, 7, backend="cuda")
+    yd = torch.randn(30, D, device=DEV, dtype=torch.float64, requires_grad=True)
+    wd = torch.rand(30, device=DEV, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: combine_rows(a, small, 7, b, backend="cuda", inverse=inv_s), (yd, wd))
+    xd = torch.randn(7, D, device=DEV, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: permute_rows(a, small, backend="cuda", inverse=inv_s), (xd,))
 
 
 def test_auto_backend_uses_the_cuda_ops():

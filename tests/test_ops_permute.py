@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from piper_ds.ops import combine_rows, expand_plan, permute_rows, send_plan
+from piper_ds.ops import RowInverse, combine_index, combine_rows, expand_plan, permute_rows, send_plan
 from piper_ds.ops.permute import _pad_groups
-from piper_ds.ops.reference import (combine_rows_reference, expand_plan_reference, permute_rows_reference,
-                                    send_plan_reference)
+from piper_ds.ops.reference import (combine_index_reference, combine_rows_reference, expand_plan_reference,
+                                    permute_rows_reference, send_plan_reference)
 from test_ops_build import cpu_ops
 
 
@@ -162,6 +162,73 @@ def test_row_grads_match_reference_autograd():
         sink += [x.grad, y.grad, w.grad]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,num_out,pad", [(0, 5, True), (0, 0, True), (1, 1, False), (203, 41, True),
+                                           (97, 300, True), (64, 3, False)])
+def test_combine_index_equals_reference(n, num_out, pad):
+    index = rows_index(n, num_out, seed=n + num_out, pad=pad) if num_out else torch.full((n,), -1)
+    inv, ref = combine_index(index, num_out, backend="cpu"), combine_index_reference(index, num_out)
+    assert isinstance(inv, RowInverse) and inv.starts_O1.dtype == inv.rows_N.dtype == torch.int32
+    assert torch.equal(inv.starts_O1, ref.starts_O1) and torch.equal(inv.rows_N, ref.rows_N)
+    assert torch.equal(combine_index(index, num_out, backend="reference").rows_N, ref.rows_N)
+    valid = index >= 0  # the reference: each output row lists exactly its inputs, ascending, -1 for the rest
+    assert int(ref.starts_O1[-1]) == int(valid.sum()) and bool((ref.rows_N[int(valid.sum()):] == -1).all())
+    rows = ref.rows_N[:int(valid.sum())].long()
+    assert torch.equal(index[rows], torch.repeat_interleave(torch.arange(num_out), ref.starts_O1.diff().long()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("D", [1, 7, 130])
+def test_combine_with_inverse_equals_without(dtype, D):
+    y = torch.randn(203, D).to(dtype)
+    index = rows_index(203, 41, seed=D)
+    inv = combine_index(index, 41, backend="cpu")
+    for w in (None, torch.rand(203)):
+        out = combine_rows(y, index, 41, w, backend="cpu", inverse=inv)
+        assert torch.equal(out, combine_rows(y, index, 41, w, backend="cpu"))
+        torch.testing.assert_close(out, masked_combine_reference(y, index, 41, w), atol=1e-6, rtol=1e-6)
+    assert torch.equal(combine_rows(y, index, 41, backend="reference", inverse=inv),
+                       masked_combine_reference(y, index, 41))
+
+
+@pytest.mark.parametrize("need", ["both", "y", "w"])
+def test_inverse_in_autograd_and_one_pass_backward(need):
+    index = rows_index(60, 13, seed=4)
+    inv = combine_index(index, 13, backend="cpu")
+    g = torch.Generator().manual_seed(3)
+    x0, y0, w0 = torch.randn(13, 24, generator=g), torch.randn(60, 24, generator=g), torch.rand(60, generator=g)
+    up_p, up_c = torch.randn(60, 24, generator=g), torch.randn(13, 24, generator=g)
+    got, want = [], []
+    for backend, sink, kw in (("cpu", got, dict(inverse=inv)), ("reference", want, {})):
+        x = x0.clone().requires_grad_()
+        y, w = y0.clone().requires_grad_(need != "w"), w0.clone().requires_grad_(need != "y")
+        ((permute_rows(x, index, backend=backend, **kw) * up_p).sum()
+         + (combine_rows(y, index, 13, w, backend=backend, **kw) * up_c).sum()).backward()
+        sink += [x.grad, y.grad, w.grad]
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    yd = torch.randn(60, 5, dtype=torch.float64, requires_grad=True)
+    wd = torch.rand(60, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: combine_rows(a, index, 13, b, backend="cpu", inverse=inv), (yd, wd))
+    xd = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: permute_rows(a, index, backend="cpu", inverse=inv), (xd,))
+
+
+def test_inverse_errors():
+    index = rows_index(20, 9, seed=1)
+    inv = combine_index(index, 9, backend="cpu")
+    y = torch.randn(20, 4)
+    with pytest.raises(ValueError, match="combine_index"):
+        combine_rows(y, index, 8, backend="cpu", inverse=inv)  # built for 9 output rows
+    with pytest.raises(TypeError, match="RowInverse"):
+        combine_rows(y, index, 9, backend="cpu", inverse=tuple(inv))
+    with pytest.raises(IndexError):
+        combine_index(torch.tensor([0, 9]), 9, backend="cpu")
+    with pytest.raises(IndexError):
+        combine_index(torch.tensor([0, 9]), 9, backend="reference")
 
 
 def test_send_plan_weights_are_differentiable():

@@ -3,12 +3,17 @@
 // send_plan(topk_idx_TK, expert_rank_E, expert_slot_E, ep_size) -> [token_S, send_counts_R, slots_SK]
 // expand_plan(slots_RK, num_local, align)                      -> [row_idx_N, pair_N, tokens_per_slot_L]
 // gather_rows(x_MD, index_S, weight_S?)                        -> out_SD   (out[s] = w[s] * x[index[s]])
-// combine_rows(y_ND, index_N, num_out, weight_N?)              -> out_OD   (out[index[n]] += w[n] * y[n])
+// combine_index(index_N, num_out)                             -> [starts_O1, rows_N]  (int32 CSR inverse)
+// combine_rows(y_ND, index_N, num_out, weight_N?, starts?, rows?) -> out_OD (out[index[n]] += w[n] * y[n])
+// combine_rows_backward(g_OD, y_ND?, index_N, weight_N?, need_y, need_w) -> [grad_y_ND?, grad_w_N?]
 // row_dot(y_ND, g_OD, index_N)                                 -> dot_N    (dot[n] = <y[n], g[index[n]]>)
 // Semantics follow piper_ds.ops.reference (send_plan_reference, expand_plan_reference, permute_rows_reference,
 // combine_rows_reference); plans are built by counting sorts. An index of -1 in gather/combine/row_dot means "no
-// row": a zero output row, a skipped input row. Accumulation is fp32 (fp64 for fp64 inputs). CUDA kernels live in
-// plan_kernels.cu and rows_kernels.cu and are compiled in when PIPER_WITH_CUDA is defined.
+// row": a zero output row, a skipped input row. Accumulation is fp32 (fp64 for fp64 inputs). combine_rows reads the
+// inverse of its index (the input rows of output row o are rows[starts[o]:starts[o+1]]): a caller that combines
+// over one index more than once builds it once with combine_index and passes it in; without it combine_rows
+// builds it per call. CUDA kernels live in plan_kernels.cu and rows_kernels.cu and are compiled in when
+// PIPER_WITH_CUDA is defined.
 // ATen + torch's pybind casters only: torch/extension.h would triple the compile time of this file.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,8 +31,11 @@ std::vector<at::Tensor> send_plan_cuda(const at::Tensor& idx, const at::Tensor& 
 std::vector<at::Tensor> expand_plan_cuda(const at::Tensor& slots, int64_t K, int64_t L, int64_t align);
 void gather_rows_cuda(const at::Tensor& x, const at::Tensor& index, const c10::optional<at::Tensor>& w,
                       at::Tensor& out);
-void combine_rows_cuda(const at::Tensor& y, const at::Tensor& index, const c10::optional<at::Tensor>& w,
-                       at::Tensor& out);
+void combine_index_cuda(const at::Tensor& index, int64_t O, at::Tensor& starts, at::Tensor& rows);
+void combine_rows_cuda(const at::Tensor& y, const at::Tensor& starts, const at::Tensor& rows,
+                       const c10::optional<at::Tensor>& w, at::Tensor& out);
+void combine_grad_cuda(const at::Tensor& g, const at::Tensor& y, const at::Tensor& index, const at::Tensor& w,
+                       at::Tensor& grad_y, at::Tensor& grad_w);
 void row_dot_cuda(const at::Tensor& y, const at::Tensor& g, const at::Tensor& index, at::Tensor& out);
 #define PIPER_CUDA_OR_FAIL(call) \
     do {                         \
@@ -144,26 +152,37 @@ void gather_rows_cpu(const at::Tensor& x, const at::Tensor& index, const acc_t* 
     });
 }
 
-template <typename scalar_t, typename acc_t>
-void combine_rows_cpu(const at::Tensor& y, const at::Tensor& index, const acc_t* w, at::Tensor& out) {
-    const int64_t N = index.size(0), D = y.size(1), O = out.size(0);
-    const scalar_t* yp = y.data_ptr<scalar_t>();
+// Stable counting sort of the rows by destination: output row o takes rows[starts[o]:starts[o+1]] in ascending
+// order; the entries past starts[O] (there are as many as rows with index -1) are -1.
+void combine_index_cpu(const at::Tensor& index, int64_t O, at::Tensor& starts, at::Tensor& rows) {
+    const int64_t N = index.size(0);
     const int64_t* ip = index.data_ptr<int64_t>();
+    int32_t* st = starts.data_ptr<int32_t>();
+    int32_t* ro = rows.data_ptr<int32_t>();
+    std::fill(st, st + O + 1, 0);
+    for (int64_t n = 0; n < N; ++n)
+        if (ip[n] >= 0) ++st[ip[n] + 1];
+    for (int64_t o = 0; o < O; ++o) st[o + 1] += st[o];
+    std::vector<int32_t> cursor(st, st + O);
+    std::fill(ro, ro + N, -1);
+    for (int64_t n = 0; n < N; ++n)
+        if (ip[n] >= 0) ro[cursor[ip[n]]++] = static_cast<int32_t>(n);
+}
+
+template <typename scalar_t, typename acc_t>
+void combine_rows_cpu(const at::Tensor& y, const at::Tensor& starts, const at::Tensor& rows, const acc_t* w,
+                      at::Tensor& out) {
+    const int64_t D = y.size(1), O = out.size(0);
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const int32_t* st = starts.data_ptr<int32_t>();
+    const int32_t* ro = rows.data_ptr<int32_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    std::vector<int64_t> start(O + 1, 0), order;  // stable counting sort of the rows by destination
-    for (int64_t n = 0; n < N; ++n)
-        if (ip[n] >= 0) ++start[ip[n] + 1];
-    for (int64_t o = 0; o < O; ++o) start[o + 1] += start[o];
-    order.resize(start[O]);
-    std::vector<int64_t> cursor(start.begin(), start.end() - 1);
-    for (int64_t n = 0; n < N; ++n)
-        if (ip[n] >= 0) order[cursor[ip[n]]++] = n;
     at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
         std::vector<acc_t> acc(D);
         for (int64_t o = o0; o < o1; ++o) {
             std::fill(acc.begin(), acc.end(), acc_t(0));
-            for (int64_t j = start[o]; j < start[o + 1]; ++j) {  // ascending n: the reference's order
-                const int64_t n = order[j];
+            for (int64_t j = st[o]; j < st[o + 1]; ++j) {  // ascending n: the reference's order
+                const int64_t n = ro[j];
                 const scalar_t* yr = yp + n * D;
                 if (w == nullptr) {
                     for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(yr[d]);
@@ -260,23 +279,67 @@ at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& index_in, const
     return out;
 }
 
+std::vector<at::Tensor> combine_index(const at::Tensor& index_in, int64_t num_out) {
+    check_long_tensor(index_in, "index");
+    PIPER_CHECK_VALUE(index_in.dim() == 1, "index must be 1-D, got shape ", index_in.sizes());
+    PIPER_CHECK_VALUE(num_out >= 0, "num_out must be >= 0, got ", num_out);
+    PIPER_CHECK_VALUE(index_in.size(0) < (int64_t(1) << 31), "combine_rows supports fewer than 2^31 rows, got ",
+                      index_in.size(0));
+    const at::Tensor index = index_in.contiguous();
+    at::Tensor starts, rows;
+    if (index.is_cuda()) {
+        PIPER_CUDA_OR_FAIL(combine_index_cuda(index, num_out, starts, rows));
+        return {starts, rows};
+    }
+    check_index_range(index, num_out, "combine_rows:");
+    starts = at::empty({num_out + 1}, index.options().dtype(at::kInt));
+    rows = at::empty({index.size(0)}, starts.options());
+    combine_index_cpu(index, num_out, starts, rows);
+    return {starts, rows};
+}
+
+// The caller's inverse of index (from combine_index): checked for dtype, shape and device only (its values are
+// trusted, as the index's are on the GPU).
+void check_inverse(const at::Tensor& starts, const at::Tensor& rows, const at::Tensor& y, int64_t num_out) {
+    PIPER_CHECK_TYPE(starts.scalar_type() == at::kInt && rows.scalar_type() == at::kInt,
+                     "the inverse (starts, rows) must be int32, got ", starts.scalar_type(), " and ",
+                     rows.scalar_type());
+    PIPER_CHECK_VALUE(starts.dim() == 1 && starts.size(0) == num_out + 1 && rows.dim() == 1 &&
+                          rows.size(0) == y.size(0),
+                      "the inverse must have shapes [", num_out + 1, "] and [", y.size(0), "], got ", starts.sizes(),
+                      " and ", rows.sizes());
+    check_same_device(y, starts, "y", "starts");
+    check_same_device(y, rows, "y", "rows");
+}
+
 at::Tensor combine_rows(const at::Tensor& y_in, const at::Tensor& index_in, int64_t num_out,
-                        const c10::optional<at::Tensor>& w_in) {
+                        const c10::optional<at::Tensor>& w_in, const c10::optional<at::Tensor>& starts_in,
+                        const c10::optional<at::Tensor>& rows_in) {
     check_rows(y_in, index_in, "y");
     PIPER_CHECK_VALUE(index_in.size(0) == y_in.size(0), "index has ", index_in.size(0), " entries but y has ",
                       y_in.size(0), " rows");
     PIPER_CHECK_VALUE(num_out >= 0, "num_out must be >= 0, got ", num_out);
-    const at::Tensor y = y_in.contiguous(), index = index_in.contiguous();
-    const auto w = prep_weight(w_in, y, index.size(0));
+    PIPER_CHECK_VALUE(starts_in.has_value() == rows_in.has_value(), "pass both halves of the inverse or neither");
+    const at::Tensor y = y_in.contiguous();
+    const auto w = prep_weight(w_in, y, y.size(0));
+    at::Tensor starts, rows;
+    if (starts_in.has_value()) {  // built once per plan by the caller: this call is the combine alone
+        check_inverse(*starts_in, *rows_in, y, num_out);
+        starts = starts_in->contiguous();
+        rows = rows_in->contiguous();
+    } else {
+        auto inv = combine_index(index_in, num_out);
+        starts = inv[0];
+        rows = inv[1];
+    }
     at::Tensor out = at::empty({num_out, y.size(1)}, y.options());
     if (y.is_cuda()) {
-        PIPER_CUDA_OR_FAIL(combine_rows_cuda(y, index, w, out));
+        PIPER_CUDA_OR_FAIL(combine_rows_cuda(y, starts, rows, w, out));
         return out;
     }
-    check_index_range(index, num_out, "combine_rows:");
     PIPER_DISPATCH_FLOATS(y.scalar_type(), "combine_rows_cpu", [&] {
         using acc_t = typename OpMath<scalar_t>::type;
-        combine_rows_cpu<scalar_t, acc_t>(y, index, w ? w->data_ptr<acc_t>() : nullptr, out);
+        combine_rows_cpu<scalar_t, acc_t>(y, starts, rows, w ? w->data_ptr<acc_t>() : nullptr, out);
     });
     return out;
 }
@@ -301,6 +364,41 @@ at::Tensor row_dot(const at::Tensor& y_in, const at::Tensor& g_in, const at::Ten
     return out;
 }
 
+// Gradients of combine_rows: grad_y[n] = w[n] * g[index[n]] (no weight: w = 1), grad_w[n] = <y[n], g[index[n]]>
+// in the weight's dtype. Each is computed only when asked for; both at once take one pass over the rows.
+std::vector<at::Tensor> combine_rows_backward(const at::Tensor& g_in, const c10::optional<at::Tensor>& y_in,
+                                              const at::Tensor& index_in, const c10::optional<at::Tensor>& w_in,
+                                              bool need_y, bool need_w) {
+    check_rows(g_in, index_in, "grad_out");
+    PIPER_CHECK_VALUE(!need_w || (y_in.has_value() && w_in.has_value()), "the weight gradient needs y and weight");
+    at::Tensor grad_y, grad_w;
+    if (need_w && need_y) {
+        const at::Tensor y = y_in->contiguous();
+        PIPER_CHECK_VALUE(y.dim() == 2 && y.size(0) == index_in.size(0) && y.size(1) == g_in.size(1), "y ",
+                          y.sizes(), " does not match index ", index_in.sizes(), " and grad_out ", g_in.sizes());
+        const at::Tensor g = g_in.to(y.scalar_type()).contiguous(), index = index_in.contiguous();
+        const auto w = prep_weight(w_in, y, y.size(0));
+        grad_y = at::empty_like(y);
+        grad_w = at::empty({y.size(0)}, w->options());
+        if (y.is_cuda()) {
+            PIPER_CUDA_OR_FAIL(combine_grad_cuda(g, y, index, *w, grad_y, grad_w));
+        } else {
+            check_index_range(index, g.size(0), "combine_rows backward:");
+            PIPER_DISPATCH_FLOATS(y.scalar_type(), "combine_grad_cpu", [&] {
+                using acc_t = typename OpMath<scalar_t>::type;
+                gather_rows_cpu<scalar_t, acc_t>(g, index, w->data_ptr<acc_t>(), grad_y);
+                row_dot_cpu<scalar_t, acc_t>(y, g, index, grad_w);
+            });
+        }
+    } else if (need_w) {
+        grad_w = row_dot(*y_in, g_in.to(y_in->scalar_type()), index_in);
+    } else if (need_y) {
+        grad_y = gather_rows(y_in.has_value() ? g_in.to(y_in->scalar_type()) : g_in, index_in, w_in);
+    }
+    if (grad_w.defined()) grad_w = grad_w.to(w_in->scalar_type());
+    return {grad_y, grad_w};
+}
+
 }  // namespace piper
 
 namespace py = pybind11;
@@ -313,8 +411,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("slots"), py::arg("num_local"), py::arg("align"));
     m.def("gather_rows", &piper::gather_rows, "out[s] = w[s] * x[index[s]] (zero row where index is -1)",
           py::arg("x"), py::arg("index"), py::arg("weight"));
-    m.def("combine_rows", &piper::combine_rows, "out[index[n]] += w[n] * y[n], fp32 accumulation", py::arg("y"),
-          py::arg("index"), py::arg("num_out"), py::arg("weight"));
+    m.def("combine_index", &piper::combine_index, "inverse of index (CSR): [starts int32 [num_out + 1], rows "
+          "int32 [N]]", py::arg("index"), py::arg("num_out"));
+    m.def("combine_rows", &piper::combine_rows, "out[index[n]] += w[n] * y[n], fp32 accumulation; (starts, rows) "
+          "from combine_index skip building the inverse", py::arg("y"), py::arg("index"), py::arg("num_out"),
+          py::arg("weight"), py::arg("starts") = py::none(), py::arg("rows") = py::none());
+    m.def("combine_rows_backward", &piper::combine_rows_backward, "[grad_y, grad_w] of combine_rows (None where not "
+          "needed), one pass when both are", py::arg("grad_out"), py::arg("y"), py::arg("index"), py::arg("weight"),
+          py::arg("need_y"), py::arg("need_w"));
     m.def("row_dot", &piper::row_dot, "dot[n] = <y[n], g[index[n]]> (0 where index is -1)", py::arg("y"),
           py::arg("g"), py::arg("index"));
     m.def("has_cuda", &piper::has_cuda, "whether CUDA kernels are compiled in");

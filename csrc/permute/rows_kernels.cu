@@ -1,11 +1,14 @@
-// Row movement kernels of the MoE dispatch: gather (permute), weighted combine (unpermute), row dot (weight grad).
+// Row movement kernels of the MoE dispatch: gather (permute), weighted combine (unpermute), the combine's backward
+// (gradient rows and weight gradients in one pass), row dot (weight grad alone).
 //
 // One warp per row, 16-byte vectors (scalar fallback when the row length or a pointer is not 16-byte aligned),
-// several vectors in flight per lane. combine builds the inverse of `index` (a CSR: counts by atomics, one scan,
-// a fill by atomics) and then gives each output row one warp that sums its inputs in fp32 registers and writes the
-// row once: every input row is read once and every output row written once, with no fp32 staging buffer. For an
-// output row with at most 32 inputs, the warp sorts them by input id first, so the sum runs in the reference's
-// order and is deterministic; rows with more inputs are summed in fill order.
+// several vectors in flight per lane. combine reads the inverse of `index` (a CSR: starts and input rows per
+// output row), which combine_index builds once per plan (counts by atomics, one scan, a fill by atomics) and every
+// combine over the same index reuses: a combine is then one launch. Each output row gets one warp that sums its
+// inputs in fp32 registers and writes the row once: every input row is read once and every output row written
+// once, with no fp32 staging buffer. For an output row with at most 32 inputs, the warp sorts them by input id
+// first, so the sum runs in the reference's order and is deterministic; rows with more inputs are summed in fill
+// order.
 #include "piper_cuda.cuh"
 
 namespace piper {
@@ -156,6 +159,56 @@ row_dot_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ g, c
     if (lane == 0) out[n] = dot;
 }
 
+// Backward of the weighted combine in one pass over the rows: g = grad_out[index[n]] is read once and gives both
+// grad_y[n] = w[n] * g (in y's dtype, as the weighted gather) and grad_w[n] = <y[n], g> (as row_dot).
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kRowsPerBlock * kWarp)
+combine_grad_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                    const int64_t* __restrict__ index, const acc_t* __restrict__ w, int64_t N, int64_t O, int64_t D,
+                    scalar_t* __restrict__ grad_y, acc_t* __restrict__ grad_w) {
+    const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+    if (n >= N) return;  // warp-uniform: one row per warp
+    const int lane = threadIdx.x % kWarp;
+    const int64_t i = index[n], nv = D / V;
+    CUDA_KERNEL_ASSERT(i >= -1 && i < O);
+    Vec<scalar_t, V>* dst = reinterpret_cast<Vec<scalar_t, V>*>(grad_y + n * D);
+    acc_t dot = 0;
+    if (i < 0) {  // a skipped input row: zero gradient row, zero weight gradient
+        Vec<scalar_t, V> zero;
+#pragma unroll
+        for (int k = 0; k < V; ++k) zero.v[k] = scalar_t(0);
+        for (int64_t c = lane; c < nv; c += kWarp) dst[c] = zero;
+    } else {
+        const Vec<scalar_t, V>* src = reinterpret_cast<const Vec<scalar_t, V>*>(g + i * D);
+        const Vec<scalar_t, V>* yr = reinterpret_cast<const Vec<scalar_t, V>*>(y + n * D);
+        const acc_t wt = w[n];
+        constexpr int U = 2;
+        for (int64_t c0 = lane; c0 < nv; c0 += kWarp * U) {
+            Vec<scalar_t, V> gb[U], yb[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (c0 + u * kWarp < nv) {
+                    gb[u] = src[c0 + u * kWarp];
+                    yb[u] = yr[c0 + u * kWarp];
+                }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (c0 + u * kWarp >= nv) continue;
+                Vec<scalar_t, V> r;
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const acc_t gv = static_cast<acc_t>(gb[u].v[k]);
+                    dot += static_cast<acc_t>(yb[u].v[k]) * gv;
+                    r.v[k] = static_cast<scalar_t>(gv * wt);
+                }
+                dst[c0 + u * kWarp] = r;
+            }
+        }
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) grad_w[n] = dot;
+}
+
 // 16-byte vectors when every row starts 16-byte aligned, else one element at a time.
 template <typename scalar_t>
 bool use_vec(int64_t D, std::initializer_list<const void*> ptrs) {
@@ -163,6 +216,19 @@ bool use_vec(int64_t D, std::initializer_list<const void*> ptrs) {
     for (const void* p : ptrs)
         if (!aligned16(p)) return false;
     return true;
+}
+
+// Calls launch(V, W) with V the vector width (a 16-byte vector or one element, as std::integral_constant) and W
+// whether rows are weighted (std::true_type / std::false_type): the one place that picks a kernel instantiation.
+template <typename scalar_t, typename F>
+void launch_rows(bool vec, bool weighted, F&& launch) {
+    using VV = std::integral_constant<int, vec16<scalar_t>()>;
+    using V1 = std::integral_constant<int, 1>;
+    if (vec) {
+        weighted ? launch(VV{}, std::true_type{}) : launch(VV{}, std::false_type{});
+    } else {
+        weighted ? launch(V1{}, std::true_type{}) : launch(V1{}, std::false_type{});
+    }
 }
 
 int64_t row_blocks(int64_t rows) { return (rows + kRowsPerBlock - 1) / kRowsPerBlock; }
@@ -178,62 +244,73 @@ void gather_rows_cuda(const at::Tensor& x, const at::Tensor& index, const c10::o
     PIPER_DISPATCH_FLOATS(x.scalar_type(), "gather_rows_cuda", [&] {
         using acc_t = typename OpMath<scalar_t>::type;
         const acc_t* wp = w.has_value() ? w->data_ptr<acc_t>() : nullptr;
-        const bool vec = use_vec<scalar_t>(D, {x.data_ptr(), out.data_ptr()});
-        auto launch = [&](auto vtag, auto wtag) {
+        launch_rows<scalar_t>(use_vec<scalar_t>(D, {x.data_ptr(), out.data_ptr()}), wp != nullptr,
+                              [&](auto vtag, auto wtag) {
             constexpr int V = decltype(vtag)::value;
             constexpr bool W = decltype(wtag)::value;
             gather_rows_kernel<scalar_t, acc_t, V, W><<<row_blocks(S), kRowsPerBlock * kWarp, 0, stream>>>(
                 x.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), wp, S, M, D, out.data_ptr<scalar_t>());
-        };
-        using VV = std::integral_constant<int, vec16<scalar_t>()>;
-        using V1 = std::integral_constant<int, 1>;
-        if (vec) {
-            wp ? launch(VV{}, std::true_type{}) : launch(VV{}, std::false_type{});
-        } else {
-            wp ? launch(V1{}, std::true_type{}) : launch(V1{}, std::false_type{});
-        }
+        });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void combine_rows_cuda(const at::Tensor& y, const at::Tensor& index, const c10::optional<at::Tensor>& w,
-                       at::Tensor& out) {
-    const int64_t N = index.size(0), O = out.size(0), D = y.size(1);
-    if (O == 0 || D == 0) return;
+void combine_index_cuda(const at::Tensor& index, int64_t O, at::Tensor& starts, at::Tensor& rows) {
+    const int64_t N = index.size(0);
     PIPER_CHECK_VALUE(N < (int64_t(1) << 31), "combine_rows supports fewer than 2^31 rows, got ", N);
-    const c10::cuda::CUDAGuard guard(y.device());
+    const c10::cuda::CUDAGuard guard(index.device());
     auto stream = c10::cuda::getCurrentCUDAStream();
-    at::Tensor cnt = at::zeros({O + 1}, y.options().dtype(at::kInt));
-    at::Tensor list = at::empty({N}, cnt.options());
+    at::Tensor cnt = at::zeros({O + 1}, index.options().dtype(at::kInt));
     if (N > 0) {
         csr_count_kernel<<<(N + 255) / 256, 256, 0, stream>>>(index.data_ptr<int64_t>(), N, O,
                                                               cnt.data_ptr<int32_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    at::Tensor ends = at::cumsum(cnt, 0, at::kInt);  // ends[O] = number of valid rows
+    starts = at::cumsum(cnt, 0, at::kInt);  // inclusive ends; the fill turns them into starts; [O] = valid rows
+    rows = at::full({N}, -1, cnt.options());
     if (N > 0) {
-        csr_fill_kernel<<<(N + 255) / 256, 256, 0, stream>>>(index.data_ptr<int64_t>(), N, ends.data_ptr<int32_t>(),
-                                                             list.data_ptr<int32_t>());
+        csr_fill_kernel<<<(N + 255) / 256, 256, 0, stream>>>(index.data_ptr<int64_t>(), N,
+                                                             starts.data_ptr<int32_t>(), rows.data_ptr<int32_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+}
+
+void combine_rows_cuda(const at::Tensor& y, const at::Tensor& starts, const at::Tensor& rows,
+                       const c10::optional<at::Tensor>& w, at::Tensor& out) {
+    const int64_t O = out.size(0), D = y.size(1);
+    if (O == 0 || D == 0) return;
+    const c10::cuda::CUDAGuard guard(y.device());
+    auto stream = c10::cuda::getCurrentCUDAStream();
     PIPER_DISPATCH_FLOATS(y.scalar_type(), "combine_rows_cuda", [&] {
         using acc_t = typename OpMath<scalar_t>::type;
         const acc_t* wp = w.has_value() ? w->data_ptr<acc_t>() : nullptr;
-        const bool vec = use_vec<scalar_t>(D, {y.data_ptr(), out.data_ptr()});
-        auto launch = [&](auto vtag, auto wtag) {
+        launch_rows<scalar_t>(use_vec<scalar_t>(D, {y.data_ptr(), out.data_ptr()}), wp != nullptr,
+                              [&](auto vtag, auto wtag) {
             constexpr int V = decltype(vtag)::value;
             constexpr bool W = decltype(wtag)::value;
             combine_rows_kernel<scalar_t, acc_t, V, W><<<row_blocks(O), kRowsPerBlock * kWarp, 0, stream>>>(
-                y.data_ptr<scalar_t>(), ends.data_ptr<int32_t>(), list.data_ptr<int32_t>(), wp, O, D,
+                y.data_ptr<scalar_t>(), starts.data_ptr<int32_t>(), rows.data_ptr<int32_t>(), wp, O, D,
                 out.data_ptr<scalar_t>());
-        };
-        using VV = std::integral_constant<int, vec16<scalar_t>()>;
-        using V1 = std::integral_constant<int, 1>;
-        if (vec) {
-            wp ? launch(VV{}, std::true_type{}) : launch(VV{}, std::false_type{});
-        } else {
-            wp ? launch(V1{}, std::true_type{}) : launch(V1{}, std::false_type{});
-        }
+        });
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void combine_grad_cuda(const at::Tensor& g, const at::Tensor& y, const at::Tensor& index, const at::Tensor& w,
+                       at::Tensor& grad_y, at::Tensor& grad_w) {
+    const int64_t N = index.size(0), O = g.size(0), D = y.size(1);
+    if (N == 0) return;
+    const c10::cuda::CUDAGuard guard(y.device());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    PIPER_DISPATCH_FLOATS(y.scalar_type(), "combine_grad_cuda", [&] {
+        using acc_t = typename OpMath<scalar_t>::type;
+        launch_rows<scalar_t>(use_vec<scalar_t>(D, {g.data_ptr(), y.data_ptr(), grad_y.data_ptr()}), true,
+                              [&](auto vtag, auto) {
+            constexpr int V = decltype(vtag)::value;
+            combine_grad_kernel<scalar_t, acc_t, V><<<row_blocks(N), kRowsPerBlock * kWarp, 0, stream>>>(
+                g.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), w.data_ptr<acc_t>(), N,
+                O, D, grad_y.data_ptr<scalar_t>(), grad_w.data_ptr<acc_t>());
+        });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -245,14 +322,12 @@ void row_dot_cuda(const at::Tensor& y, const at::Tensor& g, const at::Tensor& in
     auto stream = c10::cuda::getCurrentCUDAStream();
     PIPER_DISPATCH_FLOATS(y.scalar_type(), "row_dot_cuda", [&] {
         using acc_t = typename OpMath<scalar_t>::type;
-        const bool vec = use_vec<scalar_t>(D, {y.data_ptr(), g.data_ptr()});
-        auto launch = [&](auto vtag) {
+        launch_rows<scalar_t>(use_vec<scalar_t>(D, {y.data_ptr(), g.data_ptr()}), false, [&](auto vtag, auto) {
             constexpr int V = decltype(vtag)::value;
             row_dot_kernel<scalar_t, acc_t, V><<<row_blocks(N), kRowsPerBlock * kWarp, 0, stream>>>(
                 y.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), N, O, D,
                 out.data_ptr<acc_t>());
-        };
-        vec ? launch(std::integral_constant<int, vec16<scalar_t>()>{}) : launch(std::integral_constant<int, 1>{});
+        });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -5,7 +5,9 @@ Gating: :func:`piper_ds.ops.fused_gating` (CUDA op) against ``gating_reference``
 softmax), fp32 and bf16 logits, forward and forward+backward. Rows: ``permute_rows`` (gather) and
 ``combine_rows`` (weighted scatter-add) at T=16384, K=8, D in {2048, 7168}, bf16, against index_select /
 ``combine_rows_reference``; achieved bandwidth (bytes read + written, counted once) against a device-to-device
-copy measured in the same run.
+copy measured in the same run. ``combine_rows`` reads the inverse index built once per plan (``combine_index``,
+outside the timing), as a dispatcher does; ``combine_rows +index`` builds it in every call; ``combine_rows``
+fwd+bwd adds the backward (one pass: gradient rows and weight gradients) against the reference's autograd.
 
 Method: CUDA events around every call (launch overhead included), warm-up first, the median of the timed
 calls, inputs drawn fresh (non-zero random) and cycled from a pool larger than the L2 cache, and every
@@ -24,7 +26,7 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from piper_ds.ops import combine_rows, fused_gating, permute_rows
+from piper_ds.ops import combine_index, combine_rows, fused_gating, permute_rows
 from piper_ds.ops.reference import combine_rows_reference, gating_reference
 
 GATING_CASES = [  # name, T, E, K, score_func, n_groups, topk_groups, bias, scaling
@@ -107,31 +109,60 @@ def copy_rate(nbytes: int) -> Dict:
     return {"bytes": nbytes, "ms": ms, "tb_s": 2 * nbytes / ms / 1e9}
 
 
+def _combine_fwd_bwd(combine: Callable, y, weight_N, grad):
+    """One forward and backward of ``combine(y, w)`` with y and w requiring grad; grads are not accumulated."""
+    y, w = y.detach().requires_grad_(), weight_N.detach().requires_grad_()
+    torch.autograd.backward(combine(y, w), grad)
+
+
 def bench_rows(T: int, K: int, D: int, copy_tb_s: float) -> List[Dict]:
     dev, dtype = DEVICE, torch.bfloat16
     N, esize = T * K, dtype.itemsize
     routing = torch.rand(T, 256, device=dev).topk(K, dim=1).indices  # experts of each token
     token_N = torch.sort(routing.reshape(-1), stable=True).indices // K  # rows grouped by expert, as dispatched
     weight_N = torch.rand(N, device=dev)
+    inverse = combine_index(token_N, T, backend=BACKEND)  # once per plan
     xs = [torch.randn(T, D, device=dev, dtype=dtype) for _ in range(2)]
     ys = [torch.randn(N, D, device=dev, dtype=dtype) for _ in range(2)]
+    grad = torch.randn(T, D, device=dev, dtype=dtype)
     results = []
     ok_p = torch.equal(permute_rows(xs[0], token_N, backend=BACKEND), xs[0].index_select(0, token_N))
-    got = combine_rows(ys[0], token_N, T, weight_N, backend=BACKEND).float()
+    got = combine_rows(ys[0], token_N, T, weight_N, backend=BACKEND, inverse=inverse).float()
     want = combine_rows_reference(ys[0], token_N, T, weight_N).float()
     ok_c = torch.allclose(got, want, atol=2e-2, rtol=1e-2)  # bf16 outputs: one rounding apart at most
+    ok_c = ok_c and torch.equal(got, combine_rows(ys[0], token_N, T, weight_N, backend=BACKEND).float())
+    fused_c = lambda y, w: combine_rows(y, token_N, T, w, backend=BACKEND, inverse=inverse)  # noqa: E731
+    ref_c = lambda y, w: combine_rows_reference(y, token_N, T, w)  # noqa: E731
+    ok_b = _grads_agree(fused_c, ref_c, ys[0], weight_N, grad)
+    fwd_bytes = (N + T) * D * esize + N * 12
+    fwd_bwd = lambda y: _combine_fwd_bwd(fused_c, y, weight_N, grad)  # noqa: E731
     for name, fn, ref, nbytes, ok in (
             ("permute_rows", lambda x: permute_rows(x, token_N, backend=BACKEND),
              lambda x: x.index_select(0, token_N), 2 * N * D * esize + N * 8, ok_p),
-            ("combine_rows", lambda y: combine_rows(y, token_N, T, weight_N, backend=BACKEND),
-             lambda y: combine_rows_reference(y, token_N, T, weight_N), (N + T) * D * esize + N * 12, ok_c)):
+            ("combine_rows", lambda y: fused_c(y, weight_N), lambda y: ref_c(y, weight_N), fwd_bytes, ok_c),
+            ("combine_rows +index", lambda y: combine_rows(y, token_N, T, weight_N, backend=BACKEND),
+             lambda y: ref_c(y, weight_N), fwd_bytes, ok_c),
+            ("combine_rows", fwd_bwd,
+             lambda y: _combine_fwd_bwd(ref_c, y, weight_N, grad), fwd_bytes + 3 * N * D * esize + N * 16, ok_b)):
         data = xs if name == "permute_rows" else ys
         fused, reference = time_calls(fn, data), time_calls(ref, data)
         tb_s = nbytes / fused / 1e9
         results.append({"kind": "rows", "case": f"{name} T={T} K={K} D={D} bf16", "fused_ms": fused,
+                        "pass": "fwd+bwd" if fn is fwd_bwd else "fwd",
                         "reference_ms": reference, "speedup": reference / fused, "bytes": nbytes,
                         "tb_s": tb_s, "of_copy": tb_s / copy_tb_s, "check": "ok" if ok else "FAIL"})
     return results
+
+
+def _grads_agree(fused: Callable, ref: Callable, y, weight_N, grad) -> bool:
+    """The fused combine's gradients (y, weight) against the reference's autograd, to bf16 tolerance."""
+    out = []
+    for fn in (fused, ref):
+        yy, ww = y.detach().clone().requires_grad_(), weight_N.detach().clone().requires_grad_()
+        torch.autograd.backward(fn(yy, ww), grad)
+        out.append((yy.grad.float(), ww.grad.float()))
+    (gy, gw), (ry, rw) = out
+    return torch.allclose(gy, ry, atol=2e-2, rtol=1e-2) and torch.allclose(gw, rw, atol=1e-1, rtol=1e-2)
 
 
 def meta() -> Dict:
@@ -164,22 +195,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m piper_ds.bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="folder for kernels.json (none: print only)")
     p.add_argument("--quick", action="store_true", help="one row shape, forward-only gating")
+    p.add_argument("--only", choices=("gating", "rows"), default=None, help="run one half of the benchmark")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("python -m piper_ds.bench.kernels needs a CUDA GPU")
     torch.manual_seed(0)
     rows: List[Dict] = []
-    for case in GATING_CASES:
+    for case in (GATING_CASES if args.only != "rows" else []):
         for dtype in (torch.float32, torch.bfloat16):
             for backward in ((False,) if args.quick else (False, True)):
                 rows.append(bench_gating(*case, dtype=dtype, backward=backward))
                 print(rows[-1], flush=True)
-    row_cases = ROW_CASES[:1] if args.quick else ROW_CASES
-    copy = copy_rate(max(T * K * D for T, K, D in row_cases) * 2)
+    row_cases = [] if args.only == "gating" else ROW_CASES[:1] if args.quick else ROW_CASES
+    copy = copy_rate(max(T * K * D for T, K, D in row_cases or ROW_CASES[:1]) * 2)
     print(copy, flush=True)
     for T, K, D in row_cases:
         rows += bench_rows(T, K, D, copy["tb_s"])
-        print(rows[-2:], flush=True)
+        print(rows[-4:], flush=True)
     report = {"meta": meta(), "copy": copy, "results": rows}
     if args.out:
         os.makedirs(args.out, exist_ok=True)

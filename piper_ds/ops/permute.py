@@ -7,20 +7,27 @@ Each function computes exactly its reference in :mod:`piper_ds.ops.reference` an
   padding rows have ``row_idx_N == pair_N == -1`` and weight 0, and ``tokens_per_slot_L`` holds the padded sizes
   (the real counts are ``(row_idx_N >= 0)`` per group);
 * an index of -1 in ``permute_rows`` gives a zero row, and in ``combine_rows`` skips that input row;
-* fp64 rows accumulate in fp64 (gradcheck); every other dtype accumulates in fp32, as the reference does.
+* fp64 rows accumulate in fp64 (gradcheck); every other dtype accumulates in fp32, as the reference does;
+* ``combine_index(index, num_out)`` builds the inverse of a row index (a CSR, :class:`RowInverse`) that
+  ``combine_rows(..., inverse=)`` and the backward of ``permute_rows(..., inverse=)`` read. Build it once per
+  plan: every combine over that index (the forward combine, and the gather's backward) is then one kernel launch
+  instead of the inverse's build (about four launches) plus the combine. Without it each call builds its own.
+  The inverse is trusted: it must be ``combine_index`` of the same index and row count (checked: shapes, dtype,
+  device). The reference backend ignores it.
 
 Shapes: T tokens, K top-k, E experts, R ranks, S sent rows, N expanded rows, D model dim, L local experts.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from piper_ds.ops.reference import (ExpandPlan, SendPlan, combine_rows_reference, expand_plan_reference,
-                                    permute_rows_reference, send_plan_reference)
+from piper_ds.ops.reference import (ExpandPlan, RowInverse, SendPlan, combine_index_reference, combine_rows_reference,
+                                    expand_plan_reference, permute_rows_reference, send_plan_reference)
 
-__all__ = ["send_plan", "expand_plan", "permute_rows", "combine_rows", "SendPlan", "ExpandPlan"]
+__all__ = ["send_plan", "expand_plan", "combine_index", "permute_rows", "combine_rows", "SendPlan", "ExpandPlan",
+           "RowInverse"]
 
 
 def _get_op(device: torch.device, backend: str):
@@ -45,6 +52,21 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(x.shape)}")
+
+
+def _inverse_args(inverse: Optional[RowInverse], index: torch.Tensor, num_out: int) -> Tuple:
+    """(starts, rows) for the op, or (None, None); checks what is cheap to check (type, shapes, device)."""
+    if inverse is None:
+        return None, None
+    if not isinstance(inverse, RowInverse):
+        raise TypeError(f"inverse must be a RowInverse (from combine_index), got {type(inverse).__name__}")
+    starts, rows = inverse
+    if tuple(starts.shape) != (num_out + 1,) or tuple(rows.shape) != tuple(index.shape):
+        raise ValueError(f"inverse has shapes {tuple(starts.shape)} and {tuple(rows.shape)}, expected "
+                         f"({num_out + 1},) and {tuple(index.shape)}: build it with combine_index(index, {num_out})")
+    if starts.device != index.device or rows.device != index.device:
+        raise ValueError(f"inverse ({starts.device}) and index ({index.device}) must be on the same device")
+    return starts, rows
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -117,61 +139,87 @@ def expand_plan(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int
 
 
 # ------------------------------------------------------------------------------------------ row movement
+def combine_index(index: torch.Tensor, num_out: int, backend: str = "auto") -> RowInverse:
+    """The inverse of ``index`` over ``num_out`` output rows (see :class:`RowInverse`), built once per plan.
+
+    index int64 [N] with values in [-1, num_out). Pass the result as ``inverse=`` to every ``combine_rows`` over
+    this index and to ``permute_rows`` gathering from ``num_out`` rows by it (its backward is such a combine).
+    The CUDA op lists the rows of an output row in any order (the combine sorts up to 32 of them); the CPU op and
+    the reference list them in ascending order.
+    """
+    _check_index(index)
+    if num_out < 0:
+        raise ValueError(f"num_out must be >= 0, got {num_out}")
+    op = _get_op(index.device, backend)
+    if op is None:
+        if index.numel() and not (int(index.min()) >= -1 and int(index.max()) < num_out):
+            raise IndexError(f"combine_index: index values must lie in [-1, {num_out}), got "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        return combine_index_reference(index, num_out)
+    return RowInverse(*op.combine_index(index, int(num_out)))
+
+
 class _PermuteRows(torch.autograd.Function):
-    """out[s] = x[index[s]]; backward: grad_x = combine(grad_out, index) without weights."""
+    """out[s] = x[index[s]]; backward: grad_x = combine(grad_out, index) without weights, one launch when the
+    inverse of index is given."""
 
     @staticmethod
-    def forward(ctx, x, index, op):
-        ctx.save_for_backward(index)
+    def forward(ctx, x, index, starts, rows, op):
+        ctx.save_for_backward(index, starts, rows)
         ctx.num_rows, ctx.op = x.shape[0], op
         return op.gather_rows(x, index, None)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        (index,) = ctx.saved_tensors
-        return ctx.op.combine_rows(grad_out.contiguous(), index, ctx.num_rows, None), None, None
+        index, starts, rows = ctx.saved_tensors
+        return ctx.op.combine_rows(grad_out, index, ctx.num_rows, None, starts, rows), None, None, None, None
 
 
 class _CombineRows(torch.autograd.Function):
-    """out[index[n]] += w[n] * y[n]; backward: grad_y = w * grad_out[index], grad_w[n] = <y[n], grad_out[index[n]]>."""
+    """out[index[n]] += w[n] * y[n]; backward in one launch: grad_y = w * grad_out[index] and
+    grad_w[n] = <y[n], grad_out[index[n]]>. y is kept for backward only when the weight needs a gradient."""
 
     @staticmethod
-    def forward(ctx, y, index, num_out, weight, op):
-        ctx.save_for_backward(y, index, weight)
+    def forward(ctx, y, index, num_out, weight, starts, rows, op):
+        ctx.need_w = weight is not None and ctx.needs_input_grad[3]
+        ctx.save_for_backward(y if ctx.need_w else None, index, weight)
         ctx.op = op
-        return op.combine_rows(y, index, num_out, weight)
+        return op.combine_rows(y, index, num_out, weight, starts, rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         y, index, weight = ctx.saved_tensors
-        grad_out = grad_out.to(y.dtype).contiguous()
-        grad_y = ctx.op.gather_rows(grad_out, index, weight) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if weight is not None and ctx.needs_input_grad[3]:
-            grad_w = ctx.op.row_dot(y, grad_out, index).to(weight.dtype)
-        return grad_y, None, None, grad_w, None
+        grad_y, grad_w = ctx.op.combine_rows_backward(grad_out, y, index, weight, ctx.needs_input_grad[0],
+                                                      ctx.need_w)
+        return grad_y, None, None, grad_w, None, None, None
 
 
-def permute_rows(x: torch.Tensor, index: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Gathers rows: out[s] = x[index[s]] (zero row where index is -1). x [M, D], index int64 [S] -> [S, D]."""
+def permute_rows(x: torch.Tensor, index: torch.Tensor, backend: str = "auto",
+                 inverse: Optional[RowInverse] = None) -> torch.Tensor:
+    """Gathers rows: out[s] = x[index[s]] (zero row where index is -1). x [M, D], index int64 [S] -> [S, D].
+
+    ``inverse``: ``combine_index(index, M)``, read by the backward (a combine over index) instead of building it.
+    """
     _check_rows(x, "x")
     _check_index(index)
     op = _get_op(x.device, backend)
     if op is not None:
         if not (x.requires_grad and torch.is_grad_enabled()):
             return op.gather_rows(x, index, None)
-        return _PermuteRows.apply(x, index, op)
+        starts, rows = _inverse_args(inverse, index, x.shape[0])
+        return _PermuteRows.apply(x, index, starts, rows, op)
     valid = index >= 0
     return permute_rows_reference(x, index.clamp_min(0)).masked_fill(~valid[:, None], 0)
 
 
 def combine_rows(y: torch.Tensor, index: torch.Tensor, num_out: int, weight: Optional[torch.Tensor] = None,
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", inverse: Optional[RowInverse] = None) -> torch.Tensor:
     """Weighted scatter-add: out[index[n]] += weight[n] * y[n] (rows with index -1 skipped).
 
     y [N, D], index int64 [N], weight [N] or None -> [num_out, D] in y's dtype, accumulated in fp32.
+    ``inverse``: ``combine_index(index, num_out)`` built once per plan; the combine is then one kernel launch.
     """
     _check_rows(y, "y")
     _check_index(index)
@@ -183,10 +231,11 @@ def combine_rows(y: torch.Tensor, index: torch.Tensor, num_out: int, weight: Opt
         raise ValueError(f"weight must have shape ({y.shape[0]},), got {tuple(weight.shape)}")
     op = _get_op(y.device, backend)
     if op is not None:
+        starts, rows = _inverse_args(inverse, index, int(num_out))
         needs_grad = y.requires_grad or (weight is not None and weight.requires_grad)
         if not (needs_grad and torch.is_grad_enabled()):
-            return op.combine_rows(y, index, int(num_out), weight)
-        return _CombineRows.apply(y, index, int(num_out), weight, op)
+            return op.combine_rows(y, index, int(num_out), weight, starts, rows)
+        return _CombineRows.apply(y, index, int(num_out), weight, starts, rows, op)
     if num_out == 0:
         if bool((index >= 0).any()):
             raise IndexError(f"combine_rows: num_out is 0 but index holds row {int(index.max())}")

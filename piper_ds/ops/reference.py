@@ -189,6 +189,28 @@ def combine_rows_reference(y_ND: torch.Tensor, index_N: torch.Tensor, num_out: i
     return out.index_add_(0, index_N, acc).to(y_ND.dtype)
 
 
+class RowInverse(NamedTuple):
+    """Inverse of a row index ``index_N`` over ``num_out`` output rows, as a CSR.
+
+    starts_O1: int32 [num_out + 1]; the input rows of output row o are ``rows_N[starts_O1[o]:starts_O1[o + 1]]``.
+    rows_N: int32 [N]; ascending within each output row, then -1 for each input row with index -1.
+    """
+
+    starts_O1: torch.Tensor
+    rows_N: torch.Tensor
+
+
+def combine_index_reference(index_N: torch.Tensor, num_out: int) -> RowInverse:
+    """The inverse of ``index_N`` (values in [-1, num_out); -1 = no output row) by a stable sort."""
+    valid = index_N >= 0
+    counts = torch.bincount(index_N[valid], minlength=num_out)
+    starts = torch.zeros(num_out + 1, dtype=torch.int32, device=index_N.device)
+    starts[1:] = counts.cumsum(0)
+    order = torch.argsort(torch.where(valid, index_N, num_out), stable=True)
+    rows = torch.where(valid[order], order, -1).to(torch.int32)
+    return RowInverse(starts, rows)
+
+
 # ------------------------------------------------------------------------------------ whole-layer oracle
 def moe_reference(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                   w1_EDF: torch.Tensor, w2_EFD: torch.Tensor, w3_EDF: Optional[torch.Tensor]) -> torch.Tensor:
