@@ -47,6 +47,8 @@ def test_explicit_layouts_and_errors():
         L.parse_layouts("mb3", 2, 8, "bf16")
     with pytest.raises(ValueError, match="--steps"):
         L.parse_args(["--steps", "0"])
+    with pytest.raises(ValueError, match=r"--zero-stages \('1,3'\)"):
+        L.parse_args(["--zero-stages", "1,3"])
 
 
 def test_verdicts_and_top_choice():

@@ -70,6 +70,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name in ("top", "extra", "warmup"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} ({getattr(args, name)}) must be >= 0")
+    stages = args.zero_stages.split(",")
+    if not stages or any(z.strip() not in ("0", "1", "2") for z in stages):
+        raise ValueError(f"--zero-stages ({args.zero_stages!r}) must list stages among 0, 1, 2 "
+                         "(ZeRO-3 is rejected with MoE)")
     if args.steps < 1 or not 0 < args.mem_margin <= 1:
         raise ValueError(f"--steps ({args.steps}) must be >= 1 and --mem-margin ({args.mem_margin}) in (0, 1]")
     return args
