@@ -15,11 +15,11 @@ What it adds to ``PipelineEngine``:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.moe.utils import is_moe_param
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
@@ -47,19 +47,100 @@ def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
                       allow_cross_node_ep=allow_cross_node_ep)
 
 
-def moe_param_groups(model: torch.nn.Module) -> list:
-    """Trainable parameters in a dense group and one MoE group per EP group name; each exactly once."""
+#: DeepSpeed's cap on the elements of one MoE optimizer group (``split_params_into_different_moe_groups_for_optimizer``).
+MOE_GROUP_MAX_NUMEL = 178956971
+
+
+def _greedy(params: List[torch.nn.Parameter], max_numel: int) -> List[List[torch.nn.Parameter]]:
+    """DeepSpeed's cut: consecutive tensors up to ``max_numel`` elements per chunk, a larger tensor alone."""
+    out: List[List[torch.nn.Parameter]] = []
+    size = 0
+    for p in params:
+        if out and size + p.numel() <= max_numel:
+            out[-1].append(p)
+            size += p.numel()
+        else:
+            out.append([p])
+            size = p.numel()
+    return out
+
+
+def _chunks(params: List[torch.nn.Parameter], max_numel: int, count: int) -> List[List[torch.nn.Parameter]]:
+    """``params`` in order, cut into exactly ``count`` non-empty consecutive chunks: the greedy cut at
+    ``max_numel`` elements, or at the smallest larger cap that gives at most ``count`` chunks, then the chunk
+    with the most tensors halved until there are ``count``."""
+    if not 1 <= count <= len(params):
+        raise ValueError(f"cannot cut {len(params)} parameter tensors into {count} non-empty optimizer groups")
+    out = _greedy(params, max_numel)
+    if len(out) > count:  # merge: the smallest cap that needs no more than `count` chunks
+        low, high = max_numel, sum(p.numel() for p in params)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if len(_greedy(params, mid)) <= count else (mid + 1, high)
+        out = _greedy(params, low)
+    while len(out) < count:
+        i = max(range(len(out)), key=lambda j: len(out[j]))
+        half = len(out[i]) // 2
+        out[i:i + 1] = [out[i][:half], out[i][half:]]
+    return out
+
+
+def moe_param_groups(model: torch.nn.Module, pipe_group=None, max_group_numel: Optional[int] = None) -> list:
+    """Trainable parameters in one dense group and, per EP group name, MoE groups of at most
+    ``max_group_numel`` elements (None: DeepSpeed's cap, :data:`MOE_GROUP_MAX_NUMEL`); each parameter exactly once.
+
+    With ``pipe_group`` (the ranks of this rank's pipeline) every stage gets the same number of groups per name:
+    ZeRO all-reduces the gradient norm over the stages once per group, so unequal counts would deadlock.
+    """
+    import deepspeed.comm as dist
+    max_group_numel = MOE_GROUP_MAX_NUMEL if max_group_numel is None else max_group_numel
+    if max_group_numel < 1:
+        raise ValueError(f"max_group_numel must be >= 1, got {max_group_numel}")
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [g for g in split_params_into_different_moe_groups_for_optimizer([{"name": "params", "params": params}])
-              if g["params"]]
+    dense = [p for p in params if not is_moe_param(p)]
+    by_name: Dict[str, list] = {}
+    for p in params:
+        if is_moe_param(p):
+            by_name.setdefault(p.group_name, []).append(p)
+    names = sorted(by_name)
+    counts = [len(_greedy(by_name[n], max_group_numel)) for n in names]
+    if pipe_group is not None and dist.get_world_size(group=pipe_group) > 1:
+        counts = _agree_across_stages(pipe_group, bool(dense), names, counts, [len(by_name[n]) for n in names])
+    groups = [{"name": "params", "params": dense}] if dense else []
+    for name, count in zip(names, counts):
+        groups += [{"name": name, "moe": True, "params": chunk}
+                   for chunk in _chunks(by_name[name], max_group_numel, count)]
     seen = [id(p) for g in groups for p in g["params"]]
     if sorted(seen) != sorted(id(p) for p in params) or len(seen) != len(set(seen)):
         raise ValueError(f"optimizer groups hold {len(seen)} parameter entries for {len(params)} trainable "
                          "parameters: every parameter must be in exactly one group")
-    for g in groups:
-        if any(is_moe_param(p) != bool(g.get("moe", False)) for p in g["params"]):
-            raise ValueError(f"param group {g.get('name')!r} mixes expert and dense parameters")
     return groups
+
+
+def _agree_across_stages(pipe_group, has_dense: bool, names: List[str], counts: List[int],
+                         tensors: List[int]) -> List[int]:
+    """The number of MoE groups per name that every stage of the pipeline uses: the largest greedy count of any
+    stage, but no more than the fewest MoE tensors of any stage (a stage with more, larger layers then holds
+    more than the cap per group). ValueError, raised on every stage, when the stages differ in having dense
+    parameters or in their number of EP group names."""
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+    device = get_accelerator().current_device_name()
+    shape = torch.tensor([int(has_dense), len(names)], dtype=torch.int64, device=device)
+    low, high = shape.clone(), shape.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=pipe_group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=pipe_group)
+    if not torch.equal(low, high):
+        raise ValueError(f"pipeline stages differ in their optimizer group structure (dense parameters on some "
+                         f"stages only, or different EP group names; this stage: dense={has_dense}, MoE group names "
+                         f"{names}): every stage needs dense parameters and MoE layers of one ep_size")
+    if not names:
+        return counts
+    most = torch.tensor(counts, dtype=torch.int64, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=pipe_group)
+    fewest = torch.tensor(tensors, dtype=torch.int64, device=device)
+    dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=pipe_group)
+    return [int(c) for c in torch.minimum(most, fewest).tolist()]
 
 
 class PiperPipelineEngine(PipelineEngine):
@@ -86,8 +167,9 @@ class PiperPipelineEngine(PipelineEngine):
         self.piper_moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
         opt = kwargs.get("optimizer")
         if not isinstance(opt, torch.optim.Optimizer) and kwargs.get("model_parameters") is None:
-            kwargs["model_parameters"] = moe_param_groups(model)
+            kwargs["model_parameters"] = moe_param_groups(model, model.mpu().get_pipe_parallel_group())
         super().__init__(*args, **kwargs)
+        self._check_stage_group_counts()
         if self.piper_moe_layers:
             check_groups(self.mesh, dist.get_rank(), self.piper_moe_layers[0].expert_group_name)
         if schedule == "overlap" and self.micro_batch_size % 2:
@@ -95,6 +177,22 @@ class PiperPipelineEngine(PipelineEngine):
                              f"train_micro_batch_size_per_gpu ({self.micro_batch_size}) must be even")
         if timeline is not None:
             timeline.attach(self)
+
+    def _check_stage_group_counts(self) -> None:
+        """ZeRO all-reduces the gradient norm over the stages once per parameter group: unequal group counts
+        (say, from a user's own optimizer groups) would hang the first step, so they fail here instead."""
+        import deepspeed.comm as dist
+        groups = getattr(self.optimizer, "bit16_groups", None)
+        if groups is None or self.num_stages == 1:
+            return
+        count = torch.tensor([len(groups)], dtype=torch.int64, device=self.device)
+        low, high = count.clone(), count.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.grid.get_pipe_parallel_group())
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.grid.get_pipe_parallel_group())
+        if int(low) != int(high):
+            raise ValueError(f"pipeline stages have between {int(low)} and {int(high)} ZeRO parameter groups (stage "
+                             f"{self.stage_id}: {len(groups)}); every stage needs the same number, as "
+                             "piper_ds.pipeline.engine.moe_param_groups builds them")
 
     def _train_schedule(self):
         return make_schedule(self.piper_schedule, self.micro_batches, self.num_stages, self.stage_id)

@@ -143,6 +143,18 @@ class PiperPipelineModule(PipelineModule):
         if min(sizes) < 1:
             raise ValueError(f"partition {method!r} of {len(self._layer_specs)} layers into {self.num_stages} "
                              f"stages left a stage empty (layers per stage {sizes})")
+        moe_per_stage = [sum(1 for j in range(a, b) if self._is_moe_layer(j)) for a, b in zip(self.parts, self.parts[1:])]
+        if any(moe_per_stage) and not all(moe_per_stage):
+            # DeepSpeed builds the expert process groups and ZeRO reduces the gradient norm over the stages once
+            # per optimizer parameter group: a stage without MoE layers would issue different collectives.
+            raise ValueError(f"partition {method!r} gives stages without MoE layers (MoE layers per stage "
+                             f"{moe_per_stage}, layers per stage {sizes}); every stage needs at least one: use fewer "
+                             f"stages (pp={self.num_stages}) or fewer dense layers (n_dense_layers="
+                             f"{self.spec.n_dense_layers})")
+
+    def _is_moe_layer(self, j: int) -> bool:
+        """Whether layer spec ``j`` (0 = embedding, 1..n_layers = blocks, last = head) is an MoE block."""
+        return 1 <= j <= self.spec.n_layers and j - 1 >= self.spec.n_dense_layers
 
     def stage_costs(self) -> List[float]:
         """Planner weight of each stage under the current partition (for docs, tests and the benchmark)."""
