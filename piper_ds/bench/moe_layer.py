@@ -108,6 +108,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default=None, help="JSON file for the results (rank 0)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of PiperMoE (rank 0)")
+    ap.add_argument("--trace", default=None, help="with --profile: also write a Chrome trace to this path")
     args = ap.parse_args(argv)
     rank, ep = _init()
     rows = []
@@ -124,7 +125,7 @@ def main(argv=None):
             err = check_against_reference(layer, inputs[0], rank, ep) if peer == "piper" else float("nan")
             ms, mem = time_layer(layer, inputs, grads, args.warmup, args.iters)
             if args.profile and peer == "piper" and rank == 0:
-                _profile(layer, inputs, grads)
+                _profile(layer, inputs, grads, args.trace and f"{args.trace}.{key}.{kernels}.json")
             mats = 3 if args.activation == "swiglu" else 2
             useful = 3 * 2 * args.tokens * shape["k"] * mats * shape["d"] * shape["f"]
             row = dict(shape=key, peer=peer if peer == "stock" else f"piper[{kernels}]", ep=ep, ms=ms,
@@ -139,11 +140,19 @@ def main(argv=None):
     dist.destroy_process_group()
 
 
-def _profile(layer, inputs, grads):
+def _profile(layer, inputs, grads, trace=None):
+    """Prints the top CUDA kernels over 3 iterations and how busy the GPU was (kernel time / wall time)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        time_layer(layer, inputs, grads, warmup=0, iters=3)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        wall_ms, _ = time_layer(layer, inputs, grads, warmup=0, iters=3)
+    averages = prof.key_averages()
+    print(averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / 3
+    print(f"per iteration: {len(kernels) / 3:.0f} kernels, {busy_ms:.2f} ms kernel time, "
+          f"{wall_ms:.2f} ms wall (median, under the profiler)")
+    if trace:
+        prof.export_chrome_trace(trace)
 
 
 def _report(rows, out):

@@ -37,6 +37,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--schedules", default="1f1b,overlap")
     p.add_argument("--layouts", default="auto", help="'auto' or e.g. '2x2,1x4' (pp x ep)")
     p.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU/gloo smoke run")
+    p.add_argument("--watchdog", type=float, default=900.0,
+                   help="seconds after which every rank prints all thread stacks and exits non-zero (0: off)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher passes it
     return p.parse_args(argv)
 
@@ -162,8 +164,17 @@ def run(args) -> List[Dict[str, Any]]:
     world = dist.get_world_size()
     spec = _model_spec(args)
     prefix = os.path.splitext(args.out)[0]
-    results = [run_one(args, spec, pp, ep, s, prefix) for pp, ep in _layouts(args.layouts, world)
-               for s in args.schedules.split(",")]
+    results = []
+    for pp, ep in _layouts(args.layouts, world):
+        for schedule in args.schedules.split(","):
+            if dist.get_rank() == 0:
+                print(f"[bench.pipeline] pp={pp} ep={ep} {schedule}: {args.warmup} warm-up + {args.steps} steps",
+                      flush=True)
+            t0 = time.perf_counter()
+            results.append(run_one(args, spec, pp, ep, schedule, prefix))
+            if dist.get_rank() == 0:
+                print(f"[bench.pipeline] pp={pp} ep={ep} {schedule}: step {results[-1]['step_s']:.3f} s "
+                      f"({time.perf_counter() - t0:.0f} s in all)", flush=True)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump({"model": spec.to_block(), "world": world, "micro_batch": args.micro_batch,
@@ -187,7 +198,14 @@ def table(results: List[Dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.watchdog < 0:
+        raise ValueError(f"--watchdog must be >= 0 seconds, got {args.watchdog}")
+    if args.watchdog:
+        # A stuck collective must fail loudly with the stacks that show where, not hang the launcher.
+        import faulthandler
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
+    run(args)
     import deepspeed.comm as dist
     dist.barrier()
     dist.destroy_process_group()
