@@ -114,8 +114,10 @@ def main(argv=None) -> Dict[str, float]:
     if piper.model is None:
         raise SystemExit(f'{args.deepspeed_config}: examples/train.py needs a "piper": {{"model": ...}} block')
     spec = piper.model
+    # DeepSpeed's "activation_checkpointing" block (which the planner writes for checkpointed layouts) is our
+    # switch: the model then recomputes each block in backward.
     model = build_model(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size, stock_moe=args.stock_moe,
-                        seed=args.seed)
+                        seed=args.seed, activation_checkpointing="activation_checkpointing" in ds_config)
     engine, _, _, _ = piper_ds.initialize(args=args, model=model)
     rank, world = dist.get_rank(), dist.get_world_size()
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()

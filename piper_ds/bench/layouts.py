@@ -21,7 +21,7 @@ on CPU (gloo, fp32) for smoke tests.
 Model: ``--model`` (a preset or a ds_config JSON's piper.model block, default xmoe-small-swiglu) with
 ``--n-shared-experts`` (default 2) and ``--n-layers`` (default ``auto``: the most layers <= 14 for which dp N,
 ep 1, ZeRO-1, micro-batch 4 is predicted under ``--mem-margin`` x HBM: 14 on 2 H200, 9 on 1).
-Activation checkpointing: every block runs under ``torch.utils.checkpoint`` (see :func:`checkpoint_blocks`).
+Activation checkpointing: the model recomputes every block in backward (``build_model(activation_checkpointing=)``).
 """
 from __future__ import annotations
 
@@ -203,18 +203,6 @@ def fast_init(device: torch.device) -> Iterator[None]:
         GroupedExperts._init = original
 
 
-def checkpoint_blocks(model) -> None:
-    """Runs every transformer block under ``torch.utils.checkpoint`` (full recomputation in backward).
-
-    Reentrant: the non-reentrant variant's saved-tensor hooks refuse a second ``ctx.saved_tensors`` read,
-    which ``piper_ds.moe.rows.CombineRows.backward`` does."""
-    from torch.utils.checkpoint import checkpoint
-    for block in model.blocks:
-        def run(inputs, _forward=block.forward):
-            return checkpoint(lambda h, aux: _forward((h, aux)), *inputs, use_reentrant=True)
-        block.forward = run
-
-
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -264,9 +252,8 @@ def run_one(spec: ModelSpec, est: Estimate, role: str, args) -> Dict[str, Any]:
     cfg = ds_config(spec, est, args, int(local) if local else dist.get_world_size())
     t0 = time.perf_counter()
     with fast_init(device):
-        model = build_model(spec, cfg["piper"]["moe"], ep_size=lay.ep, seed=1234)
-    if lay.activation_checkpointing:
-        checkpoint_blocks(model)
+        model = build_model(spec, cfg["piper"]["moe"], ep_size=lay.ep, seed=1234,
+                            activation_checkpointing=lay.activation_checkpointing)
     engine, *_ = piper_ds.initialize(model=model, config=cfg)
     setup_s = time.perf_counter() - t0
     after_init = torch.cuda.memory_allocated() if cuda else 0

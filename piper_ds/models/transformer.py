@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from piper_ds.config import merge_moe_with_model
 from piper_ds.models.layers import Attention, Block, DenseFFN, Embedding, Head, PiperMoEFFN
@@ -32,15 +33,19 @@ class MoETransformer(nn.Module):
         ep_size: expert-parallel group size of every MoE layer.
         stock_moe: build the MoE layers on stock ``deepspeed.moe.layer.MoE`` (capacity ``stock_capacity``,
             token dropping) instead of :class:`PiperMoE` — for the side-by-side benchmark.
+        activation_checkpointing: recompute each block in backward (non-reentrant ``torch.utils.checkpoint``):
+            only the block inputs stay alive between forward and backward. Recomputing an MoE block repeats its
+            routing and its all-to-alls. May be switched later through the attribute of the same name.
 
     ``forward(ids [B, S] int64) -> (logits [B, S, V], aux_loss fp32 scalar)``; ``aux_loss`` already carries
     the coefficients: train on ``model.loss(logits, targets) + aux_loss``.
     """
 
     def __init__(self, spec: ModelSpec, moe: Union[MoEConfig, Dict[str, Any], None] = None, ep_size: int = 1,
-                 stock_moe: bool = False, stock_capacity: float = 1.25):
+                 stock_moe: bool = False, stock_capacity: float = 1.25, activation_checkpointing: bool = False):
         super().__init__()
         self.spec, self.ep_size, self.stock_moe = spec, ep_size, stock_moe
+        self.activation_checkpointing = bool(activation_checkpointing)
         self.moe_config = merge_moe_with_model(spec, moe)
         if spec.num_experts % ep_size:
             raise ValueError(f"num_experts ({spec.num_experts}) must be divisible by ep_size ({ep_size})")
@@ -72,8 +77,12 @@ class MoETransformer(nn.Module):
             raise ValueError(f"input has {ids_BS.shape[-1]} tokens per sequence, more than seq_len "
                              f"({self.spec.seq_len})")
         out: Any = ids_BS
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers():
-            out = layer(out)
+            if recompute and isinstance(layer, Block):
+                out = checkpoint(layer, out, use_reentrant=False)
+            else:
+                out = layer(out)
         return out
 
     @staticmethod
@@ -132,7 +141,8 @@ def _init_linear(module: nn.Module, std: float, out_proj: Optional[nn.Linear], n
 
 
 def build_model(spec: Union[ModelSpec, Dict[str, Any], str], moe: Union[MoEConfig, Dict[str, Any], None] = None,
-                ep_size: int = 1, stock_moe: bool = False, seed: Optional[int] = None) -> MoETransformer:
+                ep_size: int = 1, stock_moe: bool = False, seed: Optional[int] = None,
+                activation_checkpointing: bool = False) -> MoETransformer:
     """A :class:`MoETransformer` from a spec, a ``"piper.model"`` block or a preset name.
 
     ``seed``: when given, seeds torch's global RNG first, so every rank builds identical dense weights and
@@ -144,4 +154,5 @@ def build_model(spec: Union[ModelSpec, Dict[str, Any], str], moe: Union[MoEConfi
         spec = ModelSpec.from_block(spec)
     if seed is not None:
         torch.manual_seed(seed)
-    return MoETransformer(spec, moe, ep_size=ep_size, stock_moe=stock_moe)
+    return MoETransformer(spec, moe, ep_size=ep_size, stock_moe=stock_moe,
+                          activation_checkpointing=activation_checkpointing)

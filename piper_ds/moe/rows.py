@@ -77,11 +77,12 @@ class CombineRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_RD: torch.Tensor):
-        pos_N = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors  # read once: non-reentrant checkpointing refuses a second unpack
+        pos_N = saved[0]
         g_ND = grad_RD.index_select(0, torch.div(pos_N, ctx.fan, rounding_mode="floor"))
-        if len(ctx.saved_tensors) == 1:
+        if len(saved) == 1:
             return g_ND, None, None, None, None
-        _, y_ND, weight_N = ctx.saved_tensors
+        _, y_ND, weight_N = saved
         grad_y = g_ND * weight_N.to(g_ND.dtype)[:, None] if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[4]:
