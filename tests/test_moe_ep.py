@@ -21,6 +21,9 @@ CASES = {
                                        tokens=[10, 0, 6, 8], skew=True),
     "capacity-1.0-top4": dict(config=dict(top_k=4, capacity_factor=1.0, n_shared_experts=2),
                               tokens=[16, 12, 9, 13], skew=False),
+    # the built-in planning and row movement (piper_ds.moe.rows) instead of piper_ds.ops
+    "reference-kernels-top3": dict(config=dict(top_k=3, kernels="reference", n_shared_experts=1),
+                                   tokens=[7, 12, 0, 9], skew=False),
 }
 
 

@@ -32,6 +32,26 @@ class Ops:
 
     send_plan: object = None
     expand_plan: object = None
+    rows_backend: Optional[str] = None  # fused row gather/combine (piper_ds.ops.permute) on this backend
+
+    def gather(self, x_MD: torch.Tensor, pos_N: torch.Tensor, fan: int):
+        """Rows ``x[pos // fan]`` and the handle that :meth:`combine` over the same rows takes."""
+        if self.rows_backend is None:
+            return rows.gather_rows(x_MD, pos_N, fan), (pos_N, fan, None)
+        from piper_ds.ops import permute
+        row_N = torch.div(pos_N, fan, rounding_mode="floor")
+        # the inverse index (a CSR of the rows of each source row), built once: the gather's backward and the
+        # combine over the same rows are then one launch each
+        inverse = permute.combine_index(row_N, x_MD.shape[0], backend=self.rows_backend)
+        return permute.permute_rows(x_MD, row_N, backend=self.rows_backend, inverse=inverse), (row_N, fan, inverse)
+
+    def combine(self, y_ND: torch.Tensor, handle, num_out: int, weight_N: Optional[torch.Tensor] = None):
+        """out[r] = sum of weight[n] * y[n] over the rows n that :meth:`gather` took from row r: [num_out, D]."""
+        index_N, fan, inverse = handle
+        if self.rows_backend is None:
+            return rows.combine_rows(y_ND, index_N, num_out, fan, weight_N)
+        from piper_ds.ops import permute
+        return permute.combine_rows(y_ND, index_N, num_out, weight_N, backend=self.rows_backend, inverse=inverse)
 
 
 def _send_plan(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, placement: ExpertPlacement):
@@ -80,14 +100,14 @@ class DispatchState:
 
     num_tokens: int
     ep_size: int
-    send_pos_S: Optional[torch.Tensor]  # token * ep_size + rank of every sent row; None: rows are the tokens
+    send_rows: Optional[tuple]  # Ops.gather's handle of the sent rows; None: the rows are the tokens
     send_counts: List[int]
     recv_counts: List[int]
     x_send_SD: Optional[torch.Tensor] = None
     meta_send_SK2: Optional[torch.Tensor] = None
     x_recv_RD: Optional[torch.Tensor] = None
     meta_recv_RK2: Optional[torch.Tensor] = None
-    pair_N: Optional[torch.Tensor] = None
+    pair_rows: Optional[tuple] = None  # Ops.gather's handle of the expanded rows
     weight_N: Optional[torch.Tensor] = None
     tokens_per_slot_L: Optional[torch.Tensor] = None
     exchange_plan: Optional[object] = None  # the transport's own plan, when it makes one
@@ -118,8 +138,8 @@ def preprocess(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: t
         state = DispatchState(T, ep, None, counts[0], counts[1], x_send_SD=x_TD)
     else:
         rank_S = torch.repeat_interleave(torch.arange(ep, device=x_TD.device), send_counts_R, output_size=sent)
-        pos = plan.token_idx_S * ep + rank_S
-        state = DispatchState(T, ep, pos, counts[0], counts[1], x_send_SD=rows.gather_rows(x_TD, pos, ep))
+        x_send_SD, handle = ops.gather(x_TD, plan.token_idx_S * ep + rank_S, ep)
+        state = DispatchState(T, ep, handle, counts[0], counts[1], x_send_SD=x_send_SD)
     state.meta_send_SK2 = meta
     state.exchange_plan = exchange_plan
     return state
@@ -146,19 +166,19 @@ def postprocess(state: DispatchState, num_local: int, ops: Ops) -> torch.Tensor:
     pair = plan.pair_N
     if pair is None:  # an implementation without pair positions: rebuild them from (row, slot)
         pair = _pair_positions(slots, plan.row_idx_N, plan.tokens_per_slot_L)
-    state.pair_N, state.weight_N, state.tokens_per_slot_L = pair, plan.weight_N, plan.tokens_per_slot_L
-    return rows.gather_rows(state.x_recv_RD, pair, K)
+    state.weight_N, state.tokens_per_slot_L = plan.weight_N, plan.tokens_per_slot_L
+    h_ND, state.pair_rows = ops.gather(state.x_recv_RD, pair, K)
+    return h_ND
 
 
-def combine(state: DispatchState, y_ND: torch.Tensor, transport: Transport) -> torch.Tensor:
+def combine(state: DispatchState, y_ND: torch.Tensor, transport: Transport, ops: Ops) -> torch.Tensor:
     """Weighted per-row sum at the expert rank, reverse exchange, sum per source token: [T, D]."""
-    K = state.meta_recv_RK2.shape[1] // 2
-    y_recv = rows.combine_rows(y_ND, state.pair_N, state.x_recv_RD.shape[0], K, state.weight_N)
+    y_recv = ops.combine(y_ND, state.pair_rows, state.x_recv_RD.shape[0], state.weight_N)
     reverse = state.exchange_plan.reversed() if state.exchange_plan is not None else None
     y_back = _send(transport, y_recv, state.recv_counts, state.send_counts, reverse)
-    if state.send_pos_S is None:
+    if state.send_rows is None:
         return y_back
-    return rows.combine_rows(y_back, state.send_pos_S, state.num_tokens, state.ep_size)
+    return ops.combine(y_back, state.send_rows, state.num_tokens)
 
 
 def _pair_positions(slots_RK: torch.Tensor, row_idx_N: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ def _select_ops(kind: str) -> Tuple[dispatch.Ops, Any]:
         return dispatch.Ops(), None
     backend = "cuda" if kind == "cuda" else "auto"
     ops = dispatch.Ops(send_plan=functools.partial(permute.send_plan, backend=backend),
-                       expand_plan=functools.partial(permute.expand_plan, backend=backend))
+                       expand_plan=functools.partial(permute.expand_plan, backend=backend), rows_backend=backend)
     return ops, functools.partial(gating.fused_gating, backend=backend)
 
 
@@ -170,7 +170,7 @@ class PiperMoE(MoE):
         state = dispatch.dispatch(state, core.transport)
         h_ND = dispatch.postprocess(state, self.num_local_experts, self.ops)
         y_ND = core.experts(h_ND, state.tokens_per_slot_L)
-        out = dispatch.combine(state, y_ND, core.transport)
+        out = dispatch.combine(state, y_ND, core.transport, self.ops)
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(x_TD)
         l_aux = route.aux_loss + route.z_loss
