@@ -77,6 +77,33 @@ def test_gating_cuda_gradients(score_func):
         lambda t: fused_gating(t, 3, score_func, bias[:16].double(), 4, 2, True, 1.5, backend="cuda")[1:3], (x,))
 
 
+@pytest.mark.parametrize("T,E,dtype", [(0, 64, torch.float32), (1, 64, torch.bfloat16), (2053, 64, torch.bfloat16),
+                                       (777, 96, torch.float32), (129, 256, torch.float16)])
+@pytest.mark.parametrize("use", ["both", "weights", "scores"])
+def test_gating_cuda_autograd_node(T, E, dtype, use):
+    """The C++ autograd node: gradients of either or both outputs, zero tokens, dtypes; counts start from zero."""
+    base = distinct_logits(T, E, dtype, seed=T + 3, device=DEV)
+    bias = random_bias(E, device=DEV)
+    gw, gs = torch.randn(T, 6, device=DEV), torch.randn(T, E, device=DEV)
+    grads, outs = [], []
+    for backend in ("cuda", "reference"):
+        x = base.clone().requires_grad_()
+        out = fused_gating(x, 6, "softmax", bias, 4, 2, True, 1.5, backend=backend)
+        outs.append(out)
+        loss = (out.topk_weights_TK * gw).sum() * (use != "scores") + (out.scores_TE * gs).sum() * (use != "weights")
+        loss.backward()
+        grads.append(x.grad)
+    assert_gating_equal(outs[0], outs[1])
+    assert outs[0].topk_weights_TK.grad_fn is not None and outs[0].topk_idx_TK.grad_fn is None
+    assert grads[0].dtype == dtype and grads[0].shape == (T, E)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(grads[0].float(), grads[1].float(), **tol)
+    again = fused_gating(base.clone().requires_grad_(), 6, "softmax", bias, 4, 2, True, 1.5, backend="cuda")
+    assert torch.equal(again.tokens_per_expert_E, outs[1].tokens_per_expert_E)  # not accumulated across calls
+    with torch.no_grad():  # no graph: the plain forward, same results
+        assert_gating_equal(fused_gating(base, 6, "softmax", bias, 4, 2, True, 1.5, backend="cuda"), outs[1])
+
+
 @pytest.mark.parametrize("T,E,K,R", [(0, 8, 2, 2), (5, 8, 1, 1), (4097, 256, 8, 8), (1000, 64, 6, 4),
                                      (333, 9, 3, 3)])
 def test_plans_cuda_equal_reference(T, E, K, R):

@@ -4,12 +4,16 @@
 //     -> [topk_idx_TK int64, topk_weights_TK, scores_TE, tokens_per_expert_E int64]
 // backward(grad_weights_TK?, grad_scores_TE?, scores_TE, topk_idx_TK, score_func, normalize, scaling, dtype)
 //     -> grad_logits_TE
+// forward_autograd(same arguments as forward) -> forward's outputs, recorded for autograd: weights and scores
+//     flow back to the logits through backward, in C++ (no Python in the backward pass, nothing but the scores
+//     and the indices saved). Not differentiable twice.
 // Semantics are those of piper_ds.ops.reference.gating_reference. Weights and scores are fp32 (fp64 when the
 // logits are fp64). Ties in a selection prefer the lower expert (or group) id; NaN scores are selected last.
 // The CUDA kernels live in gating_kernels.cu and are compiled in when PIPER_WITH_CUDA is defined.
-// ATen + torch's pybind casters only: torch/extension.h would triple the compile time of this file.
+// ATen, torch's C++ custom-function header and pybind casters: torch/extension.h would triple the compile time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -180,7 +184,7 @@ std::vector<at::Tensor> gating_forward(const at::Tensor& logits_in, int64_t top_
     at::Tensor idx = at::empty({T, top_k}, opts.dtype(at::kLong));
     at::Tensor weights = at::empty({T, top_k}, opts.dtype(acc));
     at::Tensor scores = at::empty({T, E}, opts.dtype(acc));
-    at::Tensor counts = at::zeros({E}, opts.dtype(at::kLong));
+    at::Tensor counts = at::empty({E}, opts.dtype(at::kLong));  // zeroed by the CUDA path or below
     if (logits.is_cuda()) {
 #ifdef PIPER_WITH_CUDA
         gating_forward_cuda(logits, bias, top_k, score_func, n_groups, topk_groups, normalize, scaling, idx, weights,
@@ -191,6 +195,7 @@ std::vector<at::Tensor> gating_forward(const at::Tensor& logits_in, int64_t top_
 #endif
     }
     PIPER_CHECK_VALUE(logits.is_cpu(), "gating: unsupported device ", logits.device());
+    counts.zero_();
     PIPER_DISPATCH_FLOATS(logits.scalar_type(), "gating_forward_cpu", [&] {
         gating_forward_cpu<scalar_t>(logits, bias, top_k, score_func, n_groups, topk_groups, normalize, scaling, idx,
                                      weights, scores);
@@ -229,6 +234,49 @@ at::Tensor gating_backward(const c10::optional<at::Tensor>& grad_w_in, const c10
     return grad_logits;
 }
 
+namespace {
+
+// The autograd node of the fused router, in C++: the engine calls backward without taking the GIL, and the
+// forward records the graph without a Python ctx object.
+struct GatingFunction : public torch::autograd::Function<GatingFunction> {
+    static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                                                  const c10::optional<at::Tensor>& bias, int64_t top_k,
+                                                  int64_t score_func, int64_t n_groups, int64_t topk_groups,
+                                                  bool normalize, double scaling) {
+        auto out = gating_forward(logits, top_k, score_func, bias, n_groups, topk_groups, normalize, scaling);
+        ctx->save_for_backward({out[2], out[0]});  // scores, indices
+        ctx->saved_data["score_func"] = score_func;
+        ctx->saved_data["normalize"] = normalize;
+        ctx->saved_data["scaling"] = scaling;
+        ctx->saved_data["dtype"] = static_cast<int64_t>(logits.scalar_type());
+        ctx->mark_non_differentiable({out[0], out[3]});
+        ctx->set_materialize_grads(false);  // an unused output's gradient arrives undefined: nothing to read
+        return out;
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+        torch::autograd::variable_list result(8);  // logits, bias, then six non-tensor arguments
+        const at::Tensor &g_w = grads[1], &g_s = grads[2];
+        if (!g_w.defined() && !g_s.defined()) return result;
+        const auto saved = ctx->get_saved_variables();
+        const auto& d = ctx->saved_data;
+        result[0] = gating_backward(g_w.defined() ? c10::optional<at::Tensor>(g_w) : c10::nullopt,
+                                    g_s.defined() ? c10::optional<at::Tensor>(g_s) : c10::nullopt, saved[0],
+                                    saved[1], d.at("score_func").toInt(), d.at("normalize").toBool(),
+                                    d.at("scaling").toDouble(), static_cast<at::ScalarType>(d.at("dtype").toInt()));
+        return result;
+    }
+};
+
+}  // namespace
+
+std::vector<at::Tensor> gating_forward_autograd(const at::Tensor& logits, int64_t top_k, int64_t score_func,
+                                                const c10::optional<at::Tensor>& bias, int64_t n_groups,
+                                                int64_t topk_groups, bool normalize, double scaling) {
+    return GatingFunction::apply(logits, bias, top_k, score_func, n_groups, topk_groups, normalize, scaling);
+}
+
 }  // namespace piper
 
 namespace py = pybind11;
@@ -241,5 +289,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("backward", &piper::gating_backward, "grad of the logits from grads of weights and scores",
           py::arg("grad_weights"), py::arg("grad_scores"), py::arg("scores"), py::arg("topk_idx"),
           py::arg("score_func"), py::arg("normalize"), py::arg("scaling"), py::arg("logits_dtype"));
+    m.def("forward_autograd", &piper::gating_forward_autograd, "forward, recorded for autograd (C++ backward)",
+          py::arg("logits"), py::arg("top_k"), py::arg("score_func"), py::arg("bias"), py::arg("n_groups"),
+          py::arg("topk_groups"), py::arg("normalize"), py::arg("scaling"));
     m.def("has_cuda", &piper::has_cuda, "whether CUDA kernels are compiled in");
 }

@@ -281,8 +281,11 @@ void gating_forward_cuda(const at::Tensor& logits, const c10::optional<at::Tenso
                          at::Tensor& idx, at::Tensor& weights, at::Tensor& scores, at::Tensor& counts) {
     const int64_t T = logits.size(0), E = logits.size(1);
     check_cuda_limits(E, top_k, n_groups);
-    if (T == 0) return;
     const c10::cuda::CUDAGuard guard(logits.device());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    // counts arrive uninitialised: one memset on the stream (at::zeros would be a fill kernel through the dispatcher)
+    C10_CUDA_CHECK(cudaMemsetAsync(counts.data_ptr(), 0, counts.nbytes(), stream));
+    if (T == 0) return;
     const int epl = experts_per_lane(E);
     const int P = static_cast<int>(E / n_groups);
     int lpg = 0;  // fast group merge: a group is a power-of-two number of whole lanes
@@ -292,7 +295,6 @@ void gating_forward_cuda(const at::Tensor& logits, const c10::optional<at::Tenso
     a.vec = E == epl * kWarp && aligned16(logits.data_ptr()) && aligned16(scores.data_ptr());
     const int64_t blocks = fill_grid((T + kWarpsPerBlock - 1) / kWarpsPerBlock, 4);
     const size_t smem = static_cast<size_t>(E) * sizeof(int);
-    auto stream = c10::cuda::getCurrentCUDAStream();
     PIPER_DISPATCH_FLOATS(logits.scalar_type(), "gating_forward_cuda", [&] {
         using acc_t = typename OpMath<scalar_t>::type;
         const acc_t* b = bias.has_value() ? bias->data_ptr<acc_t>() : nullptr;

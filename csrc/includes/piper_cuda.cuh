@@ -9,6 +9,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
+
 #include "piper_common.h"
 
 namespace piper {
@@ -47,12 +49,23 @@ constexpr int vec16() {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Multiprocessors of the current device, asked once per device (a kernel launch path runs this every call).
+inline int sm_count() {
+    constexpr int kMaxDevices = 64;
+    static std::atomic<int> cached[kMaxDevices] = {};
+    int device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    int sms = device < kMaxDevices ? cached[device].load(std::memory_order_relaxed) : 0;
+    if (sms == 0) {
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+        if (device < kMaxDevices) cached[device].store(sms, std::memory_order_relaxed);
+    }
+    return sms;
+}
+
 // Number of blocks for a grid-stride kernel: enough to fill the GPU, never more than the work needs.
 inline int64_t fill_grid(int64_t work_blocks, int blocks_per_sm) {
-    int device = 0, sms = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    const int64_t cap = static_cast<int64_t>(sms) * blocks_per_sm;
+    const int64_t cap = static_cast<int64_t>(sm_count()) * blocks_per_sm;
     return work_blocks < cap ? (work_blocks > 0 ? work_blocks : 1) : cap;
 }
 

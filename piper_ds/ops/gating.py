@@ -5,8 +5,10 @@ by ``backend`` (see ``op_builder/loader.py``): the CUDA kernel for CUDA tensors 
 the C++ CPU kernel for CPU tensors when it is built, else the PyTorch reference.
 
 The kernel returns ``scores_TE`` too (fused, fp32), so the aux loss needs no second softmax/sigmoid; gradients of
-both ``topk_weights_TK`` and ``scores_TE`` flow back to the logits through the kernel's backward. The bias gets
-no gradient (it only selects), as in the reference. Differences from the reference, all documented choices:
+both ``topk_weights_TK`` and ``scores_TE`` flow back to the logits through the kernel's backward, one kernel,
+driven by an autograd node written in C++ (the op's ``forward_autograd``): no Python runs in the backward pass,
+and only the scores and the indices are saved. The bias gets no gradient (it only selects), as in the reference.
+The backward is not differentiable itself (no double backward). Differences from the reference, all documented choices:
 
 * fp64 logits are computed in fp64 (weights and scores fp64), so that ``gradcheck`` works; other dtypes in fp32;
 * ties among equal selection scores go to the lower expert (group) id; NaN scores are selected last;
@@ -68,37 +70,22 @@ def _check_args(logits: torch.Tensor, top_k: int, score_func: str, bias: Optiona
             raise ValueError(f"bias ({bias.device}) and logits ({logits.device}) must be on the same device")
 
 
-class _FusedGating(torch.autograd.Function):
-    """Autograd wrapper of the compiled op: gradients of weights and scores flow to the logits."""
-
-    @staticmethod
-    def forward(ctx, logits, bias, top_k, score_func, n_groups, topk_groups, normalize, scaling, op):
-        idx, weights, scores, counts = op.forward(logits, top_k, _SCORE_FUNCS[score_func], bias, n_groups,
-                                                  topk_groups, normalize, scaling)
-        ctx.save_for_backward(scores, idx)
-        ctx.cfg = (score_func, normalize, scaling, logits.dtype, op)
-        ctx.mark_non_differentiable(idx, counts)
-        ctx.set_materialize_grads(False)  # an unused output arrives as None: no zero tensors to read
-        return idx, weights, scores, counts
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, _g_idx, g_weights, g_scores, _g_counts):
-        scores, idx = ctx.saved_tensors
-        score_func, normalize, scaling, dtype, op = ctx.cfg
-        if not ctx.needs_input_grad[0] or (g_weights is None and g_scores is None):
-            return (None,) * 9
-        grad = op.backward(g_weights, g_scores, scores, idx, _SCORE_FUNCS[score_func], normalize, scaling, dtype)
-        return (grad,) + (None,) * 8
+_OPS = {}  # (device type, backend) -> loaded op: the per-call lookup is one dict access
 
 
 def _select_op(logits: torch.Tensor, top_k: int, n_groups: int, backend: str):
-    loader = _loader()
-    loader.check_backend(backend)
     if backend == "auto" and logits.is_cuda and (logits.shape[1] > _CUDA_MAX_EXPERTS or top_k > _CUDA_MAX_K
                                                  or n_groups > _CUDA_MAX_GROUPS):
         return None  # beyond the CUDA kernel's limits: the reference
-    return loader.get_op("gating", logits.device.type, backend)
+    key = (logits.device.type, backend)
+    op = _OPS.get(key)
+    if op is None:
+        loader = _loader()
+        loader.check_backend(backend)
+        op = loader.get_op("gating", key[0], backend)
+        if op is not None:  # None is not kept: a later build may make the op available
+            _OPS[key] = op
+    return op
 
 
 def fused_gating(logits: torch.Tensor,
@@ -132,9 +119,7 @@ def fused_gating(logits: torch.Tensor,
     if op is None:
         return gating_reference(logits, top_k, score_func, bias, n_groups, topk_groups, normalize, scaling)
     bias_arg = None if bias is None else bias.detach()
-    if not (logits.requires_grad and torch.is_grad_enabled()):  # no graph to record: skip autograd's overhead
-        return GatingOutput(*op.forward(logits, int(top_k), _SCORE_FUNCS[score_func], bias_arg, int(n_groups),
-                                        int(topk_groups), bool(normalize), float(scaling)))
-    out = _FusedGating.apply(logits, bias_arg, int(top_k), score_func, int(n_groups), int(topk_groups),
-                             bool(normalize), float(scaling), op)
-    return GatingOutput(*out)
+    # with a graph to record, the op's C++ autograd node (no Python ctx, no Python in the backward pass)
+    fn = op.forward_autograd if logits.requires_grad and torch.is_grad_enabled() else op.forward
+    return GatingOutput(*fn(logits, int(top_k), _SCORE_FUNCS[score_func], bias_arg, int(n_groups), int(topk_groups),
+                            bool(normalize), float(scaling)))
