@@ -33,17 +33,24 @@ def _init():
     return dist.get_rank(), dist.get_world_size()
 
 
-def build(peer: str, shape: dict, ep: int, activation: str, kernels: str):
+def build(peer: str, shape: dict, ep: int, activation: str, kernels: str, transport: str = "flat",
+          gpus_per_node: int = 0):
+    """The layer of ``peer`` ('piper' or 'stock') in bf16 on this GPU; ``transport`` 'hierarchical' plans the
+    EP group as nodes of ``gpus_per_node`` ranks (0: all ranks on one node)."""
     from deepspeed.moe.layer import MoE
+    from piper_ds.comm.topology import Topology
     from piper_ds.moe import FeedForward, PiperMoE
     torch.manual_seed(1234)
     if peer == "piper":
         layer = PiperMoE(shape["d"], shape["E"], shape["f"], ep_size=ep, top_k=shape["k"], activation=activation,
-                         kernels=kernels, aux_loss_coef=0.01)
+                         kernels=kernels, aux_loss_coef=0.01, transport=transport)
     else:
         layer = MoE(shape["d"], FeedForward(shape["d"], shape["f"], activation), num_experts=shape["E"],
                     ep_size=ep, k=shape["k"], capacity_factor=1.25, eval_capacity_factor=1.25, drop_tokens=True)
     layer.set_deepspeed_parallelism()
+    if peer == "piper" and transport != "flat" and ep > 1:
+        topo = Topology(dist.get_world_size(), gpus_per_node or dist.get_world_size())
+        layer.bind_ep_group(layer.deepspeed_moe.ep_group, getattr(layer, "dp_group", None), topo)
     return layer.cuda().to(torch.bfloat16)
 
 
@@ -104,6 +111,10 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per GPU")
     ap.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"])
     ap.add_argument("--kernels", default="reference", help="comma list of PiperMoE kernels settings to run")
+    ap.add_argument("--transports", default="flat",
+                    help="comma list of PiperMoE transports to run: flat, hierarchical (at ep > 1)")
+    ap.add_argument("--gpus-per-node", type=int, default=0,
+                    help="ranks per node seen by the hierarchical transport (0: all; 1 on one host = every GPU a node)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default=None, help="JSON file for the results (rank 0)")
@@ -118,17 +129,19 @@ def main(argv=None):
         inputs = [torch.randn(args.tokens, shape["d"], device="cuda", generator=gen, dtype=torch.bfloat16)
                   for _ in range(3)]
         grads = [torch.randn_like(inputs[0]) for _ in range(3)]
-        runs = [("stock", None)] if "stock" in args.peers else []
-        runs = [("piper", k) for k in args.kernels.split(",") if "piper" in args.peers] + runs
-        for peer, kernels in runs:
-            layer = build(peer, shape, ep, args.activation, kernels or "reference")
+        transports = args.transports.split(",") if ep > 1 else ["flat"]
+        runs = [("stock", None, "flat")] if "stock" in args.peers else []
+        runs = [("piper", k, t) for k in args.kernels.split(",") for t in transports if "piper" in args.peers] + runs
+        for peer, kernels, transport in runs:
+            layer = build(peer, shape, ep, args.activation, kernels or "reference", transport, args.gpus_per_node)
             err = check_against_reference(layer, inputs[0], rank, ep) if peer == "piper" else float("nan")
             ms, mem = time_layer(layer, inputs, grads, args.warmup, args.iters)
             if args.profile and peer == "piper" and rank == 0:
                 _profile(layer, inputs, grads, args.trace and f"{args.trace}.{key}.{kernels}.json")
             mats = 3 if args.activation == "swiglu" else 2
             useful = 3 * 2 * args.tokens * shape["k"] * mats * shape["d"] * shape["f"]
-            row = dict(shape=key, peer=peer if peer == "stock" else f"piper[{kernels}]", ep=ep, ms=ms,
+            name = "stock" if peer == "stock" else f"piper[{kernels}{'' if transport == 'flat' else ', ' + transport}]"
+            row = dict(shape=key, peer=name, ep=ep, ms=ms,
                        tflops=useful / ms / 1e9, peak_gb=mem, rel_err=err,
                        a2a_mb=a2a_bytes(layer, peer, shape, args.tokens, ep) / 1e6, **shape)
             rows.append(row)
