@@ -121,6 +121,19 @@ def test_bias_gets_no_gradient_and_bf16_grads_keep_dtype():
     assert logits.grad.dtype == torch.bfloat16 and bias.grad is None
 
 
+def test_backward_is_not_differentiable_twice():
+    x = distinct_logits(6, 16).requires_grad_()
+    out = fused_gating(x, 2, backend="cpu")
+    gw = torch.randn(6, 2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(out.topk_weights_TK, x, gw, create_graph=True)
+    out = fused_gating(x, 2, backend="cpu")  # create_graph with plain incoming gradients: first order works
+    g, = torch.autograd.grad(out.topk_weights_TK, x, gw.detach(), create_graph=True)
+    x2 = x.detach().clone().requires_grad_()
+    torch.autograd.backward(gating_reference(x2, 2).topk_weights_TK, gw.detach())
+    torch.testing.assert_close(g, x2.grad, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs,err,match", [
     (dict(top_k=0), ValueError, "top_k"),
     (dict(top_k=33), ValueError, "top_k"),

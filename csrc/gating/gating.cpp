@@ -6,7 +6,8 @@
 //     -> grad_logits_TE
 // forward_autograd(same arguments as forward) -> forward's outputs, recorded for autograd: weights and scores
 //     flow back to the logits through backward, in C++ (no Python in the backward pass, nothing but the scores
-//     and the indices saved). Not differentiable twice.
+//     and the indices saved). Not differentiable twice: a create_graph backward whose incoming gradients require
+//     grad raises.
 // Semantics are those of piper_ds.ops.reference.gating_reference. Weights and scores are fp32 (fp64 when the
 // logits are fp64). Ties in a selection prefer the lower expert (or group) id; NaN scores are selected last.
 // The CUDA kernels live in gating_kernels.cu and are compiled in when PIPER_WITH_CUDA is defined.
@@ -259,6 +260,12 @@ struct GatingFunction : public torch::autograd::Function<GatingFunction> {
         torch::autograd::variable_list result(8);  // logits, bias, then six non-tensor arguments
         const at::Tensor &g_w = grads[1], &g_s = grads[2];
         if (!g_w.defined() && !g_s.defined()) return result;
+        // The kernel's gradient is not itself recorded: refuse a graph of the backward through it rather than
+        // return a gradient that silently lacks the higher-order terms.
+        TORCH_CHECK(!(at::GradMode::is_enabled() && ((g_w.defined() && g_w.requires_grad()) ||
+                                                     (g_s.defined() && g_s.requires_grad()))),
+                    "fused_gating's backward is not differentiable (a create_graph backward with gradients that "
+                    "require grad reached it); use backend='reference' for higher-order gradients");
         const auto saved = ctx->get_saved_variables();
         const auto& d = ctx->saved_data;
         result[0] = gating_backward(g_w.defined() ? c10::optional<at::Tensor>(g_w) : c10::nullopt,
