@@ -225,11 +225,12 @@ def test_rows_cuda_one_pass_backward_with_inverse(D, dtype, need):
     w0 = torch.rand(700, device=DEV)
     up_p, up_c = torch.randn(700, D, device=DEV).to(dtype), torch.randn(129, D, device=DEV).to(dtype)
     got, want = [], []
-    for backend, sink, kw in (("cuda", got, dict(inverse=inv)), ("reference", want, {})):
-        x = x0.clone().requires_grad_()
-        y, w = y0.clone().requires_grad_(need != "w"), w0.clone().requires_grad_(need != "y")
-        ((permute_rows(x, index, backend=backend, **kw).float() * up_p.float()).sum()
-         + (combine_rows(y, index, 129, w, backend=backend, **kw).float() * up_c.float()).sum()).backward()
+    # the reference runs on the same values in float64: its own bf16 autograd would sum gradient rows in bf16
+    for backend, sink, kw, cast in (("cuda", got, dict(inverse=inv), dtype), ("reference", want, {}, torch.float64)):
+        x = x0.to(cast).requires_grad_()
+        y, w = y0.to(cast).requires_grad_(need != "w"), w0.clone().requires_grad_(need != "y")
+        ((permute_rows(x, index, backend=backend, **kw).double() * up_p.double()).sum()
+         + (combine_rows(y, index, 129, w, backend=backend, **kw).double() * up_c.double()).sum()).backward()
         sink += [x.grad, y.grad, w.grad]
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for a, b in zip(got, want):

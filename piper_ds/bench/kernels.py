@@ -64,14 +64,18 @@ def check_gating(out, ref, bias) -> str:
 
     Random logits hold exact ties (bf16) and near-ties closer than an ulp of the scores, where the kernel and
     the reference may legally pick differently: a row counts as agreeing when the selection scores at the
-    chosen experts agree to 1e-6; weights are compared on the rows whose selection scores agree exactly.
+    chosen experts agree to 1e-6; weights are compared on the rows that chose the same set of experts (a tie
+    between experts with different biases gives equal selection scores but different weights).
     """
     sel = ref.scores_TE if bias is None else ref.scores_TE + bias
     a, b = sel.gather(1, out.topk_idx_TK), sel.gather(1, ref.topk_idx_TK)
     agree = torch.isclose(a, b, rtol=1e-6, atol=0.0).all(dim=1).float().mean().item()
-    exact = (a == b).all(dim=1)
-    frac = exact.float().mean().item()
-    wdiff = (out.topk_weights_TK - ref.topk_weights_TK)[exact].abs().max().item() if exact.any() else 0.0
+    frac = (a == b).all(dim=1).float().mean().item()
+    idx_o, order_o = out.topk_idx_TK.sort(dim=1)
+    idx_r, order_r = ref.topk_idx_TK.sort(dim=1)
+    same = (idx_o == idx_r).all(dim=1)
+    w_o, w_r = out.topk_weights_TK.gather(1, order_o), ref.topk_weights_TK.gather(1, order_r)
+    wdiff = (w_o - w_r)[same].abs().max().item() if same.any() else 0.0
     sdiff = (out.scores_TE - ref.scores_TE).abs().max().item()
     ok = agree == 1.0 and frac >= 0.99 and wdiff < 1e-5 and sdiff < 1e-5
     return f"{'ok' if ok else 'FAIL'} (rows exact {frac:.5f}, |dw| {wdiff:.1e}, |ds| {sdiff:.1e})"
