@@ -91,3 +91,30 @@ def test_bench_layouts_tiny_two_gloo_ranks(tmp_path):
     assert isinstance(v["top_is_fastest"], bool)
     data = json.loads(out.read_text())
     assert data["profile_source"] == "test" and len(data["results"]) == 2 and data["gpus"] == 2
+
+
+def _only_worker(rank, world_size, out, profile, index):
+    if index >= 2:
+        try:
+            L.run(L.parse_args(["--tiny", "--out", out, "--top", "1", "--extra", "1", "--global-batch", "4",
+                                "--only", str(index)]))
+        except ValueError as err:
+            return str(err)
+        return None
+    return L.run(L.parse_args(["--tiny", "--out", out, "--profile", profile, "--top", "1", "--extra", "1",
+                               "--global-batch", "4", "--warmup", "0", "--steps", "1", "--only", str(index)]))
+
+
+def test_only_runs_one_candidate_and_merge_gives_the_verdict(tmp_path, capsys):
+    profile = tmp_path / "profile.json"
+    PlatformProfile(source="test").save(str(profile))
+    outs = [tmp_path / f"lay{i}.json" for i in (1, 0)]  # merged back in candidate order
+    for out, index in zip(outs, (1, 0)):
+        rep = run_distributed(_only_worker, 2, str(out), str(profile), index, timeout=120)[0]
+        assert len(rep["results"]) == 1 and rep["results"][0]["layout"] == rep["candidates"][index][1]
+    merged = L.merge([str(p) for p in outs], str(tmp_path / "merged.json"))
+    assert [r["layout"] for r in merged["results"]] == [layout for _, layout in merged["candidates"]]
+    assert merged["top_choice"]["predicted_top"] in {r["layout"] for r in merged["results"]}
+    assert "predicted top choice" in capsys.readouterr().out
+    errors = run_distributed(_only_worker, 2, str(tmp_path / "x.json"), str(profile), 5, timeout=120)
+    assert all(e is not None and "--only 5: there are 2 candidates" in e for e in errors), errors

@@ -227,8 +227,8 @@ def test_rows_cuda_one_pass_backward_with_inverse(D, dtype, need):
     got, want = [], []
     # the reference runs on the same values in float64: its own bf16 autograd would sum gradient rows in bf16
     for backend, sink, kw, cast in (("cuda", got, dict(inverse=inv), dtype), ("reference", want, {}, torch.float64)):
-        x = x0.to(cast).requires_grad_()
-        y, w = y0.to(cast).requires_grad_(need != "w"), w0.clone().requires_grad_(need != "y")
+        x = x0.to(cast, copy=True).requires_grad_()
+        y, w = y0.to(cast, copy=True).requires_grad_(need != "w"), w0.clone().requires_grad_(need != "y")
         ((permute_rows(x, index, backend=backend, **kw).double() * up_p.double()).sum()
          + (combine_rows(y, index, 129, w, backend=backend, **kw).double() * up_c.double()).sum()).backward()
         sink += [x.grad, y.grad, w.grad]

@@ -65,6 +65,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="steps before timing")
     p.add_argument("--steps", type=int, default=4, help="timed steps per layout")
     p.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU/gloo smoke run")
+    p.add_argument("--only", type=int, default=None, metavar="I",
+                   help="run only candidate I (0-based) of the list, so that each layout gets a fresh process")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="no run: merge the --out files of --only runs into --out and print the verdicts")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
     for name in ("top", "extra", "warmup"):
@@ -383,6 +387,10 @@ def run(args) -> Dict[str, Any]:
     if rank == 0:
         print(f"{spec.name}, {spec.n_layers} layers, {gpus} ranks, global batch {global_batch}: "
               + "; ".join(f"{r}: {e.layout.short()}" for r, e in cands), flush=True)
+    if args.only is not None:
+        if not 0 <= args.only < len(cands):
+            raise ValueError(f"--only {args.only}: there are {len(cands)} candidates (0..{len(cands) - 1})")
+        cands = [cands[args.only]]
     start = time.perf_counter()
     for role, est in cands:
         res = add_errors(run_one(spec, est, role, args))
@@ -403,6 +411,26 @@ def run(args) -> Dict[str, Any]:
     return report
 
 
+def merge(paths: List[str], out: str) -> Dict[str, Any]:
+    """One report from the ``--out`` files of ``--only`` runs of the same candidate list (each layout in its
+    own processes: no memory left over from the previous one); verdicts recomputed over all results."""
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    first = reports[0]
+    for path, rep in zip(paths, reports):
+        if rep["candidates"] != first["candidates"] or rep["model"] != first["model"]:
+            raise ValueError(f"{path} was run with another model or candidate list than {paths[0]}")
+    order = [layout for _, layout in first["candidates"]]
+    results = sorted((r for rep in reports for r in rep["results"]), key=lambda r: order.index(r["layout"]))
+    merged = dict(first, results=results, top_choice=top_choice(results),
+                  elapsed_s=sum(rep.get("elapsed_s", 0.0) for rep in reports), merged_from=paths)
+    _write(merged, out)
+    print(table(results, merged["top_choice"]), flush=True)
+    return merged
+
+
 def _write(report: Dict[str, Any], path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -413,7 +441,11 @@ def _write(report: Dict[str, Any], path: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``python -m piper_ds.bench.layouts``; returns the exit status."""
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return 0
+    run(args)
     import deepspeed.comm as dist
     dist.barrier()
     dist.destroy_process_group()
