@@ -432,11 +432,8 @@ def merge(paths: List[str], out: str) -> Dict[str, Any]:
 
 
 def _write(report: Dict[str, Any], path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
+    from piper_ds.planner.dsconfig import write_json
+    write_json(report, path, indent=1)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

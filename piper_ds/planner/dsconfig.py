@@ -96,13 +96,18 @@ def plan_block(layout: Layout, est: Optional[Estimate]) -> Dict[str, Any]:
     return out
 
 
-def write_ds_config(cfg: Dict[str, Any], path: str) -> None:
-    """Writes ``cfg`` as indented JSON, creating the folder."""
+def write_json(obj: Any, path: str, indent: int = 2) -> None:
+    """Writes ``obj`` as indented JSON with a final newline, creating the folder."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(cfg, f, indent=2)
+        json.dump(obj, f, indent=indent)
         f.write("\n")
+
+
+def write_ds_config(cfg: Dict[str, Any], path: str) -> None:
+    """Writes ``cfg`` as indented JSON, creating the folder."""
+    write_json(cfg, path)
 
 
 def launch_command(layout: Layout, gpus_per_node: int, config_path: str) -> str:
