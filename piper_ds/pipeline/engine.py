@@ -47,7 +47,8 @@ def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
                       allow_cross_node_ep=allow_cross_node_ep)
 
 
-#: DeepSpeed's cap on the elements of one MoE optimizer group (``split_params_into_different_moe_groups_for_optimizer``).
+#: DeepSpeed's cap on the elements of one MoE optimizer group
+#: (``split_params_into_different_moe_groups_for_optimizer``).
 MOE_GROUP_MAX_NUMEL = 178956971
 
 

@@ -21,11 +21,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from deepspeed.runtime import utils as ds_utils
-from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
 from piper_ds.config import merge_moe_with_model
-from piper_ds.models.layers import Embedding, Head
+from piper_ds.models.layers import Embedding, Head, RMSNorm
 from piper_ds.models.transformer import MoETransformer
 from piper_ds.moe import MoEConfig
 from piper_ds.pipeline.schedules import half_program
@@ -59,6 +59,29 @@ class HeadLayer(Head):
         super().__init__(vocab_size, d_model)
 
 
+class FinalNormLayer(nn.Module):
+    """The final RMSNorm before a tied LM head: ``(h, aux) -> (norm(h), aux)`` (the untied :class:`HeadLayer`
+    holds its own)."""
+
+    def __init__(self, d_model: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm = RMSNorm(d_model, norm_eps)
+
+    def forward(self, inputs: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        h, aux = inputs
+        return self.norm(h), aux
+
+
+def tied_head_forward(embedding: EmbeddingLayer, inputs: Tuple[torch.Tensor, torch.Tensor]):
+    """The LM head on the embedding table: ``(h [B,S,D], aux) -> (h @ table^T [B,S,V], aux)``."""
+    h, aux = inputs
+    return F.linear(h, embedding.weight.to(h.dtype)), aux
+
+
+#: TiedLayerSpec key of the table shared by the embedding and the LM head.
+TIED_KEY = "embedding"
+
+
 def lm_loss(outputs: Tuple[torch.Tensor, torch.Tensor], labels_BS: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (nats, fp32) plus the aux loss (the mean over halves when aux is [2])."""
     logits, aux = outputs
@@ -67,13 +90,20 @@ def lm_loss(outputs: Tuple[torch.Tensor, torch.Tensor], labels_BS: torch.Tensor)
 
 
 def layer_specs(spec: ModelSpec, moe: Dict[str, Any], ep_size: int) -> List[LayerSpec]:
-    """``[embedding, block 0..L-1, head]`` as DeepSpeed layer specs (built lazily, per stage)."""
-    if spec.tie_embeddings:
-        raise ValueError(f"model {spec.name!r} ties embeddings (tie_embeddings=True); the pipeline model needs an "
-                         "untied LM head (set tie_embeddings false)")
-    return ([LayerSpec(EmbeddingLayer, spec.vocab_size, spec.d_model)]
-            + [LayerSpec(BlockLayer, spec, moe, ep_size, i) for i in range(spec.n_layers)]
-            + [LayerSpec(HeadLayer, spec.vocab_size, spec.d_model)])
+    """``[embedding, block 0..L-1, head]`` as DeepSpeed layer specs (built lazily, per stage).
+
+    With ``spec.tie_embeddings`` the embedding and the head are one ``TiedLayerSpec`` (key
+    :data:`TIED_KEY`): each stage holding either builds the table, DeepSpeed broadcasts the first stage's
+    copy at start and all-reduces the two copies' gradients every step (``ReduceTiedGrads``); the head is then
+    ``[FinalNormLayer, tied head]``, one layer more than untied.
+    """
+    blocks = [LayerSpec(BlockLayer, spec, moe, ep_size, i) for i in range(spec.n_layers)]
+    if not spec.tie_embeddings:
+        return ([LayerSpec(EmbeddingLayer, spec.vocab_size, spec.d_model)] + blocks
+                + [LayerSpec(HeadLayer, spec.vocab_size, spec.d_model)])
+    return ([TiedLayerSpec(TIED_KEY, EmbeddingLayer, spec.vocab_size, spec.d_model)] + blocks
+            + [LayerSpec(FinalNormLayer, spec.d_model),
+               TiedLayerSpec(TIED_KEY, EmbeddingLayer, spec.vocab_size, spec.d_model, forward_fn=tied_head_forward)])
 
 
 def layer_costs(spec: ModelSpec, micro_batch: int, ep: int, memory_weight: float = 1.0) -> List[float]:
@@ -95,8 +125,13 @@ def layer_costs(spec: ModelSpec, micro_batch: int, ep: int, memory_weight: float
                        + spec.num_experts // ep * spec.expert_params() if moe else spec.ffn_params(spec.ffn_dense))
         flops.append(6.0 * tok * (active + spec.seq_len * spec.d_attn))
         mem.append(16.0 * held + block_activations(spec, layout, prof, moe)["saved"])
-    flops.append(6.0 * tok * spec.vocab_size * spec.d_model)
-    mem.append(16.0 * (spec.vocab_size + 1) * spec.d_model + 4.0 * tok * spec.vocab_size)
+    head_mem = 4.0 * tok * spec.vocab_size  # fp32 logits
+    if spec.tie_embeddings:  # final norm, then the head on its own copy of the table
+        flops += [0.0, 6.0 * tok * spec.vocab_size * spec.d_model]
+        mem += [16.0 * spec.d_model, 16.0 * spec.vocab_size * spec.d_model + head_mem]
+    else:
+        flops.append(6.0 * tok * spec.vocab_size * spec.d_model)
+        mem.append(16.0 * (spec.vocab_size + 1) * spec.d_model + head_mem)
     sf, sm = sum(flops), sum(mem)
     return [f / sf + memory_weight * m / sm for f, m in zip(flops, mem)]
 
@@ -143,7 +178,8 @@ class PiperPipelineModule(PipelineModule):
         if min(sizes) < 1:
             raise ValueError(f"partition {method!r} of {len(self._layer_specs)} layers into {self.num_stages} "
                              f"stages left a stage empty (layers per stage {sizes})")
-        moe_per_stage = [sum(1 for j in range(a, b) if self._is_moe_layer(j)) for a, b in zip(self.parts, self.parts[1:])]
+        moe_per_stage = [sum(1 for j in range(a, b) if self._is_moe_layer(j))
+                         for a, b in zip(self.parts, self.parts[1:])]
         if any(moe_per_stage) and not all(moe_per_stage):
             # DeepSpeed builds the expert process groups and ZeRO reduces the gradient norm over the stages once
             # per optimizer parameter group: a stage without MoE layers would issue different collectives.
@@ -153,7 +189,7 @@ class PiperPipelineModule(PipelineModule):
                              f"{self.spec.n_dense_layers})")
 
     def _is_moe_layer(self, j: int) -> bool:
-        """Whether layer spec ``j`` (0 = embedding, 1..n_layers = blocks, last = head) is an MoE block."""
+        """Whether layer spec ``j`` (0 = embedding, 1..n_layers = blocks, then the head) is an MoE block."""
         return 1 <= j <= self.spec.n_layers and j - 1 >= self.spec.n_dense_layers
 
     def stage_costs(self) -> List[float]:
@@ -234,11 +270,28 @@ def reference_layers(spec: ModelSpec, moe: Union[MoEConfig, Dict[str, Any], None
     """The same layers, unpipelined, at ep = 1 and with the same weights as :class:`PiperPipelineModule`
     (built under the same per-layer seeds). Run with :func:`reference_loss`."""
     cfg = merge_moe_with_model(spec, moe).model_dump()
-    layers = nn.ModuleList()
+    layers, tied = nn.ModuleList(), {}
     for i, ls in enumerate(layer_specs(spec, cfg, 1)):
         ds_utils.set_random_seed(seed + i)
-        layers.append(ls.build())
+        if isinstance(ls, TiedLayerSpec) and ls.key in tied:  # the head: the embedding's own table
+            layers.append(_Applied(tied[ls.key], ls.forward_fn))
+            continue
+        layer = ls.build()
+        if isinstance(ls, TiedLayerSpec):
+            tied[ls.key] = layer
+        layers.append(layer)
     return layers
+
+
+class _Applied(nn.Module):
+    """``fn(module, x)`` as a layer (a tied layer's second use in :func:`reference_layers`)."""
+
+    def __init__(self, module: nn.Module, fn):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, x):
+        return self.fn(self.module, x)
 
 
 def reference_loss(layers: Sequence[nn.Module], ids_BS: torch.Tensor, labels_BS: torch.Tensor,
