@@ -7,6 +7,18 @@ A transport moves rows between the ranks of an expert-parallel group. Its contra
   rows from rank r form the r-th contiguous block of y, in the sender's order. Differentiable: backward is
   the reverse exchange. ``send_counts``/``recv_counts`` are Python lists of ints.
 
+Optional, for a transport that plans an exchange once and runs it several times (the hierarchical one):
+
+* ``plan(send_counts_R, source_ids=None) -> plan``, collective; ``plan.recv_counts`` (what exchange_counts
+  gives), ``plan.reversed()`` (the opposite direction, for the combine), ``plan.without_dedup()``,
+  ``plan.inter_node_rows()``; ``__call__(..., plan=plan)`` runs it.
+* ``node_dedup`` (bool attribute): when true, ``plan`` needs ``source_ids`` [sum(send_counts)], the source
+  (token) of every row; the plan's exchange delivers the same rows, but a source bound for several ranks of
+  one remote node crosses once. Its *reverse* is the adjoint: the rows of one source that come back from one
+  node arrive summed, in the first of that source's rows for the node, zeros in the others — exact for a
+  caller that sums its returned rows per source (the MoE combine). Rows that differ per destination (routing
+  metadata) go through ``plan.without_dedup()``.
+
 A group of one rank moves nothing and costs nothing, so single-process code runs the same path.
 """
 from __future__ import annotations
@@ -77,13 +89,18 @@ class FlatAllToAll:
         return _AllToAllSingle.apply(x, list(send_counts), list(recv_counts), self.group)
 
 
-def make_transport(kind: str, group: Optional[dist.ProcessGroup], topology=None) -> Transport:
+def make_transport(kind: str, group: Optional[dist.ProcessGroup], topology=None,
+                   node_dedup: bool = False) -> Transport:
     """Builds the transport named by the MoE config: 'flat', 'hierarchical' or 'auto'.
 
-    'auto' is hierarchical only when the group spans more than one node of ``topology``.
+    'auto' is hierarchical only when the group spans more than one node of ``topology``. ``node_dedup`` (the
+    hierarchical transport's option) is refused with 'flat'; when 'auto' resolves to flat (one node: nothing
+    crosses nodes) it has nothing to do.
     """
     if kind not in ("flat", "hierarchical", "auto"):
         raise ValueError(f"transport must be 'flat', 'hierarchical' or 'auto', got {kind!r}")
+    if node_dedup and kind == "flat":
+        raise ValueError(f"node_dedup ({node_dedup}) needs transport 'hierarchical' or 'auto', got {kind!r}")
     if kind == "flat" or group_size(group) == 1:
         return FlatAllToAll(group)
     try:
@@ -93,7 +110,7 @@ def make_transport(kind: str, group: Optional[dist.ProcessGroup], topology=None)
     if kind == "hierarchical":
         if hierarchical is None:
             raise ValueError("transport 'hierarchical' is not available in this build of piper_ds")
-        return hierarchical.HierarchicalAllToAll(group, topology)
+        return hierarchical.HierarchicalAllToAll(group, topology, node_dedup=node_dedup)
     if hierarchical is not None and hierarchical.spans_nodes(group, topology):
-        return hierarchical.HierarchicalAllToAll(group, topology)
+        return hierarchical.HierarchicalAllToAll(group, topology, node_dedup=node_dedup)
     return FlatAllToAll(group)

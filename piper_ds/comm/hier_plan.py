@@ -25,12 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from itertools import accumulate
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from piper_ds.comm.topology import GroupLayout
 
-Block = Tuple[str, int, int]  # (buffer name: 'x' | 'y' | 'z', first row, number of rows)
-_SWAP = {"x": "y", "y": "x", "z": "z"}
+Block = Tuple[str, int, int]  # (buffer name: 'x' | 'y' | 'z' (| 'u' | 'v' with dedup), first row, rows)
+_SWAP = {"x": "y", "y": "x", "z": "z", "u": "u", "v": "v"}  # u, v: dedup buffers
 
 
 @dataclass(frozen=True)
@@ -88,30 +88,58 @@ class ExchangePlan:
     def out_rows(self) -> int:
         return sum(self.recv_counts)
 
+    @property
+    def steps(self) -> Tuple[Stage, ...]:
+        """What the runner executes in order (a dedup plan interleaves local row maps with the stages)."""
+        return self.stages
+
+    @property
+    def zeroed(self) -> Tuple[str, ...]:
+        """Buffers that must start as zeros: none, every output row is received."""
+        return ()
+
+    def buffer_rows(self) -> Dict[str, int]:
+        """Rows of every buffer the plan names."""
+        return {"x": self.in_rows, "y": self.out_rows, "z": self.z_rows}
+
+    def without_dedup(self) -> "ExchangePlan":
+        """This plan (the plain exchange); a :class:`~piper_ds.comm.hier_dedup.DedupPlan` returns its base."""
+        return self
+
     def reversed(self) -> "ExchangePlan":
         """The plan of the reverse exchange (its input is this plan's output): backward of this one."""
-        stages = tuple(Stage(s.name + " (reverse)", tuple(m.swapped() for m in s.recvs),
-                             tuple(m.swapped() for m in s.sends)) for s in reversed(self.stages))
+        stages = tuple(reverse_stage(s) for s in reversed(self.stages))
         return replace(self, send_counts=self.recv_counts, recv_counts=self.send_counts, stages=stages)
 
     def inter_node_rows(self) -> int:
         """Rows this rank sends to ranks of other nodes (the bytes its NIC carries, divided by row bytes)."""
-        node = self.layout.coords(self.me)[0]
-        return sum(m.rows for s in self.stages for m in s.sends if self.layout.coords(m.peer)[0] != node)
+        return stage_message_counts(self.layout, self.me, self.stages)[2]
 
     def messages_sent(self) -> Tuple[int, int]:
         """(intra-node, inter-node) non-empty messages this rank sends, local copies not counted."""
-        node = self.layout.coords(self.me)[0]
-        intra = inter = 0
-        for s in self.stages:
-            for m in s.sends:
-                if m.peer == self.me or m.rows == 0:
-                    continue
-                if self.layout.coords(m.peer)[0] == node:
-                    intra += 1
-                else:
-                    inter += 1
-        return intra, inter
+        return stage_message_counts(self.layout, self.me, self.stages)[:2]
+
+
+def reverse_stage(s: Stage) -> Stage:
+    """The stage read backwards: sends <-> receives, ``x`` <-> ``y``."""
+    return Stage(s.name + " (reverse)", tuple(m.swapped() for m in s.recvs), tuple(m.swapped() for m in s.sends))
+
+
+def stage_message_counts(layout: GroupLayout, me: int, stages: Sequence[Stage]) -> Tuple[int, int, int]:
+    """(intra-node messages, inter-node messages, inter-node rows) that rank ``me`` sends in ``stages``;
+    empty messages and local copies are not counted."""
+    node = layout.coords(me)[0]
+    intra = inter = rows = 0
+    for s in stages:
+        for m in s.sends:
+            if m.peer == me or m.rows == 0:
+                continue
+            if layout.coords(m.peer)[0] == node:
+                intra += 1
+            else:
+                inter += 1
+                rows += m.rows
+    return intra, inter, rows
 
 
 def _offsets(counts: Sequence[int]) -> List[int]:

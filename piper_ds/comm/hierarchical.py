@@ -7,9 +7,10 @@ lane (n, i) -> (m, i), so each local rank's NIC carries its share of the node's 
 redistributes the received rows inside the node. :mod:`piper_ds.comm.hier_plan` builds the plan as data;
 this module runs it with batched asynchronous point-to-point (``dist.batch_isend_irecv``).
 
-Rows that cross nodes are the same as with the flat exchange (no dedup here: a token bound for two ranks of
-one remote node is two rows; node-level dedup belongs to the dispatcher). What changes is the number of
-inter-node messages per rank, (N-1) instead of (N-1)·L, and their size, L times larger.
+By default the rows that cross nodes are those of the flat exchange (a token bound for two ranks of one remote
+node is two rows); what changes is the number of inter-node messages per rank, (N-1) instead of (N-1)·L, and
+their size, L times larger. With ``node_dedup`` and a plan made with the rows' source ids, a source crosses
+once per remote node and the lane receiver fans it out (:mod:`piper_ds.comm.hier_dedup`).
 
 Counts: the receivers of Phase II must know, before receiving, how many rows each lane carries for each final
 receiver. :meth:`HierarchicalAllToAll.plan` gets them for free from a hierarchical counts exchange (use it
@@ -23,12 +24,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from piper_ds.comm import hier_dedup
+from piper_ds.comm.hier_dedup import DedupPlan
 from piper_ds.comm.hier_plan import (ExchangePlan, Message, Stage, build_plan, lane_vector_for,
                                      lanes_from_counts_exchange)
 from piper_ds.comm.topology import GroupLayout, Topology, TopologyConfig
 from piper_ds.ops import hier_pack
 
 TopologyLike = Union[Topology, TopologyConfig, int, None]
+Plan = Union[ExchangePlan, DedupPlan]
 
 
 def resolve_topology(topology: TopologyLike) -> Topology:
@@ -133,15 +137,21 @@ def run_stage(stage: Stage, bufs, me: int, wire: Wire) -> None:
                          wire.pack_backend)
 
 
-def run_plan(plan: ExchangePlan, x: torch.Tensor, wire: Wire) -> Tuple[torch.Tensor, torch.Tensor]:
+def run_plan(plan: Plan, x: torch.Tensor, wire: Wire) -> Tuple[torch.Tensor, torch.Tensor]:
     """Runs ``plan`` on x [sum(send_counts), ...]; returns (y [sum(recv_counts), ...], staging z [Z, ...])."""
     if x.shape[0] != plan.in_rows:
         raise ValueError(f"x has {x.shape[0]} rows but send_counts sum to {plan.in_rows}")
     x = x.contiguous()
-    tail = tuple(x.shape[1:])
-    bufs = {"x": x, "y": x.new_empty((plan.out_rows, ) + tail), "z": x.new_empty((plan.z_rows, ) + tail)}
-    for stage in plan.stages:
-        run_stage(stage, bufs, plan.me, wire)
+    tail, zeroed = tuple(x.shape[1:]), plan.zeroed
+    bufs = {"x": x}
+    for name, rows in plan.buffer_rows().items():
+        if name != "x":
+            bufs[name] = (x.new_zeros if name in zeroed else x.new_empty)((rows, ) + tail)
+    for step in plan.steps:
+        if isinstance(step, Stage):
+            run_stage(step, bufs, plan.me, wire)
+        else:  # a local row map of a dedup plan
+            step.apply(bufs)
     return bufs["y"], bufs["z"]
 
 
@@ -149,7 +159,7 @@ class _HierExchange(torch.autograd.Function):
     """y = exchange(x) along ``plan``; backward runs the reversed plan on the gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, plan: ExchangePlan, wire: Wire) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, plan: Plan, wire: Wire) -> torch.Tensor:
         ctx.plan, ctx.wire = plan, wire
         return run_plan(plan, x, wire)[0]
 
@@ -164,11 +174,14 @@ class HierarchicalAllToAll:
 
     ``topology``: a :class:`Topology`, a :class:`TopologyConfig`, an int (gpus_per_node) or None (read the
     launcher's environment). The group must have the same number of ranks on each node it touches.
+    ``node_dedup``: :meth:`plan` takes the source id of every sent row and sends each source once per remote
+    node (:mod:`piper_ds.comm.hier_dedup`); calls without a plan are never deduplicated.
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, topology: TopologyLike = None,
-                 pack_backend: str = "auto"):
+                 pack_backend: str = "auto", node_dedup: bool = False):
         self.group = group
+        self.node_dedup = bool(node_dedup)
         self.layout = group_layout(group, topology)
         self.size = self.layout.size
         self.me = dist.get_rank(group) if dist.is_initialized() and group is not None else 0
@@ -179,7 +192,8 @@ class HierarchicalAllToAll:
         self._counts_plan = build_plan(self.layout, self.me, ones, ones, [[1] * L for _ in range(N)])
 
     def __repr__(self) -> str:
-        return f"HierarchicalAllToAll({self.layout.describe()}, rank {self.me})"
+        dedup = ", node dedup" if self.node_dedup else ""
+        return f"HierarchicalAllToAll({self.layout.describe()}, rank {self.me}{dedup})"
 
     def _connect(self, device: torch.device) -> None:
         # NCCL: the first call on a group's communicator must involve every rank; a rank whose messages
@@ -192,16 +206,46 @@ class HierarchicalAllToAll:
         """recv_counts_R [W] int64 from send_counts_R [W] int64, exchanged along the hierarchical pattern."""
         return self._exchange_counts(send_counts_R)[0].view(-1)
 
-    def plan(self, send_counts_R: torch.Tensor) -> ExchangePlan:
+    def plan(self, send_counts_R: torch.Tensor, source_ids: Optional[torch.Tensor] = None) -> Plan:
         """Exchanges counts; returns the plan of the data exchange (``plan.recv_counts``: the received counts).
 
         The counts travel along the same hierarchical pattern, and the lane receivers find the lane counts in
         their staging buffer: pass the plan to ``__call__`` (and ``plan.reversed()`` for the opposite,
         combine, direction) to skip the lane round there.
+
+        With ``node_dedup``, ``source_ids`` [sum(send_counts)] (int, in [0, 2**40)) names the source of every
+        row to send (equal ids = equal rows) and is required; the plan is then a :class:`DedupPlan` when the
+        group has several nodes and several local ranks (one more Phase II round of one int64 per row, to
+        tell the lane receivers how to fan out), else the plain plan (nothing to save). Without
+        ``node_dedup`` the ids are ignored. Collective: every rank of the group calls it.
         """
+        if self.node_dedup and source_ids is None:
+            raise ValueError("this transport has node_dedup=True: plan() needs source_ids, the source id of "
+                             "every sent row")
         recv, z = self._exchange_counts(send_counts_R)
         lane = lanes_from_counts_exchange(self._counts_plan, z.view(-1).tolist())
-        return build_plan(self.layout, self.me, send_counts_R.tolist(), recv.view(-1).tolist(), lane)
+        base = build_plan(self.layout, self.me, send_counts_R.tolist(), recv.view(-1).tolist(), lane)
+        if not self.node_dedup:
+            return base
+        hier_dedup.check_source_ids(source_ids, base.in_rows)
+        if self.layout.num_nodes == 1 or self.layout.local_size == 1:
+            return base  # one node: nothing crosses; one rank per node: a row per (source, node) already
+        return self._dedup_plan(base, source_ids.to(send_counts_R.device))
+
+    def _dedup_plan(self, base: ExchangePlan, source_ids: torch.Tensor) -> DedupPlan:
+        """Dedups ``base``: the senders' row indices travel over Phase II so the lane receivers can fan out."""
+        first_U, inv_S, u_counts = hier_dedup.sender_side(base, source_ids)
+        s1 = base.stages[0]
+        remote_only = Stage("dedup index", tuple(m for m in s1.sends if self._remote(m.peer)),
+                            tuple(m for m in s1.recvs if self._remote(m.peer)))
+        index_plan = ExchangePlan(base.layout, base.me, base.send_counts, base.recv_counts, (remote_only, ),
+                                  base.z_rows)
+        z_idx = run_plan(index_plan, inv_S.view(-1, 1), self.wire)[1].view(-1)
+        v_counts, index_Z, groups = hier_dedup.lane_side(base, z_idx)
+        return hier_dedup.build_dedup_plan(base, first_U, u_counts, v_counts, index_Z, groups)
+
+    def _remote(self, g: int) -> bool:
+        return self.layout.coords(g)[0] != self.layout.coords(self.me)[0]
 
     def _exchange_counts(self, send_counts_R: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if send_counts_R.shape != (self.size, ):
@@ -234,10 +278,12 @@ class HierarchicalAllToAll:
         return build_plan(self.layout, self.me, send_counts, recv_counts, lane)
 
     def __call__(self, x: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int],
-                 plan: Optional[ExchangePlan] = None) -> torch.Tensor:
+                 plan: Optional[Plan] = None) -> torch.Tensor:
         """y [sum(recv_counts), ...] from x [sum(send_counts), ...]; differentiable (backward = reverse).
 
         ``plan`` (from :meth:`plan`, or its ``.reversed()`` for the combine direction) skips the lane round.
+        A :class:`DedupPlan` assumes x's rows are those whose ``source_ids`` made it (equal ids, equal rows);
+        its reverse returns, per (source, remote node), the sum in the first row and zeros in the others.
         """
         send_counts, recv_counts = [int(c) for c in send_counts], [int(c) for c in recv_counts]
         if plan is None:

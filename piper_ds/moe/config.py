@@ -42,6 +42,11 @@ class MoEConfig(BaseModel):
         "rank's T tokens; later tokens are dropped and the dropped fraction is reported.")
     transport: Literal["flat", "hierarchical", "auto"] = Field(
         "auto", description="All-to-all used by the dispatcher; 'auto' = hierarchical only across nodes.")
+    node_dedup: bool = Field(
+        False,
+        description="Hierarchical transport only: a token bound for several ranks of one remote node crosses the "
+        "network once (the node's lane receiver fans it out; the combine sums on that node before sending back). "
+        "Needs transport 'hierarchical' or 'auto'; saves nothing within one node or with one rank per node.")
     kernels: Literal["auto", "cuda", "reference"] = Field(
         "auto", description="Gating/permutation kernels: fused CUDA ops when built ('auto'), forced, or PyTorch.")
 
@@ -55,6 +60,9 @@ class MoEConfig(BaseModel):
     def _check_groups(self) -> "MoEConfig":
         if self.topk_groups > self.n_groups:
             raise ValueError(f"topk_groups ({self.topk_groups}) must be <= n_groups ({self.n_groups})")
+        if self.node_dedup and self.transport == "flat":
+            raise ValueError(f"node_dedup ({self.node_dedup}) needs transport 'hierarchical' or 'auto', got "
+                             f"transport {self.transport!r}")
         return self
 
     def validate_for(self, num_experts: int) -> None:

@@ -7,7 +7,8 @@
     combine      weighted sum per received row at the expert rank, one row back per (token, rank),
                  reverse exchange, scatter-add into the source tokens
 
-A token crosses the wire at most once per destination rank however many of its k experts live there. The
+A token crosses the wire at most once per destination rank however many of its k experts live there, and with
+a node-dedup transport (``MoEConfig.node_dedup``) at most once per remote node. The
 planning waits on the device twice per layer (the row counts for the exchange, the expanded row count); the
 fused kernels of :mod:`piper_ds.ops` can replace it (``Ops``).
 """
@@ -123,22 +124,28 @@ def preprocess(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: t
         plan = ops.send_plan(topk_idx_TK, topk_weights_TK, placement.rank_of, placement.slot_of, ep)
         send_counts_R, finish = plan.send_counts_R, (lambda _: plan)
     send_counts_R = send_counts_R.to(torch.int64)
-    exchange_plan = None
-    if hasattr(transport, "plan"):  # a transport that plans its exchange once per micro-batch (hierarchical)
+    exchange_plan = rows_plan = None
+    if getattr(transport, "node_dedup", False):  # the exchange plan needs each row's token: send plan first
+        send_counts = send_counts_R.tolist()
+        rows_plan = finish(sum(send_counts))
+        exchange_plan = transport.plan(send_counts_R, source_ids=rows_plan.token_idx_S)
+        counts = [send_counts, [int(c) for c in exchange_plan.recv_counts]]
+    elif hasattr(transport, "plan"):  # a transport that plans its exchange once per micro-batch (hierarchical)
         exchange_plan = transport.plan(send_counts_R)
         counts = [send_counts_R.tolist(), [int(c) for c in exchange_plan.recv_counts]]
     else:
         recv_counts = transport.exchange_counts(send_counts_R)
         counts = torch.stack([send_counts_R, recv_counts]).tolist()  # the one host sync of the layer
     sent = sum(counts[0])
-    plan = finish(sent)
+    if rows_plan is None:
+        rows_plan = finish(sent)
     # (slot, weight) travel as one fp32 tensor: slots < 2**24 are exact in fp32 and one exchange saves a launch
-    meta = torch.cat([plan.slots_SK.to(torch.float32), plan.weights_SK.float()], dim=1)
+    meta = torch.cat([rows_plan.slots_SK.to(torch.float32), rows_plan.weights_SK.float()], dim=1)
     if ep == 1 and sent == T:  # every token goes to the only rank, in token order: no copy needed
         state = DispatchState(T, ep, None, counts[0], counts[1], x_send_SD=x_TD)
     else:
         rank_S = torch.repeat_interleave(torch.arange(ep, device=x_TD.device), send_counts_R, output_size=sent)
-        x_send_SD, handle = ops.gather(x_TD, plan.token_idx_S * ep + rank_S, ep)
+        x_send_SD, handle = ops.gather(x_TD, rows_plan.token_idx_S * ep + rank_S, ep)
         state = DispatchState(T, ep, handle, counts[0], counts[1], x_send_SD=x_send_SD)
     state.meta_send_SK2 = meta
     state.exchange_plan = exchange_plan
@@ -150,10 +157,15 @@ def _send(transport: Transport, x: torch.Tensor, send: List[int], recv: List[int
 
 
 def dispatch(state: DispatchState, transport: Transport) -> DispatchState:
-    """Sends the rows and their routing metadata to the expert ranks."""
+    """Sends the rows and their routing metadata to the expert ranks.
+
+    With a node-dedup plan the rows travel once per (token, node); the metadata differs per destination rank
+    (its slots and weights are that rank's), so it takes the same exchange without dedup.
+    """
     plan = state.exchange_plan
     state.x_recv_RD = _send(transport, state.x_send_SD, state.send_counts, state.recv_counts, plan)
-    state.meta_recv_RK2 = _send(transport, state.meta_send_SK2, state.send_counts, state.recv_counts, plan)
+    meta_plan = plan.without_dedup() if plan is not None and hasattr(plan, "without_dedup") else plan
+    state.meta_recv_RK2 = _send(transport, state.meta_send_SK2, state.send_counts, state.recv_counts, meta_plan)
     state.x_send_SD = state.meta_send_SK2 = None  # free the send buffers early
     return state
 
@@ -172,7 +184,12 @@ def postprocess(state: DispatchState, num_local: int, ops: Ops) -> torch.Tensor:
 
 
 def combine(state: DispatchState, y_ND: torch.Tensor, transport: Transport, ops: Ops) -> torch.Tensor:
-    """Weighted per-row sum at the expert rank, reverse exchange, sum per source token: [T, D]."""
+    """Weighted per-row sum at the expert rank, reverse exchange, sum per source token: [T, D].
+
+    With a node-dedup plan the reverse exchange sums a token's rows from the ranks of one node on that node and
+    returns the sum in the token's first row for that node (zeros in its other rows there): the per-token sum
+    below gives the same output, the additions grouped by node.
+    """
     y_recv = ops.combine(y_ND, state.pair_rows, state.x_recv_RD.shape[0], state.weight_N)
     reverse = state.exchange_plan.reversed() if state.exchange_plan is not None else None
     y_back = _send(transport, y_recv, state.recv_counts, state.send_counts, reverse)

@@ -134,7 +134,8 @@ class PiperMoE(MoE):
         if size != self.ep_size:
             raise ValueError(f"EP group has {size} ranks but the layer was built with ep_size={self.ep_size}")
         ep_rank = dist.get_rank(ep_group) if size > 1 else 0
-        self.deepspeed_moe.transport = make_transport(self.config.transport, ep_group, topology)
+        self.deepspeed_moe.transport = make_transport(self.config.transport, ep_group, topology,
+                                                      node_dedup=self.config.node_dedup)
         if ep_rank != self.ep_rank:  # built for another EP rank: hold the experts the placement gives this one
             self.ep_rank = ep_rank
             self._reinit_local_experts()
