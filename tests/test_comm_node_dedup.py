@@ -211,3 +211,16 @@ def test_transport_four_ranks_2x2_1x4_4x1_and_errors():
     assert "needs source_ids" in msgs[0]
     assert "vector of 4 ids" in msgs[1] and "(3,)" in msgs[1]
     assert "min -1" in msgs[2]
+
+
+def test_bench_routed_rows():
+    """The benchmark's MoE-like rows: topk distinct ranks per token, rank-major, token order within a rank."""
+    from piper_ds.bench.alltoall import routed_rows
+    send, ids = routed_rows(40, 4, 3, torch.Generator().manual_seed(0))
+    assert sum(send) == len(ids) == 13 * 3
+    assert torch.bincount(ids).tolist() == [3] * 13
+    start = 0
+    for c in send:
+        block = ids[start:start + c]
+        assert torch.equal(block, block.sort().values) and block.unique().numel() == c
+        start += c

@@ -9,7 +9,9 @@ hierarchical one under each ``--gpus-per-node`` view of the job (on one 4-GPU ho
 warm-up, CUDA events (wall clock on CPU), the per-iteration maximum over ranks, and the median over
 iterations. Before timing a size it checks, on fresh random inputs with random uneven splits (zeros
 included), that the hierarchical output is bit-identical to the flat one (and the gradients, at the first
-size). ``--tiers`` adds point-to-point ping-pong times per tier and their α-β fits (the planner's input, see
+size). ``--topk K`` routes rows like MoE tokens (each token to K distinct ranks) and adds the hierarchical
+views with several nodes and local ranks run with node dedup (plan made before timing; checked: rows equal
+flat's, reverse equal per token), with the inter-node payload with and without dedup. ``--tiers`` adds point-to-point ping-pong times per tier and their α-β fits (the planner's input, see
 :mod:`piper_ds.comm.cost_model`); ``--count-bytes 'r*'`` adds the bytes that left through the matching network
 interfaces (the emulated cluster's inter-node links). Results go to ``--out`` as JSON; the table prints last.
 Exit status 1 when a check fails.
@@ -70,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--uneven", action="store_true", help="time random uneven splits instead of balanced ones")
     p.add_argument("--planned", action="store_true", help="also time the hierarchical call with a precomputed "
                    "plan (transport.plan: no lane round)")
+    p.add_argument("--topk", type=int, default=0,
+                   help="rows routed like MoE tokens: each token to TOPK distinct random ranks (one row per token "
+                   "and rank), and the hierarchical views with several nodes and local ranks also timed with "
+                   "node dedup ('dedup': a token crosses once per remote node). 0: random counts, no dedup")
     p.add_argument("--tiers", action="store_true", help="ping-pong per tier and α-β fits (planner input)")
     p.add_argument("--count-bytes", default=None, metavar="GLOB",
                    help="count tx bytes of interfaces matching GLOB in /proc/net/dev (local rank 0 of each node)")
@@ -166,8 +172,40 @@ def check_exact(flat, hiers: Dict[str, HierarchicalAllToAll], rows: int, args, d
     return int(flag.item()) == 0
 
 
+def routed_rows(rows: int, world: int, topk: int, gen: torch.Generator):
+    """MoE-like rows: ``rows // topk`` tokens, each to ``topk`` distinct random ranks; rank-major, token order.
+
+    Returns (send counts [world], token id of every row [S]).
+    """
+    T, k = max(rows // topk, 1), min(topk, world)
+    pick = torch.rand(T, world, generator=gen).argsort(dim=1)[:, :k]
+    hit_WT = torch.zeros(T, world, dtype=torch.bool).scatter_(1, pick, True).t()
+    return hit_WT.sum(1).tolist(), torch.nonzero(hit_WT)[:, 1]
+
+
+def check_dedup(flat, dedups: Dict[str, HierarchicalAllToAll], rows: int, args, dtype, device) -> bool:
+    """Routed rows: every dedup view delivers flat's rows bit for bit; its reverse agrees per token."""
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(args.seed * 7919 + rows * 31 + rank)
+    send, ids = routed_rows(rows, dist.get_world_size(), args.topk, gen)
+    ids = ids.to(device)
+    x = torch.randn(int(ids.max()) + 1 if ids.numel() else 0, args.hidden, generator=gen).to(dtype).to(device)[ids]
+    recv = flat.exchange_counts(torch.tensor(send, device=device)).tolist()
+    want, ok = flat(x, send, recv), True
+    want_back = torch.zeros(x.shape, dtype=torch.float64, device=device).index_add_(
+        0, ids, flat(want, recv, send).double())
+    for h in dedups.values():
+        plan = h.plan(torch.tensor(send, device=device), source_ids=ids)
+        y = h(x, send, recv, plan=plan)
+        back = torch.zeros_like(want_back).index_add_(0, ids, h(y, recv, send, plan=plan.reversed()).double())
+        ok &= torch.equal(y, want) and torch.allclose(back, want_back, rtol=1e-2, atol=1e-2)
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
 def inter_node_rows(send: List[int], topo: Topology, rank: int) -> int:
-    """Rows this rank sends to ranks on other nodes (the same for flat and hierarchical: no dedup)."""
+    """Rows this rank sends to ranks on other nodes (flat, and hierarchical without dedup)."""
     return sum(c for r, c in enumerate(send) if topo.node_of(r) != topo.node_of(rank))
 
 
@@ -212,6 +250,8 @@ def bench(args) -> int:
     flat = FlatAllToAll(world_group)
     hiers = {f"hier {world // g}x{g}": HierarchicalAllToAll(world_group, Topology(world, g)) for g in views}
     topos = {name: Topology(world, g) for name, g in zip(hiers, views)}
+    dedups = {f"hier {world // g}x{g} dedup": HierarchicalAllToAll(world_group, Topology(world, g), node_dedup=True)
+              for g in views if args.topk and 1 < g < world}
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     results, checks, failed = [], [], False
     gen = torch.Generator().manual_seed(args.seed + rank)
@@ -219,24 +259,35 @@ def bench(args) -> int:
         rows = max(size // (args.hidden * elem), world)
         if not args.no_check:
             ok = check_exact(flat, hiers, rows, args, dtype, device, grads=(k == 0))
+            if dedups:
+                ok &= check_dedup(flat, dedups, rows, args, dtype, device)
             checks.append({"size_bytes": size, "ok": ok, "gradients_checked": k == 0})
             failed |= not ok
-        send = counts_row(rows, world, args.uneven, gen)
-        x = torch.randn(sum(send), args.hidden, device=device).to(dtype)
+        if args.topk:
+            send, ids = routed_rows(rows, world, args.topk, gen)
+            x = torch.randn(int(ids.max()) + 1 if ids.numel() else 0, args.hidden, device=device).to(dtype)[
+                ids.to(device)]
+        else:
+            send = counts_row(rows, world, args.uneven, gen)
+            x = torch.randn(sum(send), args.hidden, device=device).to(dtype)
         recv = flat.exchange_counts(torch.tensor(send, device=device)).tolist()
-        runs = {"flat": lambda: flat(x, send, recv)}
+        runs, plans = {"flat": lambda: flat(x, send, recv)}, {}
         for name, h in hiers.items():
             runs[name] = (lambda h=h: h(x, send, recv))
             if args.planned:
-                plan = h.plan(torch.tensor(send, device=device))
+                plans[name + " planned"] = plan = h.plan(torch.tensor(send, device=device))
                 runs[name + " planned"] = (lambda h=h, plan=plan: h(x, send, recv, plan=plan))
+        for name, h in dedups.items():
+            plans[name] = plan = h.plan(torch.tensor(send, device=device), source_ids=ids.to(device))
+            runs[name] = (lambda h=h, plan=plan: h(x, send, recv, plan=plan))
         for name, fn in runs.items():
             before = iface_tx_bytes(args.count_bytes) if args.count_bytes else 0
             times = timed(fn, args.warmup, args.iters, device)
             entry = {"size_bytes": size, "transport": name, "rows_sent": sum(send), "times_s": times,
                      "median_s": statistics.median(times)}
-            topo = topos.get(name.replace(" planned", ""), env_topo)
-            model = torch.tensor([inter_node_rows(send, topo, rank) * args.hidden * elem], device=device)
+            topo = topos.get(name.replace(" planned", "").replace(" dedup", ""), env_topo)
+            mine = plans[name].inter_node_rows() if name in plans else inter_node_rows(send, topo, rank)
+            model = torch.tensor([mine * args.hidden * elem], device=device)
             dist.all_reduce(model)
             entry["inter_node_payload_bytes"] = int(model.item())
             if args.count_bytes:
@@ -250,7 +301,7 @@ def bench(args) -> int:
     meta = {"world_size": world, "backend": dist.get_backend(), "device": _device_name(device),
             "launcher_topology": f"{env_topo.num_nodes}x{env_topo.gpus_per_node} ({env_topo.source})",
             "hidden": args.hidden, "dtype": args.dtype, "warmup": args.warmup, "iters": args.iters,
-            "uneven": args.uneven, "torch": torch.__version__, "commit": _commit(),
+            "uneven": args.uneven, "topk": args.topk, "torch": torch.__version__, "commit": _commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report = {"meta": meta, "results": results, "checks": checks, "fits": _fits(results)}
     if args.tiers:
@@ -287,6 +338,8 @@ def format_table(report) -> str:
     names = list(dict.fromkeys(r["transport"] for r in res))
     by = {(r["size_bytes"], r["transport"]): r for r in res}
     head = ["size/rank"] + [f"{n} ms" for n in names] + ["check"]
+    if any(n.endswith(" dedup") for n in names):
+        head.insert(-1, "inter-node MiB (plain / dedup)")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for size in dict.fromkeys(r["size_bytes"] for r in res):
         flat = by[size, "flat"]["median_s"]
@@ -294,6 +347,10 @@ def format_table(report) -> str:
         for n in names[1:]:
             t = by[size, n]["median_s"]
             cells.append(f"{t * 1e3:.3f} ({t / flat:.2f}x)")
+        for n in (n for n in names if n.endswith(" dedup")):
+            head_bytes = by[size, n.replace(" dedup", "")]["inter_node_payload_bytes"]
+            cells.append(f"{head_bytes / 2**20:.2f} / {by[size, n]['inter_node_payload_bytes'] / 2**20:.2f}")
+            break
         cells.append({True: "ok", False: "MISMATCH"}.get(checks.get(size), "-"))
         lines.append(" | ".join(cells))
     m = report["meta"]
