@@ -11,7 +11,8 @@ iterations. Before timing a size it checks, on fresh random inputs with random u
 included), that the hierarchical output is bit-identical to the flat one (and the gradients, at the first
 size). ``--topk K`` routes rows like MoE tokens (each token to K distinct ranks) and adds the hierarchical
 views with several nodes and local ranks run with node dedup (plan made before timing; checked: rows equal
-flat's, reverse equal per token), with the inter-node payload with and without dedup. ``--tiers`` adds point-to-point ping-pong times per tier and their α-β fits (the planner's input, see
+flat's, reverse equal per token), with the inter-node payload with and without dedup. ``--tiers`` adds
+point-to-point ping-pong times per tier and their α-β fits (the planner's input, see
 :mod:`piper_ds.comm.cost_model`); ``--count-bytes 'r*'`` adds the bytes that left through the matching network
 interfaces (the emulated cluster's inter-node links). Results go to ``--out`` as JSON; the table prints last.
 Exit status 1 when a check fails.
