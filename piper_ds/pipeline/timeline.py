@@ -140,11 +140,12 @@ class TimedTransport:
         with self.rec.interval("a2a", op="counts"):
             return self.inner.exchange_counts(send_counts_R)
 
-    def __call__(self, x, send_counts, recv_counts):
+    def __call__(self, x, send_counts, recv_counts, **kwargs):
+        """The inner transport's call (``kwargs``: e.g. a hierarchical transport's ``plan=``), timed."""
         rec, lane, key = self.rec, self.rec.lane, self.rec.new_key()
         x = rec.mark_backward(x, "a2a", lane, key, opens=False)
         with rec.interval("a2a", lane):
-            y = self.inner(x, send_counts, recv_counts)
+            y = self.inner(x, send_counts, recv_counts, **kwargs)
         return rec.mark_backward(y, "a2a", lane, key, opens=True)
 
     def __getattr__(self, name):
