@@ -35,15 +35,19 @@ def _init():
 
 def build(peer: str, shape: dict, ep: int, activation: str, kernels: str, transport: str = "flat",
           gpus_per_node: int = 0):
-    """The layer of ``peer`` ('piper' or 'stock') in bf16 on this GPU; ``transport`` 'hierarchical' plans the
-    EP group as nodes of ``gpus_per_node`` ranks (0: all ranks on one node)."""
+    """The layer of ``peer`` ('piper' or 'stock') in bf16 on this GPU; ``transport`` 'hierarchical' (or
+    'hierarchical+dedup', with node-level dedup) plans the EP group as nodes of ``gpus_per_node`` ranks (0: all
+    ranks on one node)."""
     from deepspeed.moe.layer import MoE
     from piper_ds.comm.topology import Topology
     from piper_ds.moe import FeedForward, PiperMoE
     torch.manual_seed(1234)
     if peer == "piper":
+        kind, _, extra = transport.partition("+")
+        if transport not in ("flat", "hierarchical", "hierarchical+dedup"):
+            raise ValueError(f"transport {transport!r}: use flat, hierarchical or hierarchical+dedup")
         layer = PiperMoE(shape["d"], shape["E"], shape["f"], ep_size=ep, top_k=shape["k"], activation=activation,
-                         kernels=kernels, aux_loss_coef=0.01, transport=transport)
+                         kernels=kernels, aux_loss_coef=0.01, transport=kind, node_dedup=extra == "dedup")
     else:
         layer = MoE(shape["d"], FeedForward(shape["d"], shape["f"], activation), num_experts=shape["E"],
                     ep_size=ep, k=shape["k"], capacity_factor=1.25, eval_capacity_factor=1.25, drop_tokens=True)
@@ -112,7 +116,8 @@ def main(argv=None):
     ap.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"])
     ap.add_argument("--kernels", default="reference", help="comma list of PiperMoE kernels settings to run")
     ap.add_argument("--transports", default="flat",
-                    help="comma list of PiperMoE transports to run: flat, hierarchical (at ep > 1)")
+                    help="comma list of PiperMoE transports to run: flat, hierarchical, hierarchical+dedup "
+                         "(node-level dedup; at ep > 1)")
     ap.add_argument("--gpus-per-node", type=int, default=0,
                     help="ranks per node seen by the hierarchical transport (0: all; 1 on one host = every GPU a node)")
     ap.add_argument("--warmup", type=int, default=5)
