@@ -37,6 +37,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--schedules", default="1f1b,overlap")
     p.add_argument("--layouts", default="auto", help="'auto' or e.g. '2x2,1x4' (pp x ep)")
     p.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU/gloo smoke run")
+    p.add_argument("--profile", default=None,
+                   help="platform profile JSON for the planner's predictions (python -m piper_ds.calibrate)")
     p.add_argument("--watchdog", type=float, default=900.0,
                    help="seconds after which every rank prints all thread stacks and exits non-zero (0: off)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher passes it
@@ -77,7 +79,9 @@ def _prediction(spec, args, pp: int, ep: int, world: int, schedule: str) -> Dict
     layout = Layout(dp=world // pp, ep=ep, pp=pp, zero_stage=1, micro_batch=args.micro_batch,
                     grad_accum=args.grad_accum, precision="fp32" if args.tiny else "bf16",
                     overlap_a2a=schedule == "overlap")
-    est = estimate(spec, ClusterSpec.preset("h200-nvlink-ib400"), layout)
+    from piper_ds.planner.profile import PlatformProfile
+    prof = PlatformProfile.load(args.profile) if args.profile else PlatformProfile()
+    est = estimate(spec, ClusterSpec.preset("h200-nvlink-ib400"), layout, prof)
     return {"step_s": est.step_time, "tokens_per_s": est.tokens_per_s, "mfu": est.mfu,
             "bubble_fraction": est.bubble_fraction, "a2a_hidden_s": est.a2a_hidden,
             "worst_stage_mem_gib": est.worst.total / 2**30}
