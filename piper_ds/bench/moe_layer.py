@@ -123,7 +123,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default=None, help="JSON file for the results (rank 0)")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of PiperMoE (rank 0)")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of PiperMoE (rank 0 prints)")
     ap.add_argument("--trace", default=None, help="with --profile: also write a Chrome trace to this path")
     args = ap.parse_args(argv)
     rank, ep = _init()
@@ -141,8 +141,9 @@ def main(argv=None):
             layer = build(peer, shape, ep, args.activation, kernels or "reference", transport, args.gpus_per_node)
             err = check_against_reference(layer, inputs[0], rank, ep) if peer == "piper" else float("nan")
             ms, mem = time_layer(layer, inputs, grads, args.warmup, args.iters)
-            if args.profile and peer == "piper" and rank == 0:
-                _profile(layer, inputs, grads, args.trace and f"{args.trace}.{key}.{kernels}.json")
+            if args.profile and peer == "piper":  # every rank runs it (the layer's all-to-alls need them all)
+                _profile(layer, inputs, grads, rank == 0,
+                         args.trace and f"{args.trace}.{key}.{kernels}.{transport}.json")
             mats = 3 if args.activation == "swiglu" else 2
             useful = 3 * 2 * args.tokens * shape["k"] * mats * shape["d"] * shape["f"]
             name = "stock" if peer == "stock" else f"piper[{kernels}{'' if transport == 'flat' else ', ' + transport}]"
@@ -158,11 +159,14 @@ def main(argv=None):
     dist.destroy_process_group()
 
 
-def _profile(layer, inputs, grads, trace=None):
-    """Prints the top CUDA kernels over 3 iterations and how busy the GPU was (kernel time / wall time)."""
+def _profile(layer, inputs, grads, report: bool, trace=None):
+    """Profiles 3 iterations; with ``report``, prints the top CUDA kernels and how busy the GPU was (kernel time
+    / wall time) and writes the Chrome ``trace``."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall_ms, _ = time_layer(layer, inputs, grads, warmup=0, iters=3)
+    if not report:
+        return
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
