@@ -28,20 +28,6 @@ def test_gather_and_combine_match_reference(n_rows, fan, n, d):
     assert torch.autograd.gradcheck(lambda y, w: rows.combine_rows(y, pos, n_rows, fan, w), (y, w))
 
 
-def test_pair_positions_rebuilt_from_slots():
-    gen = torch.Generator().manual_seed(5)
-    slots = torch.randint(-1, 4, (20, 3), generator=gen)
-    for r in range(20):  # a row asks each local slot at most once
-        seen = set()
-        for k in range(3):
-            if slots[r, k].item() in seen:
-                slots[r, k] = -1
-            seen.add(slots[r, k].item())
-    plan = R.expand_plan_reference(slots, torch.rand(20, 3, generator=gen), 4)
-    rebuilt = dispatch._pair_positions(slots, plan.row_idx_N, plan.tokens_per_slot_L)
-    assert torch.equal(rebuilt, plan.pair_N)
-
-
 @pytest.mark.parametrize("T, K, E, ep", [(50, 3, 8, 4), (1, 1, 4, 2), (0, 2, 4, 2), (33, 6, 64, 1)])
 def test_dispatch_planning_equals_reference(T, K, E, ep):
     from piper_ds.moe.placement import ExpertPlacement

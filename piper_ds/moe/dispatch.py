@@ -22,7 +22,7 @@ import torch
 from piper_ds.comm.alltoall import Transport
 from piper_ds.moe import rows
 from piper_ds.moe.placement import ExpertPlacement
-from piper_ds.ops import reference
+from piper_ds.ops import permute, reference
 
 
 @dataclass
@@ -39,7 +39,6 @@ class Ops:
         """Rows ``x[pos // fan]`` and the handle that :meth:`combine` over the same rows takes."""
         if self.rows_backend is None:
             return rows.gather_rows(x_MD, pos_N, fan), (pos_N, fan, None)
-        from piper_ds.ops import permute
         row_N = torch.div(pos_N, fan, rounding_mode="floor")
         # the inverse index (a CSR of the rows of each source row), built once: the gather's backward and the
         # combine over the same rows are then one launch each
@@ -51,7 +50,6 @@ class Ops:
         index_N, fan, inverse = handle
         if self.rows_backend is None:
             return rows.combine_rows(y_ND, index_N, num_out, fan, weight_N)
-        from piper_ds.ops import permute
         return permute.combine_rows(y_ND, index_N, num_out, weight_N, backend=self.rows_backend, inverse=inverse)
 
 
@@ -175,11 +173,8 @@ def postprocess(state: DispatchState, num_local: int, ops: Ops) -> torch.Tensor:
     K = state.meta_recv_RK2.shape[1] // 2
     slots = state.meta_recv_RK2[:, :K].detach().round().to(torch.int64)
     plan = (ops.expand_plan or _expand_plan)(slots, state.meta_recv_RK2[:, K:], num_local)
-    pair = plan.pair_N
-    if pair is None:  # an implementation without pair positions: rebuild them from (row, slot)
-        pair = _pair_positions(slots, plan.row_idx_N, plan.tokens_per_slot_L)
     state.weight_N, state.tokens_per_slot_L = plan.weight_N, plan.tokens_per_slot_L
-    h_ND, state.pair_rows = ops.gather(state.x_recv_RD, pair, K)
+    h_ND, state.pair_rows = ops.gather(state.x_recv_RD, plan.pair_N, K)
     return h_ND
 
 
@@ -197,11 +192,3 @@ def combine(state: DispatchState, y_ND: torch.Tensor, transport: Transport, ops:
         return y_back
     return ops.combine(y_back, state.send_rows, state.num_tokens)
 
-
-def _pair_positions(slots_RK: torch.Tensor, row_idx_N: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-    """row * K + k of each expanded row, from its row and its slot (slot order of the groups)."""
-    K = slots_RK.shape[1]
-    slot_N = torch.repeat_interleave(torch.arange(counts_L.numel(), device=counts_L.device), counts_L,
-                                     output_size=row_idx_N.numel())
-    k_N = (slots_RK[row_idx_N] == slot_N[:, None]).to(torch.int64).argmax(dim=1)
-    return row_idx_N * K + k_N

@@ -154,7 +154,7 @@ class ExpandPlan(NamedTuple):
     weight_N: float32 combine weight of each expanded row (differentiable).
     tokens_per_slot_L: int64 expanded rows per local expert slot.
     pair_N: int64 flat (row * K + k) position of each expanded row in the [R, K] metadata; distinct values,
-        which lets the combine scatter without atomics (None from an implementation that does not give it).
+        which lets the combine scatter without atomics.
     """
 
     row_idx_N: torch.Tensor

@@ -118,29 +118,33 @@ def moe_param_groups(model: torch.nn.Module, pipe_group=None, max_group_numel: O
     return groups
 
 
+def _min_max_over(values: torch.Tensor, group) -> tuple:
+    """(element-wise min, element-wise max) of ``values`` over the ranks of ``group``."""
+    import deepspeed.comm as dist
+    low, high = values.clone(), values.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    return low, high
+
+
 def _agree_across_stages(pipe_group, has_dense: bool, names: List[str], counts: List[int],
                          tensors: List[int]) -> List[int]:
     """The number of MoE groups per name that every stage of the pipeline uses: the largest greedy count of any
     stage, but no more than the fewest MoE tensors of any stage (a stage with more, larger layers then holds
     more than the cap per group). ValueError, raised on every stage, when the stages differ in having dense
     parameters or in their number of EP group names."""
-    import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
     device = get_accelerator().current_device_name()
-    shape = torch.tensor([int(has_dense), len(names)], dtype=torch.int64, device=device)
-    low, high = shape.clone(), shape.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=pipe_group)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=pipe_group)
+    low, high = _min_max_over(torch.tensor([int(has_dense), len(names)], dtype=torch.int64, device=device),
+                              pipe_group)
     if not torch.equal(low, high):
         raise ValueError(f"pipeline stages differ in their optimizer group structure (dense parameters on some "
                          f"stages only, or different EP group names; this stage: dense={has_dense}, MoE group names "
                          f"{names}): every stage needs dense parameters and MoE layers of one ep_size")
     if not names:
         return counts
-    most = torch.tensor(counts, dtype=torch.int64, device=device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=pipe_group)
-    fewest = torch.tensor(tensors, dtype=torch.int64, device=device)
-    dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=pipe_group)
+    _, most = _min_max_over(torch.tensor(counts, dtype=torch.int64, device=device), pipe_group)
+    fewest, _ = _min_max_over(torch.tensor(tensors, dtype=torch.int64, device=device), pipe_group)
     return [int(c) for c in torch.minimum(most, fewest).tolist()]
 
 
@@ -182,14 +186,11 @@ class PiperPipelineEngine(PipelineEngine):
     def _check_stage_group_counts(self) -> None:
         """ZeRO all-reduces the gradient norm over the stages once per parameter group: unequal group counts
         (say, from a user's own optimizer groups) would hang the first step, so they fail here instead."""
-        import deepspeed.comm as dist
         groups = getattr(self.optimizer, "bit16_groups", None)
         if groups is None or self.num_stages == 1:
             return
-        count = torch.tensor([len(groups)], dtype=torch.int64, device=self.device)
-        low, high = count.clone(), count.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.grid.get_pipe_parallel_group())
-        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.grid.get_pipe_parallel_group())
+        low, high = _min_max_over(torch.tensor([len(groups)], dtype=torch.int64, device=self.device),
+                                  self.grid.get_pipe_parallel_group())
         if int(low) != int(high):
             raise ValueError(f"pipeline stages have between {int(low)} and {int(high)} ZeRO parameter groups (stage "
                              f"{self.stage_id}: {len(groups)}); every stage needs the same number, as "

@@ -68,6 +68,15 @@ def print_plan(console: Console, ests: Sequence[Estimate], top: int) -> None:
         console.print(t)
 
 
+def _save(plt, fig, ax, path: str) -> str:
+    """Legend outside the axes, tight layout, PNG at 120 dpi; closes the figure and returns ``path``."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_plan(ests: Sequence[Estimate], out_dir: str, top: int = 10) -> List[str]:
     """Writes memory_per_stage.png (chosen layout, stacked by kind) and step_breakdown.png (top layouts);
     returns their paths."""
@@ -88,11 +97,7 @@ def plot_plan(ests: Sequence[Estimate], out_dir: str, top: int = 10) -> List[str
     ax.set_xlabel("pipeline stage")
     ax.set_ylabel("GiB per GPU")
     ax.set_title(f"Memory per stage: {e.model.name}, {e.layout.short()}")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    mem_path = os.path.join(out_dir, "memory_per_stage.png")
-    fig.tight_layout()
-    fig.savefig(mem_path, dpi=120)
-    plt.close(fig)
+    mem_path = _save(plt, fig, ax, os.path.join(out_dir, "memory_per_stage.png"))
 
     shown = list(ests[:top])
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(shown)))
@@ -105,9 +110,5 @@ def plot_plan(ests: Sequence[Estimate], out_dir: str, top: int = 10) -> List[str
     ax.invert_yaxis()
     ax.set_xlabel("ms per step")
     ax.set_title(f"Step time breakdown: {e.model.name} on {e.layout.gpus} GPUs ({e.cluster.name})")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    step_path = os.path.join(out_dir, "step_breakdown.png")
-    fig.tight_layout()
-    fig.savefig(step_path, dpi=120)
-    plt.close(fig)
+    step_path = _save(plt, fig, ax, os.path.join(out_dir, "step_breakdown.png"))
     return [mem_path, step_path]
