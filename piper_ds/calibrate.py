@@ -12,6 +12,8 @@ Measures (on CUDA when present, else a tiny CPU mode that still writes a valid p
   (measured - the planner's own block prediction with zero overhead, see :mod:`piper_ds.planner.overheads`)
   is fitted to ``moe_layer_overhead_us`` + ``moe_overhead_ns_per_row`` x routed rows and
   ``dense_layer_overhead_us``;
+- the seconds per parameter of DeepSpeed's bf16 ZeRO-1 ``engine.step()`` with fused AdamW, on one GPU
+  (:mod:`piper_ds.zero_step`; CUDA only), for the planner's optimizer term;
 - when launched with several ranks (``deepspeed --num_gpus N --module piper_ds.calibrate`` or
   ``torchrun --nproc_per_node N -m piper_ds.calibrate``):
   all-to-all time by size inside a node and across nodes, and point-to-point, fitted to alpha-beta tiers.
@@ -364,6 +366,8 @@ def calibrate(args) -> Optional[PlatformProfile]:
         measurements=meas)
     if not args.skip_blocks:
         prof = _calibrate_overheads(prof, args, device, dtype, tiny, iters)
+    if not args.skip_optimizer and not tiny:
+        prof = _calibrate_optimizer(prof, device)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     return prof
@@ -385,6 +389,23 @@ def _calibrate_overheads(prof: PlatformProfile, args, device: torch.device, dtyp
     return apply_fits(prof, moe_fit, dense_fit).model_copy(update={"measurements": meas})
 
 
+def _calibrate_optimizer(prof: PlatformProfile, device: torch.device) -> PlatformProfile:
+    """``prof`` with ``optimizer_ns_per_param`` measured by rank 0 (:mod:`piper_ds.zero_step`, a ZeRO-1
+    ``engine.step()`` over 2**30 parameters on its GPU alone); the other ranks wait."""
+    from piper_ds.zero_step import bench_zero_step
+    record = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        record = bench_zero_step(device)
+        print(f"ZeRO-1 step, fused AdamW: {record['ns_per_param']:.2f} ns per parameter "
+              f"({record['seconds'] * 1e3:.1f} ms for {record['numel'] / 1e9:.2f} B parameters)")
+    if dist.is_initialized():
+        dist.barrier()
+    if record is None:
+        return prof
+    meas = dict(prof.measurements, zero_step=record)
+    return prof.model_copy(update={"optimizer_ns_per_param": record["ns_per_param"], "measurements": meas})
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``python -m piper_ds.calibrate``; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m piper_ds.calibrate", description=__doc__.split("\n\n")[0])
@@ -398,6 +419,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="PiperMoE gating/permutation kernels in the block benchmark (use what training uses)")
     p.add_argument("--cluster", default="h200-nvlink-ib400", help="cluster preset for the block predictions")
     p.add_argument("--skip-blocks", action="store_true", help="skip the block-overhead benchmark")
+    p.add_argument("--skip-optimizer", action="store_true",
+                   help="skip the ZeRO optimizer-step benchmark (CUDA only; it needs about 20 GB of GPU memory)")
     p.add_argument("--iters", type=int, default=10, help="timed repetitions per point (median)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (automatic without CUDA)")
     p.add_argument("--cpu", action="store_true", help="ignore CUDA and run the tiny CPU mode")

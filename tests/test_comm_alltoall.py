@@ -3,9 +3,12 @@
 One process launch per world size keeps this file fast: every topology, dtype and random split is checked
 inside the same workers. Counts are random per (seed, rank pair), including zeros and all-zero ranks.
 """
+from unittest import mock
+
 import torch
 import torch.distributed as dist
 
+from piper_ds.comm import hierarchical
 from piper_ds.comm.alltoall import FlatAllToAll, make_transport
 from piper_ds.comm.hierarchical import HierarchicalAllToAll, spans_nodes
 from piper_ds.comm.topology import Topology
@@ -72,6 +75,13 @@ def check_subgroup_and_auto(rank, world_size):
     assert isinstance(make_transport("auto", world, Topology(world_size, world_size)), FlatAllToAll)
     assert isinstance(make_transport("hierarchical", world, Topology(world_size, world_size)),
                       HierarchicalAllToAll)
+    # one node: the call is the flat exchange itself (one all_to_all_single), no point-to-point round
+    one_node = HierarchicalAllToAll(world, Topology(world_size, world_size))
+    send_t = _counts(5, world_size, 0.3)[rank].clone()
+    recv = one_node.exchange_counts(send_t).tolist()
+    x = torch.randn(int(send_t.sum()), 3, dtype=torch.float64)
+    with mock.patch.object(hierarchical.dist, "batch_isend_irecv", side_effect=AssertionError("p2p on one node")):
+        assert torch.equal(one_node(x, send_t.tolist(), recv), FlatAllToAll(world)(x, send_t.tolist(), recv))
     if rank in (1, 3):
         hier = HierarchicalAllToAll(sub, topo)
         assert hier.layout.describe() == "2 nodes x 1 rank"

@@ -212,3 +212,44 @@ def test_optimizer_term_reads_the_config():
     assert optimizer_seconds(spec, h200, lay, prof, 0) == pytest.approx(want)
     slow = optimizer_seconds(spec, h200, lay.model_copy(update={"fused_optimizer": False}), prof, 0)
     assert slow == pytest.approx(want * (26 + 80) / (26 + 28))
+
+
+def test_optimizer_term_uses_the_measured_step_rate():
+    from piper_ds.planner.cluster import ClusterSpec
+    from piper_ds.planner.resources import adam_bytes_per_param, optimizer_seconds
+    spec, h200 = ModelSpec.preset("tiny"), ClusterSpec.preset("h200-nvlink-ib400")
+    prof = PlatformProfile(optimizer_ns_per_param=30.0)
+    lay = Layout(dp=2, ep=2, zero_stage=2)
+    n_dense, n_expert = stage_params(spec, lay, 0)
+    n = n_dense / 2 + n_expert / 1
+    assert optimizer_seconds(spec, h200, lay, prof, 0) == pytest.approx(30e-9 * n)
+    # foreach AdamW: the measured fused step plus the extra passes at the HBM rate
+    foreach = optimizer_seconds(spec, h200, lay.model_copy(update={"fused_optimizer": False}), prof, 0)
+    extra = (adam_bytes_per_param(False) - adam_bytes_per_param(True)) / prof.hbm_rate(h200)
+    assert foreach == pytest.approx(n * (30e-9 + extra))
+    # the measurement is of bf16 ZeRO-1/2: ZeRO-0 and fp32 keep the analytic bytes model
+    for other in (lay.model_copy(update={"zero_stage": 0}), lay.model_copy(update={"precision": "fp32"})):
+        assert optimizer_seconds(spec, h200, other, prof, 0) == optimizer_seconds(spec, h200, other,
+                                                                                  PlatformProfile(), 0)
+    with pytest.raises(ValueError):
+        PlatformProfile(optimizer_ns_per_param=0.0)
+
+
+def test_moe_optimizer_groups_follow_deepspeeds_cap():
+    from piper_ds.planner.memory import MOE_GROUP_MAX_NUMEL, greedy_group_sizes, moe_group_sizes
+    assert greedy_group_sizes([3, 3, 3, 10, 1], max_numel=6) == [6, 3, 10, 1]
+    assert greedy_group_sizes([], max_numel=6) == []
+    spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=4, n_dense_layers=1)
+    stack = spec.num_experts * spec.d_model * spec.d_ffn_expert  # 185M > the cap: one group per tensor
+    assert stack > MOE_GROUP_MAX_NUMEL
+    assert moe_group_sizes(spec, Layout(dp=1), 0) == [stack] * 9
+    lay = Layout(dp=4, ep=4)  # 46M per stack: three stacks per group
+    assert moe_group_sizes(spec, lay, 0) == [3 * stack // 4] * 3
+    assert sum(moe_group_sizes(spec, lay, 0)) == stage_params(spec, lay, 0)[1]
+    # the step phase casts one group at a time: with the cut, far less than one group of all experts
+    n_dense, n_expert = stage_params(spec, Layout(dp=1), 0)
+    one = phase_state_bytes(n_dense, n_expert, 1, 1, zero=1)["step"]["grads"]
+    cut = phase_state_bytes(n_dense, n_expert, 1, 1, zero=1, expert_groups=[stack] * 9)["step"]["grads"]
+    assert cut == 2 * (n_dense + n_expert) + 6 * max(n_dense, stack) < one
+    with pytest.raises(ValueError, match="expert_groups sum"):
+        phase_state_bytes(n_dense, n_expert, 1, 1, zero=1, expert_groups=[stack])

@@ -243,6 +243,43 @@ def train(engine, model, spec: ModelSpec, layout: Layout, warmup: int, steps: in
     return _max_over_ranks(times, engine.device)
 
 
+def phase_breakdown(engine, model, spec: ModelSpec, layout: Layout) -> Dict[str, float]:
+    """One more step, synchronised between phases: seconds and peak bytes of the forwards, the backwards and
+    the ``engine.step()`` calls (summed / maxed over the micro-batches), max over ranks. Run it after the
+    timed steps: the synchronisations cost time, and resetting the peak statistics loses the step's peak."""
+    import deepspeed.comm as dist
+    cuda = torch.cuda.is_available() and engine.device.type == "cuda"
+    gen = torch.Generator(device=engine.device).manual_seed(2000 + dist.get_rank())
+    shape = (layout.micro_batch, spec.seq_len)
+    secs, peaks = dict.fromkeys(PHASES, 0.0), dict.fromkeys(PHASES, 0.0)
+    _sync()
+    dist.barrier()
+    for _ in range(layout.grad_accum):
+        ids = torch.randint(0, spec.vocab_size, shape, device=engine.device, generator=gen)
+        phases = {"forward": lambda: engine(ids),
+                  "backward": lambda: engine.backward(model.loss(out[0], torch.roll(ids, -1, dims=1)) + out[1]),
+                  "step": engine.step}
+        for phase, fn in phases.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            result = fn()
+            _sync()
+            secs[phase] += time.perf_counter() - t0
+            if phase == "forward":
+                out = result
+            if cuda:
+                peaks[phase] = max(peaks[phase], float(torch.cuda.max_memory_allocated()))
+        del out
+    values = _max_over_ranks([secs[p] for p in PHASES] + [peaks[p] for p in PHASES], engine.device)
+    return {**{f"{p}_s": v for p, v in zip(PHASES, values)},
+            **{f"{p}_peak_gb": v / GB for p, v in zip(PHASES, values[len(PHASES):])}}
+
+
+#: The phases of :func:`phase_breakdown`.
+PHASES = ("forward", "backward", "step")
+
+
 def run_one(spec: ModelSpec, est: Estimate, role: str, args) -> Dict[str, Any]:
     """Builds, trains and tears down one layout; returns measured vs predicted (same on every rank)."""
     import deepspeed.comm as dist
@@ -263,6 +300,7 @@ def run_one(spec: ModelSpec, est: Estimate, role: str, args) -> Dict[str, Any]:
     after_init = torch.cuda.memory_allocated() if cuda else 0
     times = train(engine, model, spec, lay, args.warmup, args.steps)
     peak, after_init = _max_over_ranks([torch.cuda.max_memory_allocated() if cuda else 0.0, after_init], device)
+    phases = phase_breakdown(engine, model, spec, lay)
     engine.destroy()
     del engine, model
     gc.collect()
@@ -276,9 +314,11 @@ def run_one(spec: ModelSpec, est: Estimate, role: str, args) -> Dict[str, Any]:
             "step_s": statistics.median(times), "step_times_s": times,
             "peak_gb": peak / GB if cuda else None, "allocated_after_init_gb": after_init / GB if cuda else None,
             "allocated_after_cleanup_gb": leftover / GB if cuda else None, "setup_s": setup_s,
+            "phases": phases if cuda else {k: v for k, v in phases.items() if k.endswith("_s")},
             "predicted": {"step_s": est.step_time, "peak_gb": worst.total / GB,
                           "peak_wo_fragmentation_gb": (worst.total - worst.kinds["fragmentation"]) / GB,
                           "peak_phase": worst.peak_phase, "tokens_per_s": est.tokens_per_s,
+                          "phase_peaks_gb": {ph: sum(k.values()) / GB for ph, k in worst.phases.items()},
                           "step_parts_s": dict(est.step_parts)}}
 
 
@@ -338,6 +378,18 @@ def table(results: List[Dict[str, Any]], verdict: Dict[str, Any]) -> str:
                      f"{_fmt(e['step'], '+.1%'):>8}{_yes(w['step_25pct']):>5}{_yes(w['step_10pct']):>5}"
                      f"{_fmt(r['peak_gb'], '.2f'):>9}{p['peak_wo_fragmentation_gb']:>8.2f}"
                      f"{_fmt(e['peak'], '+.1%'):>8}{_yes(w['peak_25pct']):>5}{_yes(w['peak_10pct']):>5}")
+    lines.append(f"\n{'layout':<32}{'fwd s':>8}{'bwd s':>8}{'pred':>8}{'step() s':>9}{'pred':>8}"
+                 f"{'fwd GB':>8}{'bwd GB':>8}{'pred':>8}{'step() GB':>10}{'pred':>8}")
+    for r in results:  # the phase breakdown: predicted compute vs forward + backward, optimizer vs step()
+        ph, p = r.get("phases") or {}, r["predicted"]
+        parts, peaks = p.get("step_parts_s", {}), p.get("phase_peaks_gb", {})
+        if not ph:
+            continue
+        lines.append(f"{r['layout']:<32}{ph['forward_s']:>8.3f}{ph['backward_s']:>8.3f}"
+                     f"{sum(v for k, v in parts.items() if k != 'optimizer'):>8.3f}{ph['step_s']:>9.3f}"
+                     f"{parts.get('optimizer', 0.0):>8.3f}{_fmt(ph.get('forward_peak_gb'), '.2f'):>8}"
+                     f"{_fmt(ph.get('backward_peak_gb'), '.2f'):>8}{_fmt(peaks.get('backward'), '.2f'):>8}"
+                     f"{_fmt(ph.get('step_peak_gb'), '.2f'):>10}{_fmt(peaks.get('step'), '.2f'):>8}")
     v = verdict
     lines.append(f"predicted top choice: {v['predicted_top']}; fastest measured: {v['fastest_measured']}; "
                  f"top choice {'IS' if v['top_is_fastest'] else 'is NOT'} the fastest measured "

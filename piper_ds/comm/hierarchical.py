@@ -4,7 +4,8 @@ Same contract as :class:`piper_ds.comm.alltoall.FlatAllToAll` (rows for rank r a
 of the input; received rows are ordered by source rank; backward is the reverse exchange), different wire
 pattern: Phase I (node-local rows) runs alongside Phase II (one packed message per (node, peer node) lane,
 lane (n, i) -> (m, i), so each local rank's NIC carries its share of the node's traffic), then Phase III
-redistributes the received rows inside the node. :mod:`piper_ds.comm.hier_plan` builds the plan as data;
+redistributes the received rows inside the node. On one node only Phase I is left, the flat exchange, and
+the call runs it as one ``all_to_all_single``. :mod:`piper_ds.comm.hier_plan` builds the plan as data;
 this module runs it with batched asynchronous point-to-point (``dist.batch_isend_irecv``).
 
 By default the rows that cross nodes are those of the flat exchange (a token bound for two ranks of one remote
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from piper_ds.comm import hier_dedup
+from piper_ds.comm.alltoall import AllToAllSingle
 from piper_ds.comm.hier_dedup import DedupPlan
 from piper_ds.comm.hier_plan import (ExchangePlan, Message, Stage, build_plan, lane_vector_for,
                                      lanes_from_counts_exchange)
@@ -291,5 +293,9 @@ class HierarchicalAllToAll:
         if list(plan.send_counts) != send_counts or list(plan.recv_counts) != recv_counts:
             raise ValueError(f"plan is for send {list(plan.send_counts)} / recv {list(plan.recv_counts)}, "
                              f"called with send {send_counts} / recv {recv_counts}")
+        if self.layout.num_nodes == 1:
+            # One node: Phase I is the whole exchange, the flat one, and NCCL's all-to-all runs it faster
+            # than the same messages as batched point-to-point (1.06-1.7x at 1 MB-1 GB per rank, 4x H200).
+            return AllToAllSingle.apply(x, send_counts, recv_counts, self.group)
         self._connect(x.device)
         return _HierExchange.apply(x, plan, self.wire)

@@ -25,6 +25,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 
 from piper_ds.pipeline.groups import MeshLayout, check_groups
+from piper_ds.planner.memory import MOE_GROUP_MAX_NUMEL
 from piper_ds.pipeline.schedules import SCHEDULES, OverlapBackwardPass, OverlapForwardPass, make_schedule
 
 
@@ -45,11 +46,6 @@ def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
                       n_blocks=spec.n_layers if spec is not None else None,
                       num_experts=spec.num_experts if spec is not None else None,
                       allow_cross_node_ep=allow_cross_node_ep)
-
-
-#: DeepSpeed's cap on the elements of one MoE optimizer group
-#: (``split_params_into_different_moe_groups_for_optimizer``).
-MOE_GROUP_MAX_NUMEL = 178956971
 
 
 def _greedy(params: List[torch.nn.Parameter], max_numel: int) -> List[List[torch.nn.Parameter]]:

@@ -73,6 +73,9 @@ class PlatformProfile(BaseModel):
         0.8, ge=0, le=1, description="Share of a block's compute that can hide all-to-all with overlap_a2a.")
     grad_sync_overlap: float = Field(
         0.5, ge=0, le=1, description="Share of the gradient reduction hidden under backward (no-PP ZeRO-1/2).")
+    optimizer_ns_per_param: Optional[float] = Field(
+        None, gt=0, description="Measured seconds (ns) of one bf16 ZeRO-1/2 engine.step() with fused AdamW per "
+        "parameter the rank updates (python -m piper_ds.calibrate); None: the analytic HBM-bytes model.")
     fragmentation: float = Field(0.08, ge=0, le=1, description="Allocator fragmentation, share of dynamic memory.")
     workspace_gib: float = Field(1.0, ge=0, description="cuBLAS/NCCL workspaces and context tensors, GiB.")
     attention_saves_scores: bool = Field(

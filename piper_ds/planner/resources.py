@@ -225,11 +225,18 @@ def optimizer_fused(ds_config: Mapping[str, Any]) -> bool:
 
 def optimizer_seconds(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: PlatformProfile,
                       stage: int) -> float:
-    """Optimizer step on the local shard, seconds: (ZeRO ``step()`` bytes + AdamW bytes, fused or foreach,
-    per updated element) x elements / the profile's HBM rate."""
+    """Optimizer step on the local shard, seconds.
+
+    With a measured ``prof.optimizer_ns_per_param`` (bf16 ZeRO-1/2, fused AdamW; :mod:`piper_ds.zero_step`):
+    that x the elements this rank updates, plus, for torch's foreach AdamW, the extra bytes of its passes
+    over the fused kernel at the HBM rate. Otherwise, and for fp32 or ZeRO-0: (ZeRO ``step()`` bytes + AdamW
+    bytes, fused or foreach, per updated element) x elements / the profile's HBM rate."""
     n_dense, n_expert = stage_params(model, layout, stage)
     sharded = layout.precision == "bf16" or layout.zero_stage > 0
     n = n_dense / layout.dp + n_expert / layout.edp if sharded else n_dense + n_expert
+    if prof.optimizer_ns_per_param and layout.precision == "bf16" and layout.zero_stage in (1, 2):
+        foreach_extra = adam_bytes_per_param(layout.fused_optimizer) - adam_bytes_per_param(True)
+        return n * (prof.optimizer_ns_per_param * 1e-9 + foreach_extra / prof.hbm_rate(cluster))
     per = zero_step_bytes_per_param(layout.precision, layout.zero_stage) + adam_bytes_per_param(
         layout.fused_optimizer)
     return per * n / prof.hbm_rate(cluster)
