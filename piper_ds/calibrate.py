@@ -396,7 +396,7 @@ def _calibrate_optimizer(prof: PlatformProfile, device: torch.device) -> Platfor
     record = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         record = bench_zero_step(device)
-        print(f"ZeRO-1 step, fused AdamW: {record['ns_per_param']:.2f} ns per parameter "
+        print(f"ZeRO-1 step, fused AdamW: {record['ns_per_param'] * 1e3:.1f} ps per parameter "
               f"({record['seconds'] * 1e3:.1f} ms for {record['numel'] / 1e9:.2f} B parameters)")
     if dist.is_initialized():
         dist.barrier()
