@@ -64,6 +64,12 @@ def test_verdicts_and_top_choice():
     assert v["gap"] == pytest.approx(1.0 / 0.9 - 1) and v["spearman"] == pytest.approx(0.5)
     text = L.table([a, b, c], v)
     assert "is NOT the fastest measured" in text and "-20.0%" in text
+    assert v["tied"] == [] and "predicted equal" not in text
+    # a layout predicted equal to the top choice (ZeRO-1 and ZeRO-2 over one rank) is named, the verdict stays
+    d = res("d", 0.85, 0.8 * (1 + L.TIE / 2))
+    v = L.top_choice([a, b, c, d])
+    assert v["tied"] == ["d"] and v["top_is_fastest"] is False and v["fastest_measured"] == "d"
+    assert "predicted equal to the top choice: d" in L.table([a, b, c, d], v)
 
 
 def _bench_worker(rank, world_size, out, profile):

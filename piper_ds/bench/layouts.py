@@ -350,13 +350,21 @@ def _spearman(xs: List[float], ys: List[float]) -> Optional[float]:
     return 1 - 6 * sum((rx[i] - ry[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
 
 
+#: Predicted steps closer than this (relative) to the top choice's count as a tie in the verdict's note.
+TIE = 1e-3
+
+
 def top_choice(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Whether the predicted fastest of the measured layouts was the measured fastest, the gap (measured step
-    of the top choice / fastest - 1) and the rank correlation of predicted and measured step times."""
+    of the top choice / fastest - 1), the other layouts predicted equal to the top choice (``tied``: within
+    :data:`TIE`; the verdict stays strict, the table names them) and the rank correlation of predicted and
+    measured step times."""
     pred = min(results, key=lambda r: r["predicted"]["step_s"])
     fast = min(results, key=lambda r: r["step_s"])
+    best = pred["predicted"]["step_s"]
+    tied = [r["layout"] for r in results if r is not pred and abs(r["predicted"]["step_s"] - best) <= TIE * best]
     return {"predicted_top": pred["layout"], "fastest_measured": fast["layout"],
-            "top_is_fastest": pred is fast, "gap": pred["step_s"] / fast["step_s"] - 1.0,
+            "top_is_fastest": pred is fast, "gap": pred["step_s"] / fast["step_s"] - 1.0, "tied": tied,
             "spearman": _spearman([r["predicted"]["step_s"] for r in results], [r["step_s"] for r in results])}
 
 
@@ -395,6 +403,8 @@ def table(results: List[Dict[str, Any]], verdict: Dict[str, Any]) -> str:
                  f"top choice {'IS' if v['top_is_fastest'] else 'is NOT'} the fastest measured "
                  f"(its step is {v['gap']:+.1%} from the fastest); rank correlation predicted/measured: "
                  f"{_fmt(v['spearman'], '.2f')}")
+    if v.get("tied"):
+        lines.append(f"predicted equal to the top choice: {', '.join(v['tied'])}")
     return "\n".join(lines)
 
 
