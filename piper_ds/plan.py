@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--a2a", choices=["auto", "flat", "hierarchical"], default="auto", help="all-to-all")
     p.add_argument("--allow-cross-node-ep", action="store_true", help="let EP groups span nodes")
     p.add_argument("--overlap", action="store_true",
-                   help="also consider a schedule overlapping all-to-all with compute (pipelined engine)")
+                   help="also consider the pipelined engine's two-half schedule that overlaps all-to-all with "
+                        "compute (measured slower than 1F1B on 2 and 4 H200: docs/pipeline.md)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="training precision")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate written to the config")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="DIR",

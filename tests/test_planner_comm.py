@@ -124,3 +124,19 @@ def test_time_moves_the_right_way():
     assert pp.bubble_fraction < pp.step_parts["bubble"] / piped
     with pytest.raises(ValueError, match=r"num_experts \(64\) must be divisible by ep \(3\)"):
         estimate(spec, H200, Layout(dp=3, ep=3))
+
+
+def test_overlap_schedule_pays_for_its_halves():
+    from piper_ds.planner.resources import stage_time
+    spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=4)
+    prof = PlatformProfile(moe_layer_overhead_us=2000.0, dense_layer_overhead_us=500.0)
+    plain = Layout(dp=1, ep=1, zero_stage=1, micro_batch=2, grad_accum=4)
+    halves = plain.model_copy(update={"overlap_a2a": True})
+    a, b = stage_time(spec, H200, plain, prof, 0), stage_time(spec, H200, halves, prof, 0)
+    # at ep 1 there is nothing to hide: each half pays the block overheads, the GEMMs see half the rows
+    assert b["overhead"] == pytest.approx(2 * a["overhead"])
+    assert b["experts"] > a["experts"] and b["a2a"] == a["a2a"] == 0.0
+    assert estimate(spec, H200, halves, prof).step_time > estimate(spec, H200, plain, prof).step_time
+    # with EP across nodes there is all-to-all to hide under the other half's compute
+    wide = Layout(dp=64, ep=64, zero_stage=1, micro_batch=2, grad_accum=8, overlap_a2a=True)
+    assert estimate(spec, H200, wide, prof).a2a_hidden > 0

@@ -12,7 +12,8 @@ Per micro-batch and stage (forward + backward), seconds:
   both measured by ``python -m piper_ds.calibrate``);
 - a2a: 4 all-to-alls per MoE block (dispatch + combine, forward and backward; 6 with recomputation), less
   what hides under the shared experts (which run during the dispatch) or, with overlap_a2a, under
-  overlap_efficiency x the block's compute;
+  overlap_efficiency x the block's compute; overlap_a2a (the two-half schedule) also pays the block overhead
+  and the all-to-all latency once per half and runs the grouped GEMMs at half the rows per expert;
 - p2p: the stage's activation/gradient sends and receives (blocking, as in DeepSpeed's PipelineEngine).
 
 Step = m x slowest stage + (pp - 1) x slowest stage (the 1F1B bubble) + exposed gradient sync (ZeRO
@@ -92,21 +93,25 @@ def _block_time(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: Pl
     acts = block_activations(model, layout, prof, moe)
     out["elementwise"] = 2.0 * acts["saved"] / prof.hbm_rate(cluster)
     shared = 0.0
+    # The overlap schedule runs every micro-batch as two halves: each pays the block's fixed overhead and its
+    # all-to-all latency, and the grouped GEMMs see half the rows per expert.
+    halves = 2 if layout.overlap_a2a else 1
     if not moe:
         out["dense"] += 6.0 * t * model.ffn_params(model.ffn_dense) / dense_rate
-        out["overhead"] = prof.dense_layer_overhead_us * 1e-6
+        out["overhead"] = halves * prof.dense_layer_overhead_us * 1e-6
     else:
         shared = 6.0 * t * model.shared_params_per_layer() / dense_rate
         out["dense"] += 6.0 * t * model.num_experts * model.d_model / dense_rate + shared
         rows = t * model.top_k * prof.imbalance(layout.ep)
-        per_expert = rows / (model.num_experts // layout.ep)
+        per_expert = rows / (model.num_experts // layout.ep) / halves
         out["experts"] = 6.0 * rows * model.expert_params() / prof.grouped_rate(cluster, per_expert)
-        out["overhead"] = prof.moe_overhead_seconds(rows)
+        out["overhead"] = halves * prof.moe_overhead_seconds(rows / halves)
         a = 2 if layout.precision == "bf16" else 4
-        disp = comm.alltoall_seconds(cluster, prof, layout, t, model.top_k, a * model.d_model + 8 * model.top_k)
-        comb = comm.alltoall_seconds(cluster, prof, layout, t, model.top_k, a * model.d_model)
+        th = t / halves
+        disp = comm.alltoall_seconds(cluster, prof, layout, th, model.top_k, a * model.d_model + 8 * model.top_k)
+        comb = comm.alltoall_seconds(cluster, prof, layout, th, model.top_k, a * model.d_model)
         n = 3 if layout.activation_checkpointing else 2  # forward (+ recompute) and backward
-        out["a2a"] = n * (disp["seconds"] + comb["seconds"])
+        out["a2a"] = halves * n * (disp["seconds"] + comb["seconds"])
     if layout.activation_checkpointing:
         for part in ("dense", "attention", "experts", "elementwise", "overhead"):  # the forward runs twice
             out[part] *= 4.0 / 3.0
