@@ -1,4 +1,5 @@
-"""One MoE layer forward+backward: PiperMoE against stock ``deepspeed.moe.layer.MoE``, side by side.
+"""One MoE layer forward+backward: PiperMoE against stock ``deepspeed.moe.layer.MoE`` (and DeepSpeed AutoEP's
+layer), side by side.
 
 Run on GPUs, one process per GPU, EP over all of them::
 
@@ -10,6 +11,10 @@ for 3-matrix experts): (a) d 2048, f 1408, E 64, top-6 (fine-grained); (b) d 409
 (Mixtral-like). Reports the median of CUDA-event timed iterations after warm-up, on rotating fresh random
 inputs, useful expert TFLOP/s per GPU (routed tokens only, 3 GEMM passes), peak memory and all-to-all bytes
 sent per rank. Before timing, PiperMoE's output is checked against the dense PyTorch reference.
+
+``--peers piper,stock,autoep --activation swiglu`` adds DeepSpeed AutoEP's dropless grouped-GEMM layer
+(:mod:`piper_ds.bench.autoep_peer`; its experts are gated, so it runs with SwiGLU only and is skipped, with a
+printed reason, for GELU); its output is checked against the same dense reference.
 """
 from __future__ import annotations
 
@@ -35,13 +40,18 @@ def _init():
 
 def build(peer: str, shape: dict, ep: int, activation: str, kernels: str, transport: str = "flat",
           gpus_per_node: int = 0):
-    """The layer of ``peer`` ('piper' or 'stock') in bf16 on this GPU; ``transport`` 'hierarchical' (or
+    """The layer of ``peer`` ('piper', 'stock' or 'autoep') in bf16 on this GPU; ``transport`` 'hierarchical' (or
     'hierarchical+dedup', with node-level dedup) plans the EP group as nodes of ``gpus_per_node`` ranks (0: all
     ranks on one node)."""
     from deepspeed.moe.layer import MoE
     from piper_ds.comm.topology import Topology
     from piper_ds.moe import FeedForward, PiperMoE
     torch.manual_seed(1234)
+    if peer == "autoep":
+        from piper_ds.bench.autoep_peer import AutoEPPeer
+        layer = AutoEPPeer(shape, ep, dist.get_rank() % ep, activation, torch.device("cuda"), torch.bfloat16)
+        layer.set_deepspeed_parallelism()
+        return layer
     if peer == "piper":
         kind, _, extra = transport.partition("+")
         if transport not in ("flat", "hierarchical", "hierarchical+dedup"):
@@ -59,8 +69,13 @@ def build(peer: str, shape: dict, ep: int, activation: str, kernels: str, transp
 
 
 def check_against_reference(layer, x, rank, ep) -> float:
-    """Relative error of PiperMoE's output against the dense reference with all experts gathered."""
+    """Relative error of the layer's output against the dense reference with all experts gathered."""
     from piper_ds.ops import reference as R
+    from piper_ds.bench.autoep_peer import AutoEPPeer
+    if isinstance(layer, AutoEPPeer):  # every rank drew the full weights
+        with torch.no_grad():
+            y, ref = layer(x)[0], layer.reference(x)
+        return ((y.float() - ref).norm() / ref.norm()).item()
     core = layer.deepspeed_moe
     full = {}
     for name, p in core.experts.named_parameters():
@@ -84,6 +99,8 @@ def a2a_bytes(layer, peer: str, shape: dict, tokens: int, ep: int) -> float:
         rows_to_others = sum(c for r, c in enumerate(layer.last_send_counts) if r != dist.get_rank(
             layer.deepspeed_moe.ep_group))
         return 2.0 * rows_to_others * shape["d"] * elt
+    if peer == "autoep":  # one row per (token, expert) on another rank, each way (expected, uniform routing)
+        return 2.0 * tokens * shape["k"] * (ep - 1) / ep * shape["d"] * elt
     capacity = max(4, int(-(-tokens * shape["k"] * 1.25 // shape["E"])))  # DeepSpeed: ceil(T*cf*k/E) slots
     return 2.0 * shape["E"] * capacity * shape["d"] * elt * (ep - 1) / ep
 
@@ -92,7 +109,10 @@ def time_layer(layer, inputs, grads, warmup: int, iters: int):
     def step(i):
         x = inputs[i % len(inputs)].requires_grad_(True)
         y, l_aux, _ = layer(x)
-        torch.autograd.backward([y, l_aux], [grads[i % len(grads)], torch.ones_like(l_aux)])
+        if l_aux is None:  # AutoEP: no aux loss
+            y.backward(grads[i % len(grads)])
+        else:
+            torch.autograd.backward([y, l_aux], [grads[i % len(grads)], torch.ones_like(l_aux)])
     for i in range(warmup):
         step(i)
     torch.cuda.synchronize()
@@ -111,7 +131,8 @@ def time_layer(layer, inputs, grads, warmup: int, iters: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="a,b")
-    ap.add_argument("--peers", default="piper,stock")
+    ap.add_argument("--peers", default="piper,stock",
+                    help="comma list of piper, stock, autoep (DeepSpeed AutoEP's layer; --activation swiglu only)")
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per GPU")
     ap.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"])
     ap.add_argument("--kernels", default="reference", help="comma list of PiperMoE kernels settings to run")
@@ -135,18 +156,23 @@ def main(argv=None):
                   for _ in range(3)]
         grads = [torch.randn_like(inputs[0]) for _ in range(3)]
         transports = args.transports.split(",") if ep > 1 else ["flat"]
-        runs = [("stock", None, "flat")] if "stock" in args.peers else []
-        runs = [("piper", k, t) for k in args.kernels.split(",") for t in transports if "piper" in args.peers] + runs
+        peers = args.peers.split(",")
+        runs = [("piper", k, t) for k in args.kernels.split(",") for t in transports if "piper" in peers]
+        runs += [(p, None, "flat") for p in ("stock", "autoep") if p in peers]
+        if "autoep" in peers and args.activation != "swiglu":
+            runs.remove(("autoep", None, "flat"))
+            if rank == 0:
+                print("skipping autoep: its experts are gated (gate, up, down); run with --activation swiglu")
         for peer, kernels, transport in runs:
             layer = build(peer, shape, ep, args.activation, kernels or "reference", transport, args.gpus_per_node)
-            err = check_against_reference(layer, inputs[0], rank, ep) if peer == "piper" else float("nan")
+            err = check_against_reference(layer, inputs[0], rank, ep) if peer != "stock" else float("nan")
             ms, mem = time_layer(layer, inputs, grads, args.warmup, args.iters)
             if args.profile and peer == "piper":  # every rank runs it (the layer's all-to-alls need them all)
                 _profile(layer, inputs, grads, rank == 0,
                          args.trace and f"{args.trace}.{key}.{kernels}.{transport}.json")
             mats = 3 if args.activation == "swiglu" else 2
             useful = 3 * 2 * args.tokens * shape["k"] * mats * shape["d"] * shape["f"]
-            name = "stock" if peer == "stock" else f"piper[{kernels}{'' if transport == 'flat' else ', ' + transport}]"
+            name = peer if peer != "piper" else f"piper[{kernels}{'' if transport == 'flat' else ', ' + transport}]"
             row = dict(shape=key, peer=name, ep=ep, ms=ms,
                        tflops=useful / ms / 1e9, peak_gb=mem, rel_err=err,
                        a2a_mb=a2a_bytes(layer, peer, shape, args.tokens, ep) / 1e6, **shape)
