@@ -243,6 +243,10 @@ def train(engine, model, spec: ModelSpec, layout: Layout, warmup: int, steps: in
     return _max_over_ranks(times, engine.device)
 
 
+#: The phases of :func:`phase_breakdown`.
+PHASES = ("forward", "backward", "step")
+
+
 def phase_breakdown(engine, model, spec: ModelSpec, layout: Layout) -> Dict[str, float]:
     """One more step, synchronised between phases: seconds and peak bytes of the forwards, the backwards and
     the ``engine.step()`` calls (summed / maxed over the micro-batches), max over ranks. Run it after the
@@ -252,32 +256,29 @@ def phase_breakdown(engine, model, spec: ModelSpec, layout: Layout) -> Dict[str,
     gen = torch.Generator(device=engine.device).manual_seed(2000 + dist.get_rank())
     shape = (layout.micro_batch, spec.seq_len)
     secs, peaks = dict.fromkeys(PHASES, 0.0), dict.fromkeys(PHASES, 0.0)
+
+    def timed(phase: str, fn):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        result = fn()
+        _sync()
+        secs[phase] += time.perf_counter() - t0
+        if cuda:
+            peaks[phase] = max(peaks[phase], float(torch.cuda.max_memory_allocated()))
+        return result
+
     _sync()
     dist.barrier()
     for _ in range(layout.grad_accum):
         ids = torch.randint(0, spec.vocab_size, shape, device=engine.device, generator=gen)
-        phases = {"forward": lambda: engine(ids),
-                  "backward": lambda: engine.backward(model.loss(out[0], torch.roll(ids, -1, dims=1)) + out[1]),
-                  "step": engine.step}
-        for phase, fn in phases.items():
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            result = fn()
-            _sync()
-            secs[phase] += time.perf_counter() - t0
-            if phase == "forward":
-                out = result
-            if cuda:
-                peaks[phase] = max(peaks[phase], float(torch.cuda.max_memory_allocated()))
-        del out
+        logits, aux = timed("forward", lambda: engine(ids))
+        timed("backward", lambda: engine.backward(model.loss(logits, torch.roll(ids, -1, dims=1)) + aux))
+        timed("step", engine.step)
+        del logits, aux
     values = _max_over_ranks([secs[p] for p in PHASES] + [peaks[p] for p in PHASES], engine.device)
     return {**{f"{p}_s": v for p, v in zip(PHASES, values)},
             **{f"{p}_peak_gb": v / GB for p, v in zip(PHASES, values[len(PHASES):])}}
-
-
-#: The phases of :func:`phase_breakdown`.
-PHASES = ("forward", "backward", "step")
 
 
 def run_one(spec: ModelSpec, est: Estimate, role: str, args) -> Dict[str, Any]:

@@ -25,8 +25,8 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 
 from piper_ds.pipeline.groups import MeshLayout, check_groups
-from piper_ds.planner.memory import MOE_GROUP_MAX_NUMEL
 from piper_ds.pipeline.schedules import SCHEDULES, OverlapBackwardPass, OverlapForwardPass, make_schedule
+from piper_ds.planner.memory import MOE_GROUP_MAX_NUMEL
 
 
 def _zero_stage(ds_config: Dict[str, Any]) -> int:

@@ -39,7 +39,7 @@ and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
   16-bit ``param.grad`` (2 bytes per replicated parameter); ``copy_grads_in_partition`` moves the rank's
   partition into the contiguous buffer, the total stays the same with one micro-batch per step; with
   gradient accumulation the buffer fills while every accumulated ``param.grad`` is still held, so the
-  partition's 2 bytes come on top (measured on H200: +9.3 % peak with 2 micro-batches before this term);
+  partition's 2 bytes come on top (without this term the model was 9.3 % low on H200 with 2 micro-batches);
 * ``step()``, for each parameter group i in order: ``free_grad_in_param_list(params_not_in_partition[i])``
   (ZeRO-1: group i's other gradients go), ``flatten(averaged_gradients[i])`` (a 16-bit copy of the group's
   partition), ``.to(fp32)`` (4 bytes; a no-op for fp32), ``del flat_grad_partition``, ``_optimizer_step(i)``,
@@ -49,7 +49,7 @@ and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
   own reference), so it is freed before the LAST group's update only. Piper's groups are the dense group,
   then the MoE groups of ``split_params_into_different_moe_groups_for_optimizer``: the expert tensors in
   order, cut greedily at :data:`MOE_GROUP_MAX_NUMEL` elements (a larger tensor alone), sharded over dp and
-  expert-dp (:func:`moe_group_sizes`). The cut bounds the step phase's per-group copies: one 184M-element
+  expert-dp (:func:`moe_group_sizes`). The cut bounds the step phase's per-group copies: one 185M-element
   expert stack, not all experts of the stage, is cast to fp32 at a time.
 
 Optimizer temporaries: torch's foreach AdamW (``torch/optim/adam.py`` ``_multi_tensor_adam``) allocates
@@ -144,8 +144,9 @@ def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
     ``expert_groups``: elements of each MoE optimizer group (summing to ``n_expert``; None: one group, see
     :func:`moe_group_sizes`). ``grad_accum`` > 1 with ZeRO-1: the last micro-batch's backward fills the
     contiguous partition buffer (``copy_grads_in_partition``) while every parameter still holds the 16-bit
-    gradient accumulated over the earlier micro-batches, so both are alive at once. The rules are those of the module docstring; the step phase is the largest of
-    the instants "group i cast to fp32" and "group i updated" over the dense group, then the MoE groups.
+    gradient accumulated over the earlier micro-batches, so both are alive at once. The rules are those of
+    the module docstring; the step phase is the largest of the instants "group i cast to fp32" and "group i
+    updated" over the dense group, then the MoE groups.
     """
     if expert_groups is None:
         expert_groups = [n_expert] if n_expert > 0 else []
