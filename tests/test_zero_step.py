@@ -23,3 +23,27 @@ def test_zero_step_rejects_bad_sizes(kwargs):
 def test_zero_step_rejects_other_devices():
     with pytest.raises(ValueError, match="runs on CUDA"):
         bench_zero_step(torch.device("meta"))
+
+
+def test_calibrate_keeps_the_measured_step_or_warns(monkeypatch, capsys):
+    from piper_ds import calibrate, zero_step
+    from piper_ds.planner.profile import PlatformProfile
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 << 30, 141 << 30))
+    seen = {}
+
+    def fake(device, numel):
+        seen["numel"] = numel
+        return {"ns_per_param": 0.031, "numel": numel, "seconds": 0.031 * numel * 1e-9, "times_s": [0.03]}
+
+    monkeypatch.setattr(zero_step, "bench_zero_step", fake)
+    prof = calibrate._calibrate_optimizer(PlatformProfile(), torch.device("cuda", 0))
+    assert prof.optimizer_ns_per_param == 0.031 and prof.measurements["zero_step"]["numel"] == seen["numel"]
+    assert seen["numel"] == (32 << 30) // calibrate.ZERO_STEP_BYTES_PER_PARAM  # half the free memory
+
+    def broken(device, numel):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(zero_step, "bench_zero_step", broken)
+    prof = calibrate._calibrate_optimizer(PlatformProfile(), torch.device("cuda", 0))
+    assert prof.optimizer_ns_per_param is None and "out of memory" in prof.measurements["zero_step"]["error"]
+    assert "WARNING: ZeRO step benchmark failed (CUDA out of memory)" in capsys.readouterr().out
