@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import statistics
 import time
 from typing import Any, Dict
 
 import torch
 from torch import nn
+
+from piper_ds.testing import free_port
 
 #: Elements per parameter tensor: one expert stack of the reference model is 64 x 2048 x 1408 (185M); the
 #: dense tensors are 4M..65M. 2**25 keeps a tensor's own launches negligible, like the real groups.
@@ -35,12 +36,6 @@ class _Params(nn.Module):
 
     def forward(self, cs):
         return sum((p * c).sum() for p, c in zip(self.ps, cs))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(queue, device_type: str, device_index: int, tensors: int, numel: int, warmup: int, iters: int,
@@ -99,7 +94,7 @@ def bench_zero_step(device: torch.device, numel: int = 1 << 30, warmup: int = 2,
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, device.type, device.index or 0, tensors, tensor_numel, warmup,
-                                            iters, _free_port()))
+                                            iters, free_port()))
     proc.start()
     try:
         result = queue.get(timeout=timeout_s)

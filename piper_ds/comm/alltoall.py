@@ -48,7 +48,7 @@ def group_size(group: Optional[dist.ProcessGroup]) -> int:
     return dist.get_world_size(group)
 
 
-class AllToAllSingle(torch.autograd.Function):
+class _AllToAllSingle(torch.autograd.Function):
     """Uneven ``all_to_all_single`` whose backward is the reverse exchange."""
 
     @staticmethod
@@ -86,7 +86,7 @@ class FlatAllToAll:
     def __call__(self, x: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]) -> torch.Tensor:
         if self.size == 1:
             return x
-        return AllToAllSingle.apply(x, list(send_counts), list(recv_counts), self.group)
+        return _AllToAllSingle.apply(x, list(send_counts), list(recv_counts), self.group)
 
 
 def make_transport(kind: str, group: Optional[dist.ProcessGroup], topology=None,

@@ -26,7 +26,7 @@ from deepspeed.runtime.pipe.module import PipelineModule
 
 from piper_ds.pipeline.groups import MeshLayout, check_groups
 from piper_ds.pipeline.schedules import SCHEDULES, OverlapBackwardPass, OverlapForwardPass, make_schedule
-from piper_ds.planner.memory import MOE_GROUP_MAX_NUMEL
+from piper_ds.planner.memory import MOE_GROUP_MAX_NUMEL, greedy_groups
 
 
 def _zero_stage(ds_config: Dict[str, Any]) -> int:
@@ -49,17 +49,8 @@ def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
 
 
 def _greedy(params: List[torch.nn.Parameter], max_numel: int) -> List[List[torch.nn.Parameter]]:
-    """DeepSpeed's cut: consecutive tensors up to ``max_numel`` elements per chunk, a larger tensor alone."""
-    out: List[List[torch.nn.Parameter]] = []
-    size = 0
-    for p in params:
-        if out and size + p.numel() <= max_numel:
-            out[-1].append(p)
-            size += p.numel()
-        else:
-            out.append([p])
-            size = p.numel()
-    return out
+    """DeepSpeed's cut (:func:`piper_ds.planner.memory.greedy_groups`) applied to ``params``."""
+    return [[params[i] for i in group] for group in greedy_groups([p.numel() for p in params], max_numel)]
 
 
 def _chunks(params: List[torch.nn.Parameter], max_numel: int, count: int) -> List[List[torch.nn.Parameter]]:

@@ -113,16 +113,24 @@ def optimizer_temp_bytes(fused: bool) -> int:
     return 0 if fused else 4
 
 
-def greedy_group_sizes(tensor_numels: Sequence[int], max_numel: int = MOE_GROUP_MAX_NUMEL) -> List[int]:
-    """Elements of each optimizer group when tensors of ``tensor_numels`` are cut as DeepSpeed cuts MoE groups:
-    consecutive tensors up to ``max_numel`` elements per group, a larger tensor alone."""
-    out: List[int] = []
-    for n in tensor_numels:
-        if out and out[-1] + n <= max_numel:
-            out[-1] += n
+def greedy_groups(tensor_numels: Sequence[int], max_numel: int = MOE_GROUP_MAX_NUMEL) -> List[List[int]]:
+    """DeepSpeed's cut of MoE optimizer groups: the indices of the tensors of each group, consecutive tensors up
+    to ``max_numel`` elements per group, a larger tensor alone."""
+    out: List[List[int]] = []
+    size = 0
+    for i, n in enumerate(tensor_numels):
+        if out and size + n <= max_numel:
+            out[-1].append(i)
+            size += n
         else:
-            out.append(n)
+            out.append([i])
+            size = n
     return out
+
+
+def greedy_group_sizes(tensor_numels: Sequence[int], max_numel: int = MOE_GROUP_MAX_NUMEL) -> List[int]:
+    """Elements of each optimizer group of :func:`greedy_groups`."""
+    return [sum(tensor_numels[i] for i in group) for group in greedy_groups(tensor_numels, max_numel)]
 
 
 def moe_group_sizes(model: ModelSpec, layout: Layout, stage: int) -> List[int]:
