@@ -24,6 +24,12 @@ CASES = {
     # the built-in planning and row movement (piper_ds.moe.rows) instead of piper_ds.ops
     "reference-kernels-top3": dict(config=dict(top_k=3, kernels="reference", n_shared_experts=1),
                                    tokens=[7, 12, 0, 9], skew=False),
+    # the overlapped dispatch without overlap (one chunk), and with more chunks than some ranks have tokens
+    "one-chunk-top2": dict(config=dict(top_k=2, overlap_chunks=1), tokens=[9, 4, 6, 3], skew=False),
+    "five-chunks-top3": dict(config=dict(top_k=3, overlap_chunks=5, n_shared_experts=1), tokens=[3, 0, 11, 2],
+                             skew=False),
+    "five-chunks-reference-skewed": dict(config=dict(top_k=2, overlap_chunks=5, kernels="reference"),
+                                         tokens=[6, 2, 0, 7], skew=True),
 }
 
 

@@ -116,6 +116,12 @@ def test_plans_cuda_equal_reference(T, E, K, R):
         exp = expand_plan(plan.slots_SK, plan.weights_SK, L, align=align, backend="cuda")
         ref = expand_plan_reference(plan.slots_SK, plan.weights_SK, L)
         assert_plans_equal(exp, _pad_groups(ref, align) if align > 1 else ref)
+    # with the row counts given (the dispatcher's one-wait path): the same plans, no read-back
+    known = send_plan(idx, w, rank, slot, R, backend="cuda", num_rows=plan.token_idx_S.numel())
+    assert_plans_equal(known, plan)
+    exp = expand_plan(plan.slots_SK, plan.weights_SK, L, backend="cuda")
+    assert_plans_equal(expand_plan(plan.slots_SK, plan.weights_SK, L, backend="cuda",
+                                   num_rows=exp.row_idx_N.numel()), exp)
 
 
 def test_expand_cuda_many_chunks_and_errors():

@@ -72,6 +72,28 @@ def test_expand_plan_equals_reference(rows, K, L, align):
     assert torch.equal(expand_plan(slots, weights, L, align=align, backend="reference").row_idx_N, out.row_idx_N)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_plans_with_known_row_counts(backend):
+    """num_rows (the caller's count, from the exchanged counts) gives the same plans; a wrong one is an error."""
+    T, E, K, R = 61, 32, 4, 4
+    idx, w = routing(T, E, K, seed=3)
+    rank, slot = placement(E, R, seed=3)
+    plan = send_plan(idx, w, rank, slot, R, backend=backend)
+    S = plan.token_idx_S.numel()
+    assert_plans_equal(send_plan(idx, w, rank, slot, R, backend=backend, num_rows=S), plan)
+    exp = expand_plan(plan.slots_SK, plan.weights_SK, E // R, backend=backend)
+    N = exp.row_idx_N.numel()
+    assert_plans_equal(expand_plan(plan.slots_SK, plan.weights_SK, E // R, backend=backend, num_rows=N), exp)
+    with pytest.raises(ValueError, match=f"num_rows is {S + 1} but the plan has {S} rows"):
+        send_plan(idx, w, rank, slot, R, backend=backend, num_rows=S + 1)
+    with pytest.raises(ValueError, match=f"num_rows is {N - 1} but the plan has {N} rows"):
+        expand_plan(plan.slots_SK, plan.weights_SK, E // R, backend=backend, num_rows=N - 1)
+    with pytest.raises(ValueError, match="align 1"):
+        expand_plan(plan.slots_SK, plan.weights_SK, E // R, align=4, backend=backend, num_rows=N)
+    with pytest.raises(ValueError, match="num_rows must be"):
+        send_plan(idx, w, rank, slot, R, backend=backend, num_rows=-2)
+
+
 def test_expand_plan_of_1d_slots():
     slots = torch.tensor([2, -1, 0, 2, 1, 0])
     w = torch.rand(6)

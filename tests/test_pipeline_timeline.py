@@ -1,5 +1,6 @@
 """TimedTransport: times a transport's calls as 'a2a' intervals (forward and backward) and passes every keyword
-(a hierarchical transport's ``plan=``) through to the transport it wraps."""
+(a hierarchical transport's ``plan=``) through to the transport it wraps; kernel_overlap's interval arithmetic."""
+import pytest
 import torch
 
 from piper_ds.pipeline.timeline import TimedTransport, TimelineRecorder
@@ -34,3 +35,33 @@ def test_timed_transport_passes_the_plan_and_records_both_directions():
     assert torch.equal(x.grad, torch.full((3, 2), 2.0))
     kinds = [(iv["kind"], iv["lane"]) for iv in rec.intervals()]
     assert kinds.count(("a2a", "h0")) == 2, kinds  # the forward call and its backward
+
+
+def test_timed_transport_times_an_exchange_in_flight():
+    from piper_ds.comm.alltoall import FlatAllToAll
+    rec = TimelineRecorder(cuda=False)
+    rec.begin_step()
+    rec.lane = "h1"
+    timed = TimedTransport(FlatAllToAll(None), rec)
+    x = torch.ones(4, 2, requires_grad=True)
+    pending = timed.start(x, [4], [4])
+    y = pending.wait()
+    (3 * y).sum().backward()
+    rec.end_step()
+    assert torch.equal(x.grad, torch.full((4, 2), 3.0))
+    kinds = [(iv["kind"], iv["lane"]) for iv in rec.intervals()]
+    assert kinds.count(("a2a", "h1")) == 2, kinds  # start..wait, and its backward
+
+
+def test_kernel_overlap_counts_communication_under_compute():
+    from types import SimpleNamespace as Ev
+
+    from piper_ds.pipeline.timeline import kernel_overlap
+
+    def ev(name, a, b):
+        return Ev(name=name, time_range=Ev(start=a, end=b))
+
+    # NCCL in [0, 12] (two overlapping kernels), compute in [5, 20]: 7 of 12 us under compute
+    got = kernel_overlap([ev("ncclDevKernel_SendRecv", 0, 10), ev("gemm", 5, 20), ev("ncclKernel_AllToAll", 8, 12)])
+    assert got.comm_us == 12 and got.compute_us == 15 and got.hidden_share == pytest.approx(7 / 12)
+    assert kernel_overlap([ev("gemm", 0, 1)]).hidden_share == 0.0

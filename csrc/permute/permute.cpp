@@ -27,8 +27,9 @@ namespace piper {
 
 #ifdef PIPER_WITH_CUDA
 std::vector<at::Tensor> send_plan_cuda(const at::Tensor& idx, const at::Tensor& rank, const at::Tensor& slot,
-                                       int64_t R);
-std::vector<at::Tensor> expand_plan_cuda(const at::Tensor& slots, int64_t K, int64_t L, int64_t align);
+                                       int64_t R, int64_t known);
+std::vector<at::Tensor> expand_plan_cuda(const at::Tensor& slots, int64_t K, int64_t L, int64_t align,
+                                         int64_t known);
 void gather_rows_cuda(const at::Tensor& x, const at::Tensor& index, const c10::optional<at::Tensor>& w,
                       at::Tensor& out);
 void combine_index_cuda(const at::Tensor& index, int64_t O, at::Tensor& starts, at::Tensor& rows);
@@ -122,6 +123,12 @@ std::vector<at::Tensor> expand_plan_cpu(const at::Tensor& slots, int64_t K, int6
         pa[at_] = p;
     }
     return {row, pair, per_slot};
+}
+
+// The CPU plans count their rows anyway: a caller's count that differs is a bug on its side, reported here.
+void check_num_rows(int64_t rows, int64_t known, const char* what) {
+    PIPER_CHECK_VALUE(known < 0 || known == rows, what, ": num_rows is ", known, " but the plan has ", rows,
+                      " rows");
 }
 
 void check_index_range(const at::Tensor& index, int64_t limit, const char* what) {
@@ -232,7 +239,7 @@ c10::optional<at::Tensor> prep_weight(const c10::optional<at::Tensor>& w, const 
 }  // namespace
 
 std::vector<at::Tensor> send_plan(const at::Tensor& idx_in, const at::Tensor& rank_in, const at::Tensor& slot_in,
-                                  int64_t ep_size) {
+                                  int64_t ep_size, int64_t num_rows) {
     check_long_tensor(idx_in, "topk_idx_TK");
     PIPER_CHECK_VALUE(idx_in.dim() == 2, "topk_idx_TK must be 2-D [tokens, top_k], got shape ", idx_in.sizes());
     PIPER_CHECK_VALUE(ep_size >= 1, "ep_size must be >= 1, got ", ep_size);
@@ -243,23 +250,29 @@ std::vector<at::Tensor> send_plan(const at::Tensor& idx_in, const at::Tensor& ra
     const at::Tensor idx = idx_in.contiguous(), rank = rank_in.to(at::kLong).contiguous();
     const at::Tensor slot = slot_in.to(at::kLong).contiguous();
     if (idx.is_cuda()) {
-        PIPER_CUDA_OR_FAIL(return send_plan_cuda(idx, rank, slot, ep_size));
+        PIPER_CUDA_OR_FAIL(return send_plan_cuda(idx, rank, slot, ep_size, num_rows));
     }
-    return send_plan_cpu(idx, rank, slot, ep_size);
+    auto out = send_plan_cpu(idx, rank, slot, ep_size);
+    check_num_rows(out[0].size(0), num_rows, "send_plan");
+    return out;
 }
 
-std::vector<at::Tensor> expand_plan(const at::Tensor& slots_in, int64_t num_local, int64_t align) {
+std::vector<at::Tensor> expand_plan(const at::Tensor& slots_in, int64_t num_local, int64_t align,
+                                    int64_t num_rows) {
     check_long_tensor(slots_in, "slots_RK");
     PIPER_CHECK_VALUE(slots_in.dim() == 1 || slots_in.dim() == 2, "slots_RK must be 1-D or 2-D, got shape ",
                       slots_in.sizes());
     PIPER_CHECK_VALUE(num_local >= 1, "num_local must be >= 1, got ", num_local);
     PIPER_CHECK_VALUE(align >= 1, "align must be >= 1, got ", align);
+    PIPER_CHECK_VALUE(num_rows < 0 || align == 1, "num_rows (", num_rows, ") needs align 1, got align ", align);
     const at::Tensor slots = slots_in.contiguous();
     const int64_t K = slots.dim() == 2 ? std::max<int64_t>(slots.size(1), 1) : 1;
     if (slots.is_cuda()) {
-        PIPER_CUDA_OR_FAIL(return expand_plan_cuda(slots, K, num_local, align));
+        PIPER_CUDA_OR_FAIL(return expand_plan_cuda(slots, K, num_local, align, num_rows));
     }
-    return expand_plan_cpu(slots, K, num_local, align);
+    auto out = expand_plan_cpu(slots, K, num_local, align);
+    check_num_rows(out[0].size(0), num_rows, "expand_plan");
+    return out;
 }
 
 at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& index_in, const c10::optional<at::Tensor>& w_in) {
@@ -406,9 +419,10 @@ namespace py = pybind11;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "piper_ds MoE token permutation (CPU implementation, plus CUDA kernels when built with CUDA)";
     m.def("send_plan", &piper::send_plan, "rows to send per destination rank (dedup), rank-major, token order",
-          py::arg("topk_idx"), py::arg("expert_rank"), py::arg("expert_slot"), py::arg("ep_size"));
+          py::arg("topk_idx"), py::arg("expert_rank"), py::arg("expert_slot"), py::arg("ep_size"),
+          py::arg("num_rows") = -1);
     m.def("expand_plan", &piper::expand_plan, "received (row, k) pairs grouped by local expert, optionally padded",
-          py::arg("slots"), py::arg("num_local"), py::arg("align"));
+          py::arg("slots"), py::arg("num_local"), py::arg("align"), py::arg("num_rows") = -1);
     m.def("gather_rows", &piper::gather_rows, "out[s] = w[s] * x[index[s]] (zero row where index is -1)",
           py::arg("x"), py::arg("index"), py::arg("weight"));
     m.def("combine_index", &piper::combine_index, "inverse of index (CSR): [starts int32 [num_out + 1], rows "

@@ -7,7 +7,9 @@
 // first position (torch's cumsum); a warp per chunk then places its pairs in order, ranking equal slots inside a
 // 32-pair step with __match_any_sync (pass 2). Groups can be padded to a multiple of `align` rows (-1 rows).
 // Both plans need the row count on the host to allocate: one device-to-host copy, which also carries the error
-// flag of the validation done on the way.
+// flag of the validation done on the way. A caller that already knows the count (the dispatcher exchanges it
+// with the row counts) passes it as `known` (>= 0): no copy, no wait on the device, and the validation flag is
+// not read (the caller vouches for its inputs: the router's own top-k and the placement).
 #include "piper_cuda.cuh"
 
 namespace piper {
@@ -102,7 +104,7 @@ void raise_plan_error(int32_t code) {
 }  // namespace
 
 std::vector<at::Tensor> send_plan_cuda(const at::Tensor& idx, const at::Tensor& rank, const at::Tensor& slot,
-                                       int64_t R) {
+                                       int64_t R, int64_t known) {
     const c10::cuda::CUDAGuard guard(idx.device());
     const int64_t T = idx.size(0), K = idx.size(1), E = rank.size(0), RT = R * T;
     auto lopts = idx.options();
@@ -116,9 +118,12 @@ std::vector<at::Tensor> send_plan_cuda(const at::Tensor& idx, const at::Tensor& 
                                                            flags.data_ptr<int32_t>(), err.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor incl = at::cumsum(flags, 0, at::kInt);
-    const at::Tensor host = at::cat({incl.slice(0, RT - 1), err}).cpu();  // the one sync: total and error
-    raise_plan_error(host.data_ptr<int32_t>()[1]);
-    const int64_t S = host.data_ptr<int32_t>()[0];
+    int64_t S = known;
+    if (known < 0) {
+        const at::Tensor host = at::cat({incl.slice(0, RT - 1), err}).cpu();  // the one sync: total and error
+        raise_plan_error(host.data_ptr<int32_t>()[1]);
+        S = host.data_ptr<int32_t>()[0];
+    }
     at::Tensor last = incl.view({R, T}).select(1, T - 1).to(at::kLong);
     at::Tensor counts = at::diff(last, 1, 0, at::zeros({1}, lopts));
     at::Tensor token = at::empty({S}, lopts), slots_out = at::empty({S, K}, lopts);
@@ -132,7 +137,8 @@ std::vector<at::Tensor> send_plan_cuda(const at::Tensor& idx, const at::Tensor& 
     return {token, counts, slots_out};
 }
 
-std::vector<at::Tensor> expand_plan_cuda(const at::Tensor& slots, int64_t K, int64_t L, int64_t align) {
+std::vector<at::Tensor> expand_plan_cuda(const at::Tensor& slots, int64_t K, int64_t L, int64_t align,
+                                         int64_t known) {
     const c10::cuda::CUDAGuard guard(slots.device());
     PIPER_CHECK_VALUE(L <= kMaxLocalSlots, "CUDA expand_plan supports num_local up to ", kMaxLocalSlots, ", got ", L);
     const int64_t P = slots.numel();
@@ -152,9 +158,12 @@ std::vector<at::Tensor> expand_plan_cuda(const at::Tensor& slots, int64_t K, int
     at::Tensor padded = align > 1 ? at::floor_divide(counts + (align - 1), align) * align : counts;
     at::Tensor ends = at::cumsum(padded, 0);
     at::Tensor start = ends - padded;
-    const at::Tensor host = at::cat({ends.slice(0, L - 1), err.to(at::kLong)}).cpu();
-    raise_plan_error(static_cast<int32_t>(host.data_ptr<int64_t>()[1]));
-    const int64_t N = host.data_ptr<int64_t>()[0];
+    int64_t N = known;
+    if (known < 0) {
+        const at::Tensor host = at::cat({ends.slice(0, L - 1), err.to(at::kLong)}).cpu();
+        raise_plan_error(static_cast<int32_t>(host.data_ptr<int64_t>()[1]));
+        N = host.data_ptr<int64_t>()[0];
+    }
     PIPER_CHECK_VALUE(N < (int64_t(1) << 31), "expand_plan: padded rows (", N, ") must be < 2^31");
     at::Tensor row = align > 1 ? at::full({N}, -1, lopts) : at::empty({N}, lopts);
     at::Tensor pair = align > 1 ? at::full({N}, -1, lopts) : at::empty({N}, lopts);

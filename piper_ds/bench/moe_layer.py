@@ -39,10 +39,10 @@ def _init():
 
 
 def build(peer: str, shape: dict, ep: int, activation: str, kernels: str, transport: str = "flat",
-          gpus_per_node: int = 0):
+          gpus_per_node: int = 0, chunks: int = 1):
     """The layer of ``peer`` ('piper', 'stock' or 'autoep') in bf16 on this GPU; ``transport`` 'hierarchical' (or
     'hierarchical+dedup', with node-level dedup) plans the EP group as nodes of ``gpus_per_node`` ranks (0: all
-    ranks on one node)."""
+    ranks on one node); ``chunks``: PiperMoE's ``overlap_chunks`` (flat transport)."""
     from deepspeed.moe.layer import MoE
     from piper_ds.comm.topology import Topology
     from piper_ds.moe import FeedForward, PiperMoE
@@ -57,7 +57,8 @@ def build(peer: str, shape: dict, ep: int, activation: str, kernels: str, transp
         if transport not in ("flat", "hierarchical", "hierarchical+dedup"):
             raise ValueError(f"transport {transport!r}: use flat, hierarchical or hierarchical+dedup")
         layer = PiperMoE(shape["d"], shape["E"], shape["f"], ep_size=ep, top_k=shape["k"], activation=activation,
-                         kernels=kernels, aux_loss_coef=0.01, transport=kind, node_dedup=extra == "dedup")
+                         kernels=kernels, aux_loss_coef=0.01, transport=kind, node_dedup=extra == "dedup",
+                         overlap_chunks=chunks)
     else:
         layer = MoE(shape["d"], FeedForward(shape["d"], shape["f"], activation), num_experts=shape["E"],
                     ep_size=ep, k=shape["k"], capacity_factor=1.25, eval_capacity_factor=1.25, drop_tokens=True)
@@ -139,6 +140,8 @@ def main(argv=None):
     ap.add_argument("--transports", default="flat",
                     help="comma list of PiperMoE transports to run: flat, hierarchical, hierarchical+dedup "
                          "(node-level dedup; at ep > 1)")
+    ap.add_argument("--chunks", default="1",
+                    help="comma list of PiperMoE overlap_chunks to run with the flat transport (1 = no overlap)")
     ap.add_argument("--gpus-per-node", type=int, default=0,
                     help="ranks per node seen by the hierarchical transport (0: all; 1 on one host = every GPU a node)")
     ap.add_argument("--warmup", type=int, default=5)
@@ -157,22 +160,26 @@ def main(argv=None):
         grads = [torch.randn_like(inputs[0]) for _ in range(3)]
         transports = args.transports.split(",") if ep > 1 else ["flat"]
         peers = args.peers.split(",")
-        runs = [("piper", k, t) for k in args.kernels.split(",") for t in transports if "piper" in peers]
-        runs += [(p, None, "flat") for p in ("stock", "autoep") if p in peers]
+        chunk_list = [int(c) for c in args.chunks.split(",")] if ep > 1 else [1]
+        runs = [("piper", k, t, c) for k in args.kernels.split(",") for t in transports
+                for c in (chunk_list if t == "flat" else [1]) if "piper" in peers]
+        runs += [(p, None, "flat", 1) for p in ("stock", "autoep") if p in peers]
         if "autoep" in peers and args.activation != "swiglu":
-            runs.remove(("autoep", None, "flat"))
+            runs.remove(("autoep", None, "flat", 1))
             if rank == 0:
                 print("skipping autoep: its experts are gated (gate, up, down); run with --activation swiglu")
-        for peer, kernels, transport in runs:
-            layer = build(peer, shape, ep, args.activation, kernels or "reference", transport, args.gpus_per_node)
+        for peer, kernels, transport, chunks in runs:
+            layer = build(peer, shape, ep, args.activation, kernels or "reference", transport, args.gpus_per_node,
+                          chunks)
             err = check_against_reference(layer, inputs[0], rank, ep) if peer != "stock" else float("nan")
             ms, mem = time_layer(layer, inputs, grads, args.warmup, args.iters)
             if args.profile and peer == "piper":  # every rank runs it (the layer's all-to-alls need them all)
                 _profile(layer, inputs, grads, rank == 0,
-                         args.trace and f"{args.trace}.{key}.{kernels}.{transport}.json")
+                         args.trace and f"{args.trace}.{key}.{kernels}.{transport}.{chunks}.json")
             mats = 3 if args.activation == "swiglu" else 2
             useful = 3 * 2 * args.tokens * shape["k"] * mats * shape["d"] * shape["f"]
-            name = peer if peer != "piper" else f"piper[{kernels}{'' if transport == 'flat' else ', ' + transport}]"
+            detail = f", chunks {chunks}" if transport == "flat" and ep > 1 else f", {transport}" * (ep > 1)
+            name = peer if peer != "piper" else f"piper[{kernels}{detail}]"
             row = dict(shape=key, peer=name, ep=ep, ms=ms,
                        tflops=useful / ms / 1e9, peak_gb=mem, rel_err=err,
                        a2a_mb=a2a_bytes(layer, peer, shape, args.tokens, ep) / 1e6, **shape)
@@ -199,6 +206,10 @@ def _profile(layer, inputs, grads, report: bool, trace=None):
     busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / 3
     print(f"per iteration: {len(kernels) / 3:.0f} kernels, {busy_ms:.2f} ms kernel time, "
           f"{wall_ms:.2f} ms wall (median, under the profiler)")
+    from piper_ds.pipeline.timeline import kernel_overlap
+    share = kernel_overlap(kernels)
+    print(f"per iteration: all-to-all kernels {share.comm_us / 3e3:.2f} ms, compute kernels {share.compute_us / 3e3:.2f} "
+          f"ms, {share.hidden_share:.0%} of the all-to-all time under compute kernels")
     if trace:
         prof.export_chrome_trace(trace)
 

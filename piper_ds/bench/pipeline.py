@@ -37,6 +37,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--schedules", default="1f1b,overlap")
     p.add_argument("--layouts", default="auto", help="'auto' or e.g. '2x2,1x4' (pp x ep)")
     p.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU/gloo smoke run")
+    p.add_argument("--chunks", type=int, default=1, help="PiperMoE overlap_chunks (1: no in-layer overlap)")
+    p.add_argument("--kernel-profile", action="store_true",
+                   help="GPU: profile one more step and report the share of NCCL kernel time under compute kernels")
     p.add_argument("--profile", default=None,
                    help="platform profile JSON for the planner's predictions (python -m piper_ds.calibrate)")
     p.add_argument("--watchdog", type=float, default=900.0,
@@ -95,7 +98,8 @@ def run_one(args, spec, pp: int, ep: int, schedule: str, out_prefix: str) -> Dic
     from piper_ds.pipeline.timeline import (TimelineRecorder, a2a_hidden_share, bubble_fraction, gather_intervals,
                                             plot_timeline)
     world, rank = dist.get_world_size(), dist.get_rank()
-    moe = {"aux_loss_coef": 0.01, **({"kernels": "reference", "transport": "flat"} if args.tiny else {})}
+    moe = {"aux_loss_coef": 0.01, "overlap_chunks": args.chunks,
+           **({"kernels": "reference", "transport": "flat"} if args.tiny else {})}
     module = PiperPipelineModule(spec, moe, ep_size=ep, num_stages=pp, micro_batch=args.micro_batch, seed=1234)
     rec = TimelineRecorder()
     engine, *_ = initialize_pipeline(model=module, config=_ds_config(args, pp, ep, world), schedule=schedule,
@@ -123,9 +127,12 @@ def run_one(args, spec, pp: int, ep: int, schedule: str, out_prefix: str) -> Dic
             times.append(time.perf_counter() - t0)
     ivs = rec.intervals()
     bounds = rec.step_bounds()
+    kernel_hidden = _kernel_hidden_share(engine, batches) if args.kernel_profile and torch.cuda.is_available() \
+        else float("nan")
     bubbles = [bubble_fraction(ivs, b) for b in bounds]
     hidden, a2a_total = a2a_hidden_share(ivs)
-    per_rank = torch.tensor([statistics.mean(bubbles), hidden * a2a_total, a2a_total, statistics.median(times)],
+    per_rank = torch.tensor([statistics.mean(bubbles), hidden * a2a_total, a2a_total, statistics.median(times),
+                             kernel_hidden],
                             dtype=torch.float64, device=engine.device)
     gathered = [torch.zeros_like(per_rank) for _ in range(world)]
     dist.all_gather(gathered, per_rank)
@@ -146,6 +153,7 @@ def run_one(args, spec, pp: int, ep: int, schedule: str, out_prefix: str) -> Dic
               "bubble_fraction": float(stats[:, 0].mean()),
               "a2a_hidden_share": float(stats[:, 1].sum() / stats[:, 2].sum()) if float(stats[:, 2].sum()) else 0.0,
               "a2a_seconds_per_rank": float(stats[:, 2].mean()) / max(len(bounds), 1),
+              "nccl_kernel_hidden_share": float(stats[:, 4].mean()), "overlap_chunks": args.chunks,
               "stage_layers": [b - a for a, b in zip(module.parts, module.parts[1:])],
               "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
               "timeline_png": png, "predicted": _prediction(spec, args, pp, ep, world, schedule)}
@@ -156,6 +164,16 @@ def run_one(args, spec, pp: int, ep: int, schedule: str, out_prefix: str) -> Dic
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     return result
+
+
+def _kernel_hidden_share(engine, batches) -> float:
+    """One more step under the profiler: the share of NCCL kernel time during which compute kernels run."""
+    from torch.profiler import ProfilerActivity, profile
+    from piper_ds.pipeline.timeline import kernel_overlap
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.train_batch(batches())
+        torch.cuda.synchronize()
+    return kernel_overlap([e for e in prof.events() if e.device_type.name == "CUDA"]).hidden_share
 
 
 def run(args) -> List[Dict[str, Any]]:
@@ -190,14 +208,15 @@ def run(args) -> List[Dict[str, Any]]:
 def table(results: List[Dict[str, Any]]) -> str:
     """The short summary table (measured | planner-predicted)."""
     head = (f"{'layout':<10}{'schedule':<9}{'step s':>9}{'pred':>8}{'tok/s':>10}{'pred':>10}{'MFU%':>7}"
-            f"{'pred':>7}{'bubble':>8}{'pred':>7}{'a2a hid':>8}")
+            f"{'pred':>7}{'bubble':>8}{'pred':>7}{'a2a hid':>8}{'nccl hid':>9}")
     lines = [head]
     for r in results:
         p = r["predicted"]
         lines.append(f"{'pp' + str(r['pp']) + 'xep' + str(r['ep']):<10}{r['schedule']:<9}{r['step_s']:>9.3f}"
                      f"{p['step_s']:>8.3f}{r['tokens_per_s']:>10.0f}{p['tokens_per_s']:>10.0f}"
                      f"{100 * r['mfu']:>7.1f}{100 * p['mfu']:>7.1f}{r['bubble_fraction']:>8.2f}"
-                     f"{p['bubble_fraction']:>7.2f}{100 * r['a2a_hidden_share']:>7.0f}%")
+                     f"{p['bubble_fraction']:>7.2f}{100 * r['a2a_hidden_share']:>7.0f}%"
+                     f"{100 * r.get('nccl_kernel_hidden_share', float('nan')):>8.0f}%")
     return "\n".join(lines)
 
 

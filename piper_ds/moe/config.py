@@ -47,6 +47,14 @@ class MoEConfig(BaseModel):
         description="Hierarchical transport only: a token bound for several ranks of one remote node crosses the "
         "network once (the node's lane receiver fans it out; the combine sums on that node before sending back). "
         "Needs transport 'hierarchical' or 'auto'; saves nothing within one node or with one rank per node.")
+    overlap_chunks: int = Field(
+        1, ge=1, le=64,
+        description="With the flat transport: cut the layer's tokens into this many chunks whose all-to-alls run "
+        "while another chunk's experts compute (forward and backward); 1 = no overlap. Either way the layer waits "
+        "for the device once (the exchanged counts). Every chunk adds host work (launches, three exchanges): on "
+        "one 4x H200 host the layer is host-bound and 2 chunks were slower than 1 (docs/pipeline.md); it can pay "
+        "where the all-to-all is long against the host's work (EP over slower links). Unused at ep_size 1 and "
+        "with the hierarchical transport.")
     kernels: Literal["auto", "cuda", "reference"] = Field(
         "auto", description="Gating/permutation kernels: fused CUDA ops when built ('auto'), forced, or PyTorch.")
 

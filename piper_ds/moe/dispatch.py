@@ -80,14 +80,16 @@ def _send_plan(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, placeme
     return send_counts_R, finish
 
 
-def _expand_plan(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int) -> reference.ExpandPlan:
-    """``expand_plan_reference`` with a counting sort: one host sync for the number of expanded rows."""
+def _expand_plan(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int,
+                 num_rows: Optional[int] = None) -> reference.ExpandPlan:
+    """``expand_plan_reference`` with a counting sort: one host sync for the number of expanded rows, unless the
+    caller knows it (``num_rows``)."""
     flat_slot = slots_RK.reshape(-1)
     key = torch.where(flat_slot >= 0, flat_slot, num_local)  # dropped / elsewhere sort last
     counts = torch.zeros(num_local + 1, dtype=torch.int64, device=slots_RK.device)
     counts.scatter_add_(0, key, torch.ones_like(key))
     pair = torch.argsort(key, stable=True)
-    n = int(flat_slot.numel() - counts[num_local])  # host sync: the expanded row count
+    n = int(flat_slot.numel() - counts[num_local]) if num_rows is None else num_rows  # host sync unless given
     pair = pair[:n]
     K = max(slots_RK.shape[1], 1)
     return reference.ExpandPlan(pair // K, weights_RK.reshape(-1)[pair], counts[:num_local], pair)

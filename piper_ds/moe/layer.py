@@ -11,7 +11,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from piper_ds.comm.alltoall import FlatAllToAll, make_transport
-from piper_ds.moe import dispatch
+from piper_ds.moe import dispatch, overlapped
 from piper_ds.moe.config import MoEConfig
 from piper_ds.moe.experts import GroupedExperts
 from piper_ds.moe.placement import ExpertPlacement
@@ -167,15 +167,22 @@ class PiperMoE(MoE):
             self.placement.to(x_TD.device)
         route = core.gate(x_TD)
         topk_idx = self._drop_over_capacity(route.topk_idx_TK)
-        state = dispatch.preprocess(x_TD, topk_idx, route.topk_weights_TK, self.placement, core.transport, self.ops)
-        state = dispatch.dispatch(state, core.transport)
-        h_ND = dispatch.postprocess(state, self.num_local_experts, self.ops)
-        y_ND = core.experts(h_ND, state.tokens_per_slot_L)
-        out = dispatch.combine(state, y_ND, core.transport, self.ops)
+        if hasattr(core.transport, "start"):  # flat: one host wait, chunks' all-to-alls under the experts
+            chunks = self.config.overlap_chunks if self.ep_size > 1 else 1
+            out, self.last_send_counts = overlapped.run(x_TD, topk_idx, route.topk_weights_TK, self.placement,
+                                                        core.transport, self.ops, core.experts, chunks)
+        else:  # a transport that plans its exchange (hierarchical): the phases one after the other
+            state = dispatch.preprocess(x_TD, topk_idx, route.topk_weights_TK, self.placement, core.transport,
+                                        self.ops)
+            state = dispatch.dispatch(state, core.transport)
+            h_ND = dispatch.postprocess(state, self.num_local_experts, self.ops)
+            y_ND = core.experts(h_ND, state.tokens_per_slot_L)
+            out = dispatch.combine(state, y_ND, core.transport, self.ops)
+            self.last_send_counts = state.send_counts
+        # last_send_counts: rows sent to each EP rank (host ints, for all-to-all accounting)
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(x_TD)
         l_aux = route.aux_loss + route.z_loss
-        self.last_send_counts = state.send_counts  # rows sent to each EP rank (host ints, for a2a accounting)
         self.last_stats = {"tokens_per_expert": route.tokens_per_expert_E.detach(),
                            "dropped": (topk_idx < 0).sum().detach(), "assignments": torch.tensor(topk_idx.numel()),
                            "aux_loss": route.aux_loss.detach(), "z_loss": route.z_loss.detach()}

@@ -54,6 +54,20 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(x.shape)}")
 
 
+def _check_num_rows(num_rows: Optional[int]) -> int:
+    """-1 for None (count on the device), else the non-negative int."""
+    if num_rows is None:
+        return -1
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"num_rows must be None or an int >= 0, got {num_rows!r}")
+    return num_rows
+
+
+def _check_known(rows: int, known: int, what: str) -> None:
+    if known >= 0 and rows != known:
+        raise ValueError(f"{what}: num_rows is {known} but the plan has {rows} rows")
+
+
 def _inverse_args(inverse: Optional[RowInverse], index: torch.Tensor, num_out: int) -> Tuple:
     """(starts, rows) for the op, or (None, None); checks what is cheap to check (type, shapes, device)."""
     if inverse is None:
@@ -71,11 +85,15 @@ def _inverse_args(inverse: Optional[RowInverse], index: torch.Tensor, num_out: i
 
 # ------------------------------------------------------------------------------------------------ plans
 def send_plan(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, expert_rank_E: torch.Tensor,
-              expert_slot_E: torch.Tensor, ep_size: int, backend: str = "auto") -> SendPlan:
+              expert_slot_E: torch.Tensor, ep_size: int, backend: str = "auto",
+              num_rows: Optional[int] = None) -> SendPlan:
     """One row per (token, destination rank) pair, rank-major then token order (see ``send_plan_reference``).
 
     topk_idx_TK int64 [T, K] (-1 = dropped), topk_weights_TK [T, K], expert_rank_E / expert_slot_E int [E].
     Returns SendPlan(token_idx_S, send_counts_R, slots_SK, weights_SK); weights_SK is differentiable.
+    ``num_rows``: S when the caller knows it (the sum of the row counts it already exchanged). The CUDA op then
+    allocates without waiting for the device and skips its input validation; the CPU op and the reference check
+    it against their own count (ValueError when they differ).
     """
     if topk_idx_TK.dtype != torch.int64 or topk_idx_TK.dim() != 2:
         raise TypeError(f"topk_idx_TK must be int64 [T, K], got {topk_idx_TK.dtype} {tuple(topk_idx_TK.shape)}")
@@ -84,10 +102,13 @@ def send_plan(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, expert_r
                          f"{tuple(topk_idx_TK.shape)}")
     if ep_size < 1:
         raise ValueError(f"ep_size must be >= 1, got {ep_size}")
+    known = _check_num_rows(num_rows)
     op = _get_op(topk_idx_TK.device, backend)
     if op is None:
-        return send_plan_reference(topk_idx_TK, topk_weights_TK, expert_rank_E, expert_slot_E, ep_size)
-    token_S, counts_R, slots_SK = op.send_plan(topk_idx_TK, expert_rank_E, expert_slot_E, int(ep_size))
+        plan = send_plan_reference(topk_idx_TK, topk_weights_TK, expert_rank_E, expert_slot_E, ep_size)
+        _check_known(plan.token_idx_S.numel(), known, "send_plan")
+        return plan
+    token_S, counts_R, slots_SK = op.send_plan(topk_idx_TK, expert_rank_E, expert_slot_E, int(ep_size), known)
     weights_SK = topk_weights_TK.index_select(0, token_S) * (slots_SK >= 0)
     return SendPlan(token_S, counts_R, slots_SK, weights_SK)
 
@@ -107,13 +128,14 @@ def _pad_groups(plan: ExpandPlan, align: int) -> ExpandPlan:
 
 
 def expand_plan(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int, align: int = 1,
-                backend: str = "auto") -> ExpandPlan:
+                backend: str = "auto", num_rows: Optional[int] = None) -> ExpandPlan:
     """Expands received rows to their local experts, grouped by local slot (see ``expand_plan_reference``).
 
     slots_RK int64 [R, K] (or [R]) with -1 = not for this rank, weights_RK the matching weights, num_local L.
     ``align > 1`` pads each group to a multiple of ``align`` rows (row -1, weight 0; padded sizes returned).
     Returns ExpandPlan(row_idx_N int64, weight_N (differentiable), tokens_per_slot_L int64, pair_N int64):
     pair_N is the flat (row * K + k) position of each expanded row (-1 on padding rows).
+    ``num_rows``: N when the caller knows it (align 1 only), as in :func:`send_plan`.
     """
     if slots_RK.dtype != torch.int64:
         raise TypeError(f"slots_RK must be int64, got {slots_RK.dtype}")
@@ -123,13 +145,17 @@ def expand_plan(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int
         raise ValueError(f"num_local must be >= 1, got {num_local}")
     if align < 1:
         raise ValueError(f"align must be >= 1, got {align}")
+    known = _check_num_rows(num_rows)
+    if known >= 0 and align != 1:
+        raise ValueError(f"num_rows ({num_rows}) can only be given with align 1, got align {align}")
     op = _get_op(slots_RK.device, backend)
     if op is None:
         plan = expand_plan_reference(slots_RK, weights_RK, num_local)
         if plan.tokens_per_slot_L.numel() != num_local:
             raise ValueError(f"slots_RK holds a slot >= num_local ({num_local})")
+        _check_known(plan.row_idx_N.numel(), known, "expand_plan")
         return _pad_groups(plan, align) if align > 1 else plan
-    row_N, pair_N, per_slot_L = op.expand_plan(slots_RK, int(num_local), int(align))
+    row_N, pair_N, per_slot_L = op.expand_plan(slots_RK, int(num_local), int(align), known)
     flat = weights_RK.reshape(-1)
     if align > 1:
         weight_N = torch.where(pair_N >= 0, flat.index_select(0, pair_N.clamp_min(0)), flat.new_zeros(()))

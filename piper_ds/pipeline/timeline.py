@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -148,8 +148,27 @@ class TimedTransport:
             y = self.inner(x, send_counts, recv_counts, **kwargs)
         return rec.mark_backward(y, "a2a", lane, key, opens=True)
 
+    def start(self, x, send_counts, recv_counts):
+        """The inner transport's exchange left in flight (``.wait()`` gives its rows), timed from its launch to the
+        end of its wait; backward from the reverse launch to its wait."""
+        rec, lane, key = self.rec, self.rec.lane, self.rec.new_key()
+        x = rec.mark_backward(x, "a2a", lane, key, opens=False)
+        return _TimedExchange(self.inner.start(x, send_counts, recv_counts), rec, lane, key)
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+class _TimedExchange:
+    """An exchange in flight whose :meth:`wait` closes its 'a2a' interval."""
+
+    def __init__(self, inner, rec: TimelineRecorder, lane: str, key: int):
+        self.inner, self.rec, self.lane, self.key, self.started = inner, rec, lane, key, rec._now()
+
+    def wait(self):
+        y = self.inner.wait()
+        self.rec._raw.append(("a2a", self.lane, self.started, self.rec._now(), {}))
+        return self.rec.mark_backward(y, "a2a", self.lane, self.key, opens=True)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -205,6 +224,22 @@ def a2a_hidden_share(intervals: Sequence[Interval]) -> Tuple[float, float]:
     main = _length([(i["start"], i["end"]) for i in intervals if i["kind"] == "a2a" and i["lane"] == "main"])
     total += main
     return (hidden / total if total else 0.0), total
+
+
+class KernelOverlap(NamedTuple):
+    comm_us: float  # union of the communication kernels' intervals
+    compute_us: float  # union of every other kernel's intervals
+    hidden_share: float  # share of comm_us during which a compute kernel runs
+
+
+def kernel_overlap(kernels) -> KernelOverlap:
+    """How much communication kernel time (NCCL's) ran under compute kernels, from profiler CUDA events (any
+    objects with ``.name`` and ``.time_range.start/.end`` in µs). NCCL kernel time includes each rank's wait for
+    its peers."""
+    comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
+    compute = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()]
+    comm_us = _length(comm)
+    return KernelOverlap(comm_us, _length(compute), _intersect(comm, compute) / comm_us if comm_us else 0.0)
 
 
 # ------------------------------------------------------------------------------------------- plot
