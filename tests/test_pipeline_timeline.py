@@ -65,3 +65,11 @@ def test_kernel_overlap_counts_communication_under_compute():
     got = kernel_overlap([ev("ncclDevKernel_SendRecv", 0, 10), ev("gemm", 5, 20), ev("ncclKernel_AllToAll", 8, 12)])
     assert got.comm_us == 12 and got.compute_us == 15 and got.hidden_share == pytest.approx(7 / 12)
     assert kernel_overlap([ev("gemm", 0, 1)]).hidden_share == 0.0
+
+
+def test_step_intervals_keeps_one_step_on_its_own_clock():
+    from piper_ds.pipeline.timeline import step_intervals
+    ivs = [dict(kind="fwd", start=0.5, end=0.9), dict(kind="bwd", start=2.1, end=2.6), dict(kind="fwd", start=3.2,
+                                                                                          end=3.4)]
+    got = step_intervals(ivs, (2.0, 3.0))
+    assert [(i["kind"], i["start"], i["end"]) for i in got] == [("bwd", pytest.approx(0.1), pytest.approx(0.6))]

@@ -137,13 +137,10 @@ def run_one(args, spec, pp: int, ep: int, schedule: str, out_prefix: str) -> Dic
     gathered = [torch.zeros_like(per_rank) for _ in range(world)]
     dist.all_gather(gathered, per_rank)
     stats = torch.stack(gathered).cpu()
-    last = bounds[-1]
-    everyone = gather_intervals(rec)
+    everyone = gather_intervals(rec, step=len(bounds) - 1)  # every rank's last timed step
     png = f"{out_prefix}_pp{pp}_ep{ep}_{schedule}.png"
     if rank == 0:
-        step_ivs = [dict(i, start=i["start"] - last[0], end=i["end"] - last[0]) for i in everyone
-                    if last[0] <= i["start"] <= last[1] or i["rank"] != rank]
-        plot_timeline(step_ivs, png, f"pp={pp} x ep={ep}, {schedule}: one step")
+        plot_timeline(everyone, png, f"pp={pp} x ep={ep}, {schedule}: one step")
     step_s = float(stats[:, 3].max())
     tokens = args.micro_batch * args.grad_accum * (world // pp) * spec.seq_len
     tok_s = tokens / step_s

@@ -8,9 +8,11 @@
                  reverse exchange, scatter-add into the source tokens
 
 A token crosses the wire at most once per destination rank however many of its k experts live there, and with
-a node-dedup transport (``MoEConfig.node_dedup``) at most once per remote node. The
-planning waits on the device twice per layer (the row counts for the exchange, the expanded row count); the
-fused kernels of :mod:`piper_ds.ops` can replace it (``Ops``).
+a node-dedup transport (``MoEConfig.node_dedup``) at most once per remote node. These phases serve
+transports that plan their exchange (the hierarchical one); they wait for the device up to three times per layer
+(the send plan's row count, the exchanged counts, the expanded row count). The flat transport runs the same
+plans through :mod:`piper_ds.moe.overlapped`, which exchanges every count first and waits once. The fused
+kernels of :mod:`piper_ds.ops` can replace the PyTorch planning (``Ops``).
 """
 from __future__ import annotations
 

@@ -274,11 +274,20 @@ def plot_timeline(intervals: Sequence[Interval], path: str, title: str = "") -> 
     return path
 
 
-def gather_intervals(recorder: TimelineRecorder) -> List[Interval]:
-    """Every rank's intervals (collective; every rank gets the list). Clocks are per rank: each rank's times
-    start at its own first step start, which the step-start synchronisation of the pipeline keeps close."""
+def step_intervals(intervals: Sequence[Interval], step: Tuple[float, float]) -> List[Interval]:
+    """The intervals that start inside ``step`` (start, end), with times shifted to the step's start."""
+    t0, t1 = step
+    return [dict(i, start=i["start"] - t0, end=i["end"] - t0) for i in intervals if t0 <= i["start"] <= t1]
+
+
+def gather_intervals(recorder: TimelineRecorder, step: int = -1) -> List[Interval]:
+    """Every rank's intervals of its recorded step ``step`` (None: all, unshifted), in seconds from that step's
+    start on the rank's own clock (collective; every rank gets the list). The pipeline's step-start
+    synchronisation keeps the ranks' step starts close."""
     import deepspeed.comm as dist
     mine = recorder.intervals()
+    if step is not None:
+        mine = step_intervals(mine, recorder.step_bounds()[step])
     out: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, mine)
     return [i for part in out for i in part]
