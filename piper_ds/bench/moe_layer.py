@@ -208,8 +208,8 @@ def _profile(layer, inputs, grads, report: bool, trace=None):
           f"{wall_ms:.2f} ms wall (median, under the profiler)")
     from piper_ds.pipeline.timeline import kernel_overlap
     share = kernel_overlap(kernels)
-    print(f"per iteration: all-to-all kernels {share.comm_us / 3e3:.2f} ms, compute kernels {share.compute_us / 3e3:.2f} "
-          f"ms, {share.hidden_share:.0%} of the all-to-all time under compute kernels")
+    print(f"per iteration: all-to-all kernels {share.comm_us / 3e3:.2f} ms, compute kernels "
+          f"{share.compute_us / 3e3:.2f} ms, {share.hidden_share:.0%} of the all-to-all time under compute kernels")
     if trace:
         prof.export_chrome_trace(trace)
 

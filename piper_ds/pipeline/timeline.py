@@ -12,7 +12,8 @@ Clocks: CUDA events on the stream that runs the work (GPU; read after a synchron
 
 Metrics: :func:`bubble_fraction` = 1 - busy('fwd','bwd') / step; :func:`a2a_hidden_share` = share of
 all-to-all time during which the *other* half computes (layer time outside its own all-to-alls) — 0 under
-1F1B by construction, and 0 on CPU (sequential halves).
+1F1B by construction, and 0 on CPU (sequential halves); :func:`kernel_overlap` = share of NCCL kernel time during
+which other kernels run, from a profiler trace (the device's own view of overlap).
 """
 from __future__ import annotations
 
@@ -80,6 +81,14 @@ class TimelineRecorder:
 
     def end_step(self) -> None:
         self.steps[-1] = (self.steps[-1][0], self._now())
+
+    def now(self):
+        """A time mark: a recorded CUDA event on the current stream (GPU) or ``perf_counter`` seconds (CPU)."""
+        return self._now()
+
+    def add(self, kind: str, lane: str, start, end, **meta) -> None:
+        """Records the interval between two marks of :meth:`now`."""
+        self._raw.append((kind, lane, start, end, meta))
 
     @contextlib.contextmanager
     def interval(self, kind: str, lane: Optional[str] = None, **meta):
@@ -163,11 +172,11 @@ class _TimedExchange:
     """An exchange in flight whose :meth:`wait` closes its 'a2a' interval."""
 
     def __init__(self, inner, rec: TimelineRecorder, lane: str, key: int):
-        self.inner, self.rec, self.lane, self.key, self.started = inner, rec, lane, key, rec._now()
+        self.inner, self.rec, self.lane, self.key, self.started = inner, rec, lane, key, rec.now()
 
     def wait(self):
         y = self.inner.wait()
-        self.rec._raw.append(("a2a", self.lane, self.started, self.rec._now(), {}))
+        self.rec.add("a2a", self.lane, self.started, self.rec.now())
         return self.rec.mark_backward(y, "a2a", self.lane, self.key, opens=True)
 
 
@@ -227,6 +236,8 @@ def a2a_hidden_share(intervals: Sequence[Interval]) -> Tuple[float, float]:
 
 
 class KernelOverlap(NamedTuple):
+    """Communication and compute kernel time of a profiled span (µs) and the share of the first under the second."""
+
     comm_us: float  # union of the communication kernels' intervals
     compute_us: float  # union of every other kernel's intervals
     hidden_share: float  # share of comm_us during which a compute kernel runs
@@ -280,7 +291,7 @@ def step_intervals(intervals: Sequence[Interval], step: Tuple[float, float]) -> 
     return [dict(i, start=i["start"] - t0, end=i["end"] - t0) for i in intervals if t0 <= i["start"] <= t1]
 
 
-def gather_intervals(recorder: TimelineRecorder, step: int = -1) -> List[Interval]:
+def gather_intervals(recorder: TimelineRecorder, step: Optional[int] = -1) -> List[Interval]:
     """Every rank's intervals of its recorded step ``step`` (None: all, unshifted), in seconds from that step's
     start on the rank's own clock (collective; every rank gets the list). The pipeline's step-start
     synchronisation keeps the ranks' step starts close."""
