@@ -3,6 +3,7 @@
 4 gloo ranks seen as 1x4 (flat), 2x2 and 4x1 (hierarchical) and 2x2 with transport "auto" (which must pick the
 hierarchical one); uneven tokens per rank, one rank without tokens.
 """
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -36,6 +37,10 @@ def moe_worker(rank, world_size):
         ((y * gs[rank]).sum() + l_aux).backward()
         grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
         out[kind, per_node] = (y.detach(), x.grad, grads)
+    # overlap_chunks cannot apply when "auto" picks the hierarchical transport: said, not silently dropped
+    chunked = PiperMoE(D, E, F, ep_size=world_size, config=dict(cfg, overlap_chunks=2))
+    with pytest.warns(UserWarning, match="overlap_chunks=2 is not used"):
+        chunked.bind_ep_group(dist.group.WORLD, topology=Topology(world_size, 2))
     base_y, base_xg, base_grads = out["flat", 4]
     for key, (y, xg, grads) in out.items():
         assert torch.equal(y, base_y), f"output differs for {key}"

@@ -27,4 +27,6 @@ def test_chunk_counts_match_a_brute_force_count(T, E, K, R, chunks):
 def test_overlap_chunks_is_validated():
     with pytest.raises(ValueError, match="overlap_chunks"):
         PiperMoE(8, 4, 8, overlap_chunks=0)
+    with pytest.raises(ValueError, match=r"overlap_chunks \(2\) needs transport 'flat' or 'auto'"):
+        PiperMoE(8, 4, 8, overlap_chunks=2, transport="hierarchical")
     assert PiperMoE(8, 4, 8).config.overlap_chunks == 1

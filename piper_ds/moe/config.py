@@ -68,6 +68,9 @@ class MoEConfig(BaseModel):
     def _check_groups(self) -> "MoEConfig":
         if self.topk_groups > self.n_groups:
             raise ValueError(f"topk_groups ({self.topk_groups}) must be <= n_groups ({self.n_groups})")
+        if self.overlap_chunks > 1 and self.transport == "hierarchical":
+            raise ValueError(f"overlap_chunks ({self.overlap_chunks}) needs transport 'flat' or 'auto' (it overlaps "
+                             f"the flat all-to-all), got transport {self.transport!r}")
         if self.node_dedup and self.transport == "flat":
             raise ValueError(f"node_dedup ({self.node_dedup}) needs transport 'hierarchical' or 'auto', got "
                              f"transport {self.transport!r}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -136,6 +137,9 @@ class PiperMoE(MoE):
         ep_rank = dist.get_rank(ep_group) if size > 1 else 0
         self.deepspeed_moe.transport = make_transport(self.config.transport, ep_group, topology,
                                                       node_dedup=self.config.node_dedup)
+        if self.config.overlap_chunks > 1 and not hasattr(self.deepspeed_moe.transport, "start"):
+            warnings.warn(f"PiperMoE: overlap_chunks={self.config.overlap_chunks} is not used: transport 'auto' "
+                          "chose the hierarchical all-to-all (the EP group spans nodes), which runs unchunked")
         if ep_rank != self.ep_rank:  # built for another EP rank: hold the experts the placement gives this one
             self.ep_rank = ep_rank
             self._reinit_local_experts()
