@@ -53,8 +53,9 @@ class MoEConfig(BaseModel):
         "while another chunk's experts compute (forward and backward); 1 = no overlap. Either way the layer waits "
         "for the device once (the exchanged counts). Every chunk adds host work (launches, three exchanges): on "
         "one 4x H200 host the layer is host-bound and 2 chunks were slower than 1 (docs/pipeline.md); it can pay "
-        "where the all-to-all is long against the host's work (EP over slower links). Unused at ep_size 1 and "
-        "with the hierarchical transport.")
+        "where the all-to-all is long against the host's work (EP over slower links). Unused at ep_size 1; refused "
+        "with transport 'hierarchical'; with 'auto' resolving to hierarchical (EP across nodes) a warning says it "
+        "is unused.")
     kernels: Literal["auto", "cuda", "reference"] = Field(
         "auto", description="Gating/permutation kernels: fused CUDA ops when built ('auto'), forced, or PyTorch.")
 
