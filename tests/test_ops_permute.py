@@ -94,6 +94,17 @@ def test_plans_with_known_row_counts(backend):
         send_plan(idx, w, rank, slot, R, backend=backend, num_rows=-2)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_combine_into_no_rows_keeps_the_graph(backend):
+    """A rank that receives no rows still sends gradients back: its combine must stay on the autograd graph."""
+    y = torch.randn(3, 4, requires_grad=True)
+    w = torch.rand(3, requires_grad=True)
+    out = combine_rows(y, torch.full((3,), -1, dtype=torch.int64), 0, w, backend=backend)
+    assert out.shape == (0, 4) and out.grad_fn is not None
+    out.sum().backward()
+    assert torch.equal(y.grad, torch.zeros(3, 4)) and torch.equal(w.grad, torch.zeros(3))
+
+
 def test_expand_plan_of_1d_slots():
     slots = torch.tensor([2, -1, 0, 2, 1, 0])
     w = torch.rand(6)

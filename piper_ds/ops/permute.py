@@ -265,7 +265,9 @@ def combine_rows(y: torch.Tensor, index: torch.Tensor, num_out: int, weight: Opt
     if num_out == 0:
         if bool((index >= 0).any()):
             raise IndexError(f"combine_rows: num_out is 0 but index holds row {int(index.max())}")
-        return y.new_zeros(0, y.shape[1])
+        # no rows, but still on the graph: y (and the weight) get their zero gradients, as from the ops
+        anchor = y.sum() * 0 + (weight.sum() * 0 if weight is not None else 0)
+        return y.new_zeros(0, y.shape[1]) + anchor.to(y.dtype)
     invalid = index < 0
     w = None if weight is None else weight.masked_fill(invalid, 0)
     return combine_rows_reference(y.masked_fill(invalid[:, None], 0), index.clamp_min(0), num_out, w)
