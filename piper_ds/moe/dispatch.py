@@ -137,21 +137,29 @@ def preprocess(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: t
         counts = [send_counts_R.tolist(), [int(c) for c in exchange_plan.recv_counts]]
     else:
         recv_counts = transport.exchange_counts(send_counts_R)
-        counts = torch.stack([send_counts_R, recv_counts]).tolist()  # the one host sync of the layer
-    sent = sum(counts[0])
+        counts = torch.stack([send_counts_R, recv_counts]).tolist()  # host sync: the exchanged counts
     if rows_plan is None:
-        rows_plan = finish(sent)
-    # (slot, weight) travel as one fp32 tensor: slots < 2**24 are exact in fp32 and one exchange saves a launch
-    meta = torch.cat([rows_plan.slots_SK.to(torch.float32), rows_plan.weights_SK.float()], dim=1)
-    if ep == 1 and sent == T:  # every token goes to the only rank, in token order: no copy needed
-        state = DispatchState(T, ep, None, counts[0], counts[1], x_send_SD=x_TD)
-    else:
-        rank_S = torch.repeat_interleave(torch.arange(ep, device=x_TD.device), send_counts_R, output_size=sent)
-        x_send_SD, handle = ops.gather(x_TD, rows_plan.token_idx_S * ep + rank_S, ep)
-        state = DispatchState(T, ep, handle, counts[0], counts[1], x_send_SD=x_send_SD)
-    state.meta_send_SK2 = meta
-    state.exchange_plan = exchange_plan
-    return state
+        rows_plan = finish(sum(counts[0]))
+    x_send_SD, meta, handle = send_rows(x_TD, rows_plan, ep, ops)
+    return DispatchState(T, ep, handle, counts[0], counts[1], x_send_SD=x_send_SD, meta_send_SK2=meta,
+                         exchange_plan=exchange_plan)
+
+
+def send_rows(x_TD: torch.Tensor, plan: reference.SendPlan, ep: int, ops: Ops):
+    """The rows of ``plan`` to send and their routing metadata: (x_send [S, D], meta [S, 2K] fp32, handle).
+
+    Rows are gathered rank-major (``handle``: :meth:`Ops.gather`'s, for the final per-token combine); at ep 1
+    with every token sent they are the tokens themselves (``handle`` None, no copy). (slot, weight) travel as
+    one fp32 tensor: slots < 2**24 are exact in fp32 and one exchange saves a launch.
+    """
+    sent = plan.token_idx_S.shape[0]
+    meta = torch.cat([plan.slots_SK.to(torch.float32), plan.weights_SK.float()], dim=1)
+    if ep == 1 and sent == x_TD.shape[0]:  # every token goes to the only rank, in token order
+        return x_TD, meta, None
+    rank_S = torch.repeat_interleave(torch.arange(ep, device=x_TD.device), plan.send_counts_R.to(torch.int64),
+                                     output_size=sent)
+    x_send_SD, handle = ops.gather(x_TD, plan.token_idx_S * ep + rank_S, ep)
+    return x_send_SD, meta, handle
 
 
 def _send(transport: Transport, x: torch.Tensor, send: List[int], recv: List[int], plan) -> torch.Tensor:
@@ -174,12 +182,23 @@ def dispatch(state: DispatchState, transport: Transport) -> DispatchState:
 
 def postprocess(state: DispatchState, num_local: int, ops: Ops) -> torch.Tensor:
     """Expands received rows to (row, local expert) pairs grouped by slot; returns the expert input [N, D]."""
-    K = state.meta_recv_RK2.shape[1] // 2
-    slots = state.meta_recv_RK2[:, :K].detach().round().to(torch.int64)
-    plan = (ops.expand_plan or _expand_plan)(slots, state.meta_recv_RK2[:, K:], num_local)
+    h_ND, state.pair_rows, plan = expand_received(state.x_recv_RD, state.meta_recv_RK2, num_local, ops)
     state.weight_N, state.tokens_per_slot_L = plan.weight_N, plan.tokens_per_slot_L
-    h_ND, state.pair_rows = ops.gather(state.x_recv_RD, plan.pair_N, K)
     return h_ND
+
+
+def expand_received(x_recv_RD: torch.Tensor, meta_recv_RK2: torch.Tensor, num_local: int, ops: Ops,
+                    num_rows: Optional[int] = None):
+    """Received rows expanded to (row, local expert) pairs grouped by slot: (expert input [N, D], the gather's
+    handle for the weighted combine, the ExpandPlan). ``num_rows``: N when known (no host sync for it)."""
+    K = meta_recv_RK2.shape[1] // 2
+    slots = meta_recv_RK2[:, :K].detach().round().to(torch.int64)
+    if ops.expand_plan is None:
+        plan = _expand_plan(slots, meta_recv_RK2[:, K:], num_local, num_rows=num_rows)
+    else:
+        plan = ops.expand_plan(slots, meta_recv_RK2[:, K:], num_local, num_rows=num_rows)
+    h_ND, pair_rows = ops.gather(x_recv_RD, plan.pair_N, K)
+    return h_ND, pair_rows, plan
 
 
 def combine(state: DispatchState, y_ND: torch.Tensor, transport: Transport, ops: Ops) -> torch.Tensor:

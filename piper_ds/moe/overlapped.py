@@ -64,7 +64,7 @@ def run(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Te
     """
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
-    ep, K, L = placement.ep_size, topk_idx_TK.shape[1], placement.num_local
+    ep, L = placement.ep_size, placement.num_local
     send, recv = _exchange_sizes(topk_idx_TK, placement, transport, chunks)
     parts = list(zip(x_TD.tensor_split(chunks), topk_idx_TK.tensor_split(chunks),
                      topk_weights_TK.tensor_split(chunks)))
@@ -81,7 +81,7 @@ def run(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Te
     for c, (send_c, recv_c) in enumerate(rows):  # 3. experts as rows arrive; outputs on their way back
         handle, x_ex, meta_ex = sent[c]
         sent[c] = None
-        back.append((handle, _experts_and_return(x_ex, meta_ex, pairs[c], send_c, recv_c, K, L, ops, experts,
+        back.append((handle, _experts_and_return(x_ex, meta_ex, pairs[c], send_c, recv_c, L, ops, experts,
                                                  exchange)))
     outs = []
     for (handle, y_ex), (x_c, _, _) in zip(back, parts):  # 4. per-token sums as the outputs return
@@ -95,27 +95,17 @@ def _gather_and_send(x_c, idx_c, w_c, send_c: List[int], recv_c: List[int], plac
                      ops: dispatch.Ops, exchange):
     """Send plan, row gather and the start of the rows' and metadata's exchange of one chunk: (handle of the
     gathered rows or None when the rows are the tokens, rows in flight, metadata in flight)."""
-    ep, sent = placement.ep_size, sum(send_c)
-    plan = _send_plan(idx_c, w_c, placement, ops, sent)
-    # (slot, weight) travel as one fp32 tensor: slots < 2**24 are exact in fp32 and one exchange saves a launch
-    meta = torch.cat([plan.slots_SK.to(torch.float32), plan.weights_SK.float()], dim=1)
-    if ep == 1 and sent == x_c.shape[0]:  # every token to the only rank, in order: no copy
-        x_send, handle = x_c, None
-    else:
-        rank_S = torch.repeat_interleave(torch.arange(ep, device=x_c.device), plan.send_counts_R.to(torch.int64),
-                                         output_size=sent)
-        x_send, handle = ops.gather(x_c, plan.token_idx_S * ep + rank_S, ep)
+    plan = _send_plan(idx_c, w_c, placement, ops, sum(send_c))
+    x_send, meta, handle = dispatch.send_rows(x_c, plan, placement.ep_size, ops)
     return handle, exchange(x_send, send_c, recv_c), exchange(meta, send_c, recv_c)
 
 
-def _experts_and_return(x_ex, meta_ex, pairs: int, send_c: List[int], recv_c: List[int], K: int, L: int,
+def _experts_and_return(x_ex, meta_ex, pairs: int, send_c: List[int], recv_c: List[int], L: int,
                         ops: dispatch.Ops, experts, exchange):
     """Waits for one chunk's rows, runs them through the local experts, sums each row's experts (weighted) and
     starts the exchange back."""
-    x_recv, meta_recv = x_ex.wait(), meta_ex.wait()
-    slots = meta_recv[:, :K].detach().round().to(torch.int64)
-    plan = _expand_plan(slots, meta_recv[:, K:], L, ops, pairs)
-    h_ND, pair_rows = ops.gather(x_recv, plan.pair_N, K)
+    x_recv = x_ex.wait()
+    h_ND, pair_rows, plan = dispatch.expand_received(x_recv, meta_ex.wait(), L, ops, num_rows=pairs)
     y_ND = experts(h_ND, plan.tokens_per_slot_L)
     y_recv = ops.combine(y_ND, pair_rows, x_recv.shape[0], plan.weight_N)
     return exchange(y_recv, recv_c, send_c)
@@ -138,9 +128,3 @@ def _send_plan(idx_TK, weights_TK, placement: ExpertPlacement, ops: dispatch.Ops
         return finish(num_rows)
     return ops.send_plan(idx_TK, weights_TK, placement.rank_of, placement.slot_of, placement.ep_size,
                          num_rows=num_rows)
-
-
-def _expand_plan(slots_RK, weights_RK, num_local: int, ops: dispatch.Ops, num_rows: int):
-    if ops.expand_plan is None:
-        return dispatch._expand_plan(slots_RK, weights_RK, num_local, num_rows=num_rows)
-    return ops.expand_plan(slots_RK, weights_RK, num_local, num_rows=num_rows)
