@@ -124,3 +124,33 @@ def test_only_runs_one_candidate_and_merge_gives_the_verdict(tmp_path, capsys):
     assert "predicted top choice" in capsys.readouterr().out
     errors = run_distributed(_only_worker, 2, str(tmp_path / "x.json"), str(profile), 5, timeout=120)
     assert all(e is not None and "--only 5: there are 2 candidates" in e for e in errors), errors
+
+
+def test_rescore_sets_stored_measurements_against_the_current_planner(tmp_path, capsys):
+    from piper_ds.planner import Layout
+    from piper_ds.planner.resources import estimate
+    spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=14, n_dense_layers=1)
+    lay = Layout(dp=4, ep=1, zero_stage=2, micro_batch=1, grad_accum=4, activation_checkpointing=True)
+    old = {"step_s": 0.5, "peak_gb": 40.0, "peak_wo_fragmentation_gb": 40.0}
+    measured = {"layout": lay.short(), "role": "top 1", "config": lay.model_dump(mode="json"), "step_s": 1.0,
+                "peak_gb": 50.0, "predicted": old}
+    report = {"model": spec.to_block(), "cluster": H200.name, "profile": None, "gpus": 4,
+              "candidates": [["top 1", lay.short()]], "results": [L.add_errors(measured)]}
+    path, out = tmp_path / "stored.json", tmp_path / "rescored.json"
+    path.write_text(json.dumps(report))
+    got = L.rescore(str(path), str(out))
+    r = got["results"][0]
+    est = estimate(spec, H200, lay, PlatformProfile())
+    assert r["predicted"]["step_s"] == pytest.approx(est.step_time)
+    assert r["predicted"]["peak_gb"] == pytest.approx(est.worst.total / 1e9)
+    assert r["predicted_before"] == old and r["rel_err_before"]["peak"] == pytest.approx(-0.2)
+    assert r["rel_err"]["step"] == pytest.approx(est.step_time - 1.0)
+    assert json.loads(out.read_text())["rescored_from"] == str(path)
+    assert "peak -20.0% ->" in capsys.readouterr().out
+    # rescoring a rescored report keeps the first prediction as the "before"
+    again = L.rescore(str(out), str(tmp_path / "again.json"))
+    assert again["results"][0]["predicted_before"] == old
+    report["profile"] = str(tmp_path / "gone.json")
+    path.write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="gone.json"):
+        L.rescore(str(path), str(out))

@@ -79,3 +79,62 @@ def test_allocated_model_states_match_prediction():
             got = r["weights"] + r["grads"] + r["optimizer"]
             assert got == pytest.approx(sum(pred.values()), rel=0.02), (rank, zero, r, pred)
             assert r["weights"] == pred["weights"] and r["optimizer"] == pytest.approx(pred["optimizer"], rel=0.02)
+
+
+def _zero2_grad_buffers(rank, world):
+    """ZeRO-2, ep=1 (expert-DP = world), every expert tensor its own optimizer group: per rank, the element
+    count predicted for each group, and the gradient storages alive when each backward releases its buffers."""
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from piper_ds.models import MoETransformer
+    from piper_ds.planner.memory import partition_tensor_elements
+    from piper_ds.planner.specs import ModelSpec
+
+    spec = ModelSpec.preset("tiny", **SPEC)
+    torch.manual_seed(0)
+    model = MoETransformer(spec, moe={"kernels": "reference"}, ep_size=1)
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+           "zero_optimization": {"stage": 2}}
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "params"}, max_group_size=1)  # one tensor per MoE group
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
+    opt = engine.optimizer
+    alive = []
+    release = opt._release_ipg_buffers
+
+    def recording_release():  # the end of each backward's reduction: what gradient storage is alive
+        storages = {}
+        tensors = [opt.grads_in_partition] if opt.grads_in_partition is not None else []
+        tensors += [t for ts in (getattr(opt, "all_grad_tensors", None) or {}).values() for t in (ts or [])]
+        for t in tensors:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        alive.append(sorted(storages.values()))
+        return release()
+
+    opt._release_ipg_buffers = recording_release
+    ids = torch.randint(0, spec.vocab_size, (1, spec.seq_len))
+    for _ in range(2):
+        logits, aux = engine(ids)
+        engine.backward(model.loss(logits, ids) + aux)
+    group_tensors = [[p.numel() for p in g] for g in opt.bit16_groups]
+    predicted = sum(partition_tensor_elements(g, world)[rank] for g in group_tensors)
+    partition = sum(t.numel() for t in opt.single_partition_of_fp32_groups)
+    n_moe_groups = sum(opt.is_moe_param_group)
+    engine.step()
+    engine.destroy()
+    return dict(alive=alive, predicted=predicted, partition=partition, n_moe_groups=n_moe_groups)
+
+
+def test_zero2_gradient_buffer_holds_whole_tensors():
+    """DeepSpeed's ZeRO-2 gradient buffer holds the whole gradient of every tensor touching the rank's partition
+    (planner.memory.partition_tensor_elements, per rank exactly), and under gradient accumulation the earlier
+    micro-batches' sum is a second such buffer alive in the boundary backward (the planner's 2x)."""
+    results = run_distributed(_zero2_grad_buffers, 2, timeout=300)
+    for rank, r in enumerate(results):
+        assert r["n_moe_groups"] >= 2, r  # the case under test: MoE groups of one tensor each
+        assert r["predicted"] > r["partition"], (rank, r)  # the whole-tensor excess is there to measure
+        first, boundary = r["alive"]
+        assert first == [r["predicted"]], (rank, r)
+        assert boundary == [r["predicted"], r["predicted"]], (rank, r)

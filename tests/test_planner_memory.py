@@ -253,3 +253,54 @@ def test_moe_optimizer_groups_follow_deepspeeds_cap():
     assert cut == 2 * (n_dense + n_expert) + 6 * max(n_dense, stack) < one
     with pytest.raises(ValueError, match="expert_groups sum"):
         phase_state_bytes(n_dense, n_expert, 1, 1, zero=1, expert_groups=[stack])
+
+
+def test_partition_tensor_elements_counts_whole_tensors_touching_each_partition():
+    from piper_ds.planner.memory import grad_buffer_elements, partition_tensor_elements
+    # one tensor of 10 over 4 ranks: padded to 16, partitions of 4; it starts in rank 0's and straddles the
+    # starts of ranks 1 and 2; rank 3's partition is padding only
+    assert partition_tensor_elements([10], 4) == [10, 10, 10, 0]
+    assert partition_tensor_elements([3, 3, 3, 3], 2) == [6, 6]  # boundaries on tensor edges: the exact halves
+    assert partition_tensor_elements([5, 1, 1], 2) == [5, 7]  # partitions of 4: the 5 straddles rank 1's start
+    assert partition_tensor_elements([4, 0, 4], 2) == [4, 4]  # an empty tensor adds nothing
+    assert partition_tensor_elements([], 3) == [0, 0, 0]
+    assert partition_tensor_elements([7, 9], 1) == [16]
+    # per rank summed over groups, then the largest rank
+    assert grad_buffer_elements([[10], [10], [3, 3, 3, 3]], 2) == 26
+    assert grad_buffer_elements([], 4) == 0
+    with pytest.raises(ValueError, match="dp"):
+        partition_tensor_elements([4], 0)
+    with pytest.raises(ValueError, match="sizes"):
+        partition_tensor_elements([4, -1], 2)
+
+
+def test_zero2_gradient_buffer_in_the_phases():
+    # ZeRO-2, one 800-element expert group over 4 expert-DP ranks, held whole: 800 instead of 200 elements
+    exact = phase_state_bytes(0, 800, 1, 4, zero=2, precision="bf16", fused=True, grad_accum=1)
+    whole = phase_state_bytes(0, 800, 1, 4, zero=2, precision="bf16", fused=True, grad_accum=1, grad_buffer=800)
+    assert exact["backward"]["grads"] == 2 * 200 and whole["backward"]["grads"] == 2 * 800
+    accum = phase_state_bytes(0, 800, 1, 4, zero=2, precision="bf16", fused=True, grad_accum=4, grad_buffer=800)
+    assert accum["backward"]["grads"] == 2 * 2 * 800  # the sum so far and the boundary's buffer
+    # step(): one group, so the buffer's last views go before its update; the cast holds buffer + copies
+    assert whole["step"]["grads"] == 2 * 800 + 6 * 200
+    # ZeRO-1 keeps its rules: the buffer argument is ZeRO-2's
+    z1 = phase_state_bytes(0, 800, 1, 4, zero=1, precision="bf16", fused=True, grad_accum=1)
+    assert phase_state_bytes(0, 800, 1, 4, zero=1, precision="bf16", fused=True, grad_accum=1,
+                             grad_buffer=800) == z1
+    with pytest.raises(ValueError, match="grad_buffer"):
+        phase_state_bytes(0, 800, 1, 4, zero=2, grad_buffer=100)
+
+
+def test_stage_grad_buffer_at_ep1_holds_every_expert_stack_whole():
+    from piper_ds.planner.memory import stage_grad_buffer
+    spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=14, n_dense_layers=1)
+    lay = Layout(dp=4, ep=1, zero_stage=2, micro_batch=1, grad_accum=4, activation_checkpointing=True)
+    n_dense, n_expert = stage_params(spec, lay, 0)
+    # 185M-element stacks, one per optimizer group, over 4 ranks: every rank's partition touches each stack
+    assert stage_grad_buffer(spec, lay, 0) == pytest.approx(n_dense / 4 + n_expert)
+    # ep=4 at expert-DP 1: nothing to add over the exact partition
+    lay4 = Layout(dp=4, ep=4, zero_stage=2, micro_batch=4)
+    d4, e4 = stage_params(spec, lay4, 0)
+    assert stage_grad_buffer(spec, lay4, 0) == pytest.approx(d4 / 4 + e4)
+    mem = stage_memory(spec, lay, PlatformProfile(), 0)
+    assert mem.phases["backward"]["grads"] == pytest.approx(2 * 2 * (n_dense / 4 + n_expert))

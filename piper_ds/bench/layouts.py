@@ -16,7 +16,8 @@ planner's own writer (:func:`piper_ds.planner.dsconfig.build_ds_config`, torch f
 ranks per step) and ``torch.cuda.max_memory_allocated`` over the training steps (max over ranks). Printed:
 predicted vs measured with relative errors and the +-25 % / +-10 % verdicts, and whether the predicted top
 choice was the fastest measured. JSON to ``--out`` (rewritten after every layout). ``--tiny``: the tiny model
-on CPU (gloo, fp32) for smoke tests.
+on CPU (gloo, fp32) for smoke tests. ``--rescore results.json`` (no GPU, no run) sets the stored measurements
+against the current planner, e.g. after a change to the model.
 
 Model: ``--model`` (a preset or a ds_config JSON's piper.model block, default xmoe-small-swiglu) with
 ``--n-shared-experts`` (default 2) and ``--n-layers`` (default ``auto``: the most layers <= 14 for which dp N,
@@ -69,6 +70,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="run only candidate I (0-based) of the list, so that each layout gets a fresh process")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="no run: merge the --out files of --only runs into --out and print the verdicts")
+    p.add_argument("--rescore", default=None, metavar="JSON",
+                   help="no run: set the measurements of a results JSON against the current planner, into --out")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
     for name in ("top", "extra", "warmup"):
@@ -310,17 +313,22 @@ def run_one(spec: ModelSpec, est: Estimate, role: str, args) -> Dict[str, Any]:
         torch.cuda.empty_cache()
         leftover = _max_over_ranks([torch.cuda.memory_allocated()], device)[0]
         torch.cuda.reset_peak_memory_stats()
-    worst = est.worst
     return {"layout": lay.short(), "role": role, "config": lay.model_dump(mode="json"),
             "step_s": statistics.median(times), "step_times_s": times,
             "peak_gb": peak / GB if cuda else None, "allocated_after_init_gb": after_init / GB if cuda else None,
             "allocated_after_cleanup_gb": leftover / GB if cuda else None, "setup_s": setup_s,
             "phases": phases if cuda else {k: v for k, v in phases.items() if k.endswith("_s")},
-            "predicted": {"step_s": est.step_time, "peak_gb": worst.total / GB,
-                          "peak_wo_fragmentation_gb": (worst.total - worst.kinds["fragmentation"]) / GB,
-                          "peak_phase": worst.peak_phase, "tokens_per_s": est.tokens_per_s,
-                          "phase_peaks_gb": {ph: sum(k.values()) / GB for ph, k in worst.phases.items()},
-                          "step_parts_s": dict(est.step_parts)}}
+            "predicted": predicted(est)}
+
+
+def predicted(est: Estimate) -> Dict[str, Any]:
+    """The planner's figures for one layout, as the results JSON keeps them (seconds, GB)."""
+    worst = est.worst
+    return {"step_s": est.step_time, "peak_gb": worst.total / GB,
+            "peak_wo_fragmentation_gb": (worst.total - worst.kinds["fragmentation"]) / GB,
+            "peak_phase": worst.peak_phase, "tokens_per_s": est.tokens_per_s,
+            "phase_peaks_gb": {ph: sum(k.values()) / GB for ph, k in worst.phases.items()},
+            "step_parts_s": dict(est.step_parts)}
 
 
 # ---------------------------------------------------------------------------------------------- verdicts
@@ -494,6 +502,35 @@ def merge(paths: List[str], out: str) -> Dict[str, Any]:
     return merged
 
 
+def rescore(path: str, out: str, profile: Optional[str] = None) -> Dict[str, Any]:
+    """No run: the measurements of a results JSON set against the CURRENT planner's predictions (same model,
+    cluster, layouts; the report's profile unless ``profile`` is given). Each result keeps its earlier
+    prediction under ``predicted_before``; the table is printed, then each layout's errors before -> now."""
+    with open(path) as f:
+        report = json.load(f)
+    profile = profile or report.get("profile")
+    if profile and not os.path.exists(profile):
+        raise ValueError(f"{path} was predicted with profile {profile!r}, which does not exist here: pass --profile")
+    prof = PlatformProfile.load(profile) if profile else PlatformProfile()
+    spec, cluster = ModelSpec.from_block(report["model"]), ClusterSpec.preset(report["cluster"])
+    results = []
+    for r in report["results"]:
+        est = estimate(spec, cluster, Layout(**r["config"]), prof)
+        before = r.get("predicted_before", r["predicted"])
+        results.append(add_errors(dict(r, predicted=predicted(est), predicted_before=before,
+                                       rel_err_before=r.get("rel_err_before", r["rel_err"]))))
+    rescored = dict(report, results=results, top_choice=top_choice(results), rescored_from=path,
+                    rescored_profile=profile)
+    _write(rescored, out)
+    print(table(results, rescored["top_choice"]), flush=True)
+    print("\nerrors before -> now (predicted - measured) / measured:", flush=True)
+    for r in results:
+        b, n = r["rel_err_before"], r["rel_err"]
+        print(f"  {r['layout']:<32} step {_fmt(b['step'], '+.1%')} -> {_fmt(n['step'], '+.1%')}, "
+              f"peak {_fmt(b['peak'], '+.1%')} -> {_fmt(n['peak'], '+.1%')}", flush=True)
+    return rescored
+
+
 def _write(report: Dict[str, Any], path: str) -> None:
     from piper_ds.planner.dsconfig import write_json
     write_json(report, path, indent=1)
@@ -504,6 +541,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.merge:
         merge(args.merge, args.out)
+        return 0
+    if args.rescore:
+        rescore(args.rescore, args.out, args.profile)
         return 0
     run(args)
     import deepspeed.comm as dist

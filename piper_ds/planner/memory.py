@@ -34,7 +34,11 @@ and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
 
 * ZeRO-2 backward: ``reduce_ipg_grads`` clears the gradients of parameters outside the rank's partition and
   ``copy_grads_in_partition`` moves the rest into ``grads_in_partition`` (``torch.empty(..., dtype=self.dtype)``:
-  16-bit, 2 bytes per sharded parameter);
+  16-bit). "The rest" is every tensor touching the partition, WHOLE (:func:`partition_tensor_elements`): about
+  2 bytes per sharded parameter for groups of many small tensors, 2 per replicated one for an expert stack
+  that is a group of its own (:func:`stage_grad_buffer`). With gradient accumulation the epilogue keeps the
+  sum so far (``all_grad_tensors``, views of the previous buffer) while the next backward fills a new one:
+  two buffers at the boundary; ``step()`` reads views of the first;
 * ZeRO-1 backward: the gradients are reduced only at the accumulation boundary, every parameter keeps its
   16-bit ``param.grad`` (2 bytes per replicated parameter); ``copy_grads_in_partition`` moves the rank's
   partition into the contiguous buffer, the total stays the same with one micro-batch per step; with
@@ -60,6 +64,9 @@ ZeRO-0 keeps its gradients (STATE_BYTES) through both phases.
 """
 from __future__ import annotations
 
+import collections
+import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -133,17 +140,70 @@ def greedy_group_sizes(tensor_numels: Sequence[int], max_numel: int = MOE_GROUP_
     return [sum(tensor_numels[i] for i in group) for group in greedy_groups(tensor_numels, max_numel)]
 
 
-def moe_group_sizes(model: ModelSpec, layout: Layout, stage: int) -> List[int]:
-    """Elements of each MoE optimizer group of one GPU of ``stage`` (before ZeRO's sharding): the stacked
-    expert tensors ([E/ep, d, f] each, ``n_mats`` per MoE block) cut by :func:`greedy_group_sizes`."""
+def partition_tensor_elements(tensor_numels: Sequence[int], dp: int, alignment: int = 2) -> List[int]:
+    """Elements of the tensors of one ZeRO parameter group that DeepSpeed counts as in each rank's partition,
+    per rank of the ``dp`` ranks sharding it.
+
+    The group is flattened, padded to a multiple of ``alignment * dp`` and cut into ``dp`` equal partitions;
+    a tensor is in rank r's partition when it starts inside it or straddles its start (DeepSpeed 0.19.8
+    ``get_partition_info``). ``copy_grads_in_partition`` then keeps the WHOLE gradient of each such tensor in
+    the contiguous buffer ``grads_in_partition``, not only the rank's slice: a group of one tensor is held
+    whole by every rank. (``alignment``: ``nccl_start_alignment_factor``.)
+    """
+    if dp < 1 or alignment < 1:
+        raise ValueError(f"dp and alignment must be >= 1, got dp={dp}, alignment={alignment}")
+    if any(n < 0 for n in tensor_numels):
+        raise ValueError(f"tensor sizes must be >= 0, got {list(tensor_numels)}")
+    total = sum(tensor_numels)
+    unit = alignment * dp
+    part = -(-total // unit) * unit // dp
+    starts = list(itertools.accumulate(tensor_numels, initial=0))[:-1]
+    out = []
+    for r in range(dp):
+        lo, hi = r * part, (r + 1) * part
+        out.append(sum(n for s, n in zip(starts, tensor_numels) if lo <= s < hi or s < lo < s + n))
+    return out
+
+
+def grad_buffer_elements(groups: Sequence[Sequence[int]], dp: int) -> int:
+    """Elements of ``grads_in_partition`` on the rank where it is largest: the groups (tensor sizes each), all
+    sharded over the same ``dp`` ranks, summed per rank (:func:`partition_tensor_elements`)."""
+    per_rank = [0] * dp
+    for tensors, count in collections.Counter(tuple(g) for g in groups).items():
+        for r, n in enumerate(_partition_elements_cached(tensors, dp)):
+            per_rank[r] += count * n
+    return max(per_rank, default=0)
+
+
+@functools.lru_cache(maxsize=256)
+def _partition_elements_cached(tensors: Tuple[int, ...], dp: int) -> Tuple[int, ...]:
+    return tuple(partition_tensor_elements(tensors, dp))
+
+
+def moe_group_tensors(model: ModelSpec, layout: Layout, stage: int) -> List[List[int]]:
+    """Elements of each tensor of each MoE optimizer group of one GPU of ``stage`` (before ZeRO's sharding):
+    the stacked expert tensors ([E/ep, d, f] each, ``n_mats`` per MoE block) cut by :func:`greedy_groups`."""
     blocks = [b for b in stage_blocks(model.n_layers, layout.pp)[stage] if b >= model.n_dense_layers]
     per_tensor = model.num_experts // layout.ep * model.d_model * model.d_ffn_expert
-    return greedy_group_sizes([per_tensor] * (model.n_mats * len(blocks)))
+    return [[per_tensor] * len(group) for group in greedy_groups([per_tensor] * (model.n_mats * len(blocks)))]
+
+
+def moe_group_sizes(model: ModelSpec, layout: Layout, stage: int) -> List[int]:
+    """Elements of each MoE optimizer group of one GPU of ``stage`` (:func:`moe_group_tensors`, summed)."""
+    return [sum(group) for group in moe_group_tensors(model, layout, stage)]
+
+
+def stage_grad_buffer(model: ModelSpec, layout: Layout, stage: int) -> float:
+    """Elements of ZeRO's contiguous gradient buffer on one GPU of ``stage``: the expert tensors that touch the
+    rank's expert-DP partition, whole (:func:`grad_buffer_elements`), plus the dense partition (n_dense / dp:
+    dense groups hold many small tensors, so the whole-tensor excess is left out there)."""
+    n_dense, _ = stage_params(model, layout, stage)
+    return n_dense / layout.dp + grad_buffer_elements(moe_group_tensors(model, layout, stage), layout.edp)
 
 
 def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: int, precision: str = "bf16",
                       fused: bool = True, expert_groups: Optional[Sequence[float]] = None,
-                      grad_accum: int = 1) -> Dict[str, Dict[str, float]]:
+                      grad_accum: int = 1, grad_buffer: Optional[float] = None) -> Dict[str, Dict[str, float]]:
     """Weights/grads/optimizer bytes alive on one GPU at the peak of each phase, ``{"backward": {...},
     "step": {...}}`` (bytes; step-phase ``optimizer`` includes the optimizer's temporaries, step-phase
     ``grads`` the 16-bit gradients still held plus the flat/fp32 copies of the group being updated).
@@ -152,9 +212,12 @@ def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
     ``expert_groups``: elements of each MoE optimizer group (summing to ``n_expert``; None: one group, see
     :func:`moe_group_sizes`). ``grad_accum`` > 1 with ZeRO-1: the last micro-batch's backward fills the
     contiguous partition buffer (``copy_grads_in_partition``) while every parameter still holds the 16-bit
-    gradient accumulated over the earlier micro-batches, so both are alive at once. The rules are those of
-    the module docstring; the step phase is the largest of the instants "group i cast to fp32" and "group i
-    updated" over the dense group, then the MoE groups.
+    gradient accumulated over the earlier micro-batches, so both are alive at once. ``grad_buffer``: elements
+    of ZeRO-2's contiguous gradient buffer on this rank (None: the exact partition, ``n_dense / dp + n_expert /
+    edp``; :func:`stage_grad_buffer` gives DeepSpeed's, which holds whole tensors). With ZeRO-2 and
+    ``grad_accum`` > 1 two such buffers are alive in backward. The rules are those of the module docstring;
+    the step phase is the largest of the instants "group i cast to fp32" and "group i updated" over the dense
+    group, then the MoE groups.
     """
     if expert_groups is None:
         expert_groups = [n_expert] if n_expert > 0 else []
@@ -173,14 +236,21 @@ def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
                 "step": {"weights": weights, "grads": states["grads"], "optimizer": opt + peak_temp}}
     g = 2 if precision == "bf16" else 4  # gradient dtype = model dtype (grad_accum_dtype default)
     part = sum(p for _, p in groups)
-    held = g * (part if zero == 2 else n_dense + n_expert)
-    if zero == 1 and grad_accum > 1:  # the boundary backward copies into the partition buffer while the
-        held += g * part  # gradients accumulated so far are all still held
+    if grad_buffer is None:
+        grad_buffer = part
+    elif grad_buffer < part * (1 - 1e-9):
+        raise ValueError(f"grad_buffer ({grad_buffer} elements) is smaller than the rank's partition ({part})")
+    if zero == 2:  # the buffer; with accumulation the earlier micro-batches' sum (another buffer) beside it
+        held = g * grad_buffer * (2 if grad_accum > 1 else 1)
+    else:
+        held = g * (n_dense + n_expert)
+        if grad_accum > 1:  # the boundary backward copies into the partition buffer while the
+            held += g * part  # gradients accumulated so far are all still held
     backward = {"weights": weights, "grads": held, "optimizer": opt}
+    buffer = g * (grad_buffer if zero == 2 else part)  # contiguous 16-bit gradient buffer, shared by all groups
     best = (-1.0, 0.0, 0.0)  # (total, grads, temporaries)
     for i, (_, p_i) in enumerate(groups):
         later = g * sum(n - p for n, p in groups[i + 1:]) if zero == 1 else 0.0  # ZeRO-1: not yet freed
-        buffer = g * part  # contiguous gradient partition buffer (16-bit with bf16), shared by all groups
         cast = buffer + later + (g + (4 if g != 4 else 0)) * p_i  # flat copy + fp32 copy (fp32: one copy)
         # the last group drops the buffer's last views before its update
         update = (buffer if i < len(groups) - 1 else 0.0) + later + 4 * p_i
@@ -288,7 +358,8 @@ def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, sta
     blocks = stage_blocks(model.n_layers, layout.pp)[stage]
     n_dense, n_expert = stage_params(model, layout, stage)
     states = phase_state_bytes(n_dense, n_expert, layout.dp, layout.edp, layout.zero_stage, layout.precision,
-                               layout.fused_optimizer, moe_group_sizes(model, layout, stage), layout.grad_accum)
+                               layout.fused_optimizer, moe_group_sizes(model, layout, stage), layout.grad_accum,
+                               stage_grad_buffer(model, layout, stage))
     kinds = dict(states["backward"])
     a = 2 if layout.precision == "bf16" else 4
     t = layout.micro_batch * model.seq_len
