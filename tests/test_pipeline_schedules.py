@@ -67,3 +67,28 @@ def test_make_schedule_errors_name_values():
         make_schedule("zb", 4, 2, 0)
     with pytest.raises(ValueError, match="stage_id=2"):
         make_schedule("1f1b", 4, 2, 2)
+
+
+def test_dualpipev_schedule_and_engine_choice_errors():
+    from piper_ds.pipeline.engine import PiperDualPipeVEngine, PiperPipelineEngine, _engine_class
+    from piper_ds.pipeline.model import PiperDualPipeVModule, PiperPipelineModule
+    sched = make_schedule("dualpipev", 4, 2, 1)  # DeepSpeed's DualPipeV: two virtual stages per rank
+    kinds = [type(c).__name__ for step in sched for c in step]
+    assert kinds.count("ForwardPass") == kinds.count("BackwardPass") == 2 * 4  # each micro-batch, both phases
+    with pytest.raises(ValueError, match="at least 2 \\* 2 micro-batches"):
+        make_schedule("dualpipev", 3, 2, 0)
+    with pytest.raises(ValueError, match="DualPipeV"):
+        simulate([make_schedule("dualpipev", 4, 2, s) for s in range(2)])
+    # the engine follows the schedule and the module; a mismatch or too few micro-batches names the values
+    virtual, plain = object.__new__(PiperDualPipeVModule), object.__new__(PiperPipelineModule)
+    assert _engine_class(virtual, "dualpipev", 4, 2) is PiperDualPipeVEngine
+    assert _engine_class(plain, "1f1b", 1, 2) is _engine_class(plain, "overlap", 2, 2) is PiperPipelineEngine
+    with pytest.raises(ValueError, match="'dualpipev' with a PiperPipelineModule"):
+        _engine_class(plain, "dualpipev", 4, 2)
+    with pytest.raises(ValueError, match="'1f1b' with a PiperDualPipeVModule"):
+        _engine_class(virtual, "1f1b", 4, 2)
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps >= 2 x pipeline ranks \(2 x 3\), got 5"):
+        _engine_class(virtual, "dualpipev", 5, 3)
+    # every pipeline rank needs an MoE block in one of its two virtual stages (rank r: stages r and 2 pp - 1 - r)
+    assert PiperDualPipeVModule._per_rank(virtual, [1, 0, 0, 2]) == [3, 0]
+    assert PiperPipelineModule._per_rank(plain, [1, 0]) == [1, 0]

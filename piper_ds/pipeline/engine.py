@@ -7,7 +7,8 @@ What it adds to ``PipelineEngine``:
 * splits the optimizer parameter groups into dense and MoE groups
   (``split_params_into_different_moe_groups_for_optimizer``) so ZeRO-1 shards expert state over expert-DP;
 * runs the schedule named by ``schedule``: '1f1b' (DeepSpeed's TrainSchedule) or 'overlap' (two half
-  micro-batches per stage on two CUDA streams, see :mod:`piper_ds.pipeline.schedules`), by overriding
+  micro-batches per stage on two CUDA streams, see :mod:`piper_ds.pipeline.schedules`); 'dualpipev' runs on
+  :class:`PiperDualPipeVEngine`, the same additions on DeepSpeed's ``DualPipeVEngine``. All by overriding
   ``_train_schedule`` and extending ``_INSTRUCTION_MAP`` (DeepSpeed's DualPipeVEngine pattern);
 * after each optimizer step, updates every PiperMoE's selection bias (aux-loss-free balancing);
 * optionally records a timeline (:class:`~piper_ds.pipeline.timeline.TimelineRecorder`) of every instruction
@@ -21,6 +22,7 @@ import torch
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import is_moe_param
 from deepspeed.runtime.pipe import schedule as ds_schedule
+from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine, DualPipeVModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 
@@ -41,7 +43,7 @@ def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
     if len(eps) > 1:
         raise ValueError(f"MoE layers of one pipeline use different ep_size values {eps}; use one")
     spec = getattr(model, "spec", None)
-    return MeshLayout(world_size=world_size, pp=model.num_stages, ep=eps[0] if eps else 1,
+    return MeshLayout(world_size=world_size, pp=model.topology().get_dim("pipe"), ep=eps[0] if eps else 1,
                       gpus_per_node=gpus_per_node, zero_stage=_zero_stage(ds_config),
                       n_blocks=spec.n_layers if spec is not None else None,
                       num_experts=spec.num_experts if spec is not None else None,
@@ -139,7 +141,7 @@ class PiperPipelineEngine(PipelineEngine):
     """``PipelineEngine`` running a pipelined MoE model. Same constructor as ``PipelineEngine`` plus:
 
     Args:
-        schedule: '1f1b' or 'overlap'.
+        schedule: '1f1b' or 'overlap' ('dualpipev' on :class:`PiperDualPipeVEngine`).
         gpus_per_node: ranks per node for the EP locality check (None: LOCAL_WORLD_SIZE).
         allow_cross_node_ep: accept EP groups spanning nodes.
         timeline: a :class:`~piper_ds.pipeline.timeline.TimelineRecorder` or None.
@@ -150,6 +152,9 @@ class PiperPipelineEngine(PipelineEngine):
         import deepspeed.comm as dist
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; known: {sorted(SCHEDULES)}")
+        if (schedule == "dualpipev") != isinstance(self, DualPipeVEngine):
+            raise ValueError(f"schedule {schedule!r} needs {'a' if schedule == 'dualpipev' else 'no'} DualPipeV "
+                             f"engine, got {type(self).__name__} (initialize_pipeline picks the engine)")
         # Attributes first: PipelineEngine.__init__ runs hooks and instructions that may look at them.
         self.piper_schedule, self.timeline = schedule, timeline
         model, config = kwargs["model"], kwargs.get("config") or {}
@@ -216,6 +221,13 @@ class PiperPipelineEngine(PipelineEngine):
             self.timeline.end_step()
 
 
+class PiperDualPipeVEngine(PiperPipelineEngine, DualPipeVEngine):
+    """:class:`PiperPipelineEngine` on DeepSpeed's ``DualPipeVEngine``: schedule 'dualpipev', two virtual stages
+    per pipeline rank (a :class:`~piper_ds.pipeline.model.PiperDualPipeVModule`), micro-batches flowing out
+    through the phase-0 stages and back through the phase-1 stages to the loss on rank 0. The MoE aux loss
+    travels with the activations both ways. Needs gradient_accumulation_steps >= 2 pp."""
+
+
 def _timed(kind: str, fn):
     """Wraps an instruction so that, with a timeline attached, its interval is recorded as ``kind``."""
     def run(self, **kwargs):
@@ -231,7 +243,7 @@ _KINDS = {ds_schedule.ForwardPass: "fwd", ds_schedule.BackwardPass: "bwd", Overl
           OverlapBackwardPass: "bwd", ds_schedule.SendActivation: "p2p", ds_schedule.RecvActivation: "p2p",
           ds_schedule.SendGrad: "p2p", ds_schedule.RecvGrad: "p2p", ds_schedule.ReduceGrads: "grad_sync",
           ds_schedule.ReduceTiedGrads: "grad_sync", ds_schedule.OptimizerStep: "optimizer",
-          ds_schedule.LoadMicroBatch: "load"}
+          ds_schedule.LoadMicroBatch: "load", ds_schedule.CommitP2P: "p2p"}
 
 PiperPipelineEngine._INSTRUCTION_MAP = {
     cls: _timed(_KINDS.get(cls, cls.__name__), fn) for cls, fn in {
@@ -241,6 +253,12 @@ PiperPipelineEngine._INSTRUCTION_MAP = {
         OverlapBackwardPass: PiperPipelineEngine._exec_overlap_backward,
     }.items()
 }
+PiperDualPipeVEngine._INSTRUCTION_MAP = {
+    cls: _timed(_KINDS.get(cls, cls.__name__), fn) for cls, fn in {
+        **DualPipeVEngine._INSTRUCTION_MAP,
+        ds_schedule.OptimizerStep: PiperPipelineEngine._exec_optimizer_step,
+    }.items()
+}
 
 
 def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimizer=None, model_parameters=None,
@@ -248,7 +266,8 @@ def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimize
                         dist_init_required: Optional[bool] = None, schedule: Optional[str] = None,
                         gpus_per_node: Optional[int] = None, allow_cross_node_ep: bool = False, timeline=None):
     """Like ``deepspeed.initialize`` for a ``PipelineModule``; returns ``(engine, optimizer, dataloader,
-    lr_scheduler)`` with a :class:`PiperPipelineEngine`. ``config``: dict or JSON path (or
+    lr_scheduler)`` with a :class:`PiperPipelineEngine` (a :class:`PiperDualPipeVEngine` for schedule 'dualpipev',
+    which needs a :class:`~piper_ds.pipeline.model.PiperDualPipeVModule`). ``config``: dict or JSON path (or
     ``args.deepspeed_config``). ``schedule`` None: ``"pipeline": {"piper_schedule": ...}`` of the ds_config,
     else '1f1b'. The ``"piper"`` block's topology.gpus_per_node is used when ``gpus_per_node`` is None."""
     import deepspeed
@@ -259,6 +278,7 @@ def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimize
     if not isinstance(model, PipelineModule):
         raise ValueError(f"the pipeline engine needs a deepspeed.pipe.PipelineModule (e.g. "
                          f"piper_ds.pipeline.model.PiperPipelineModule), got {type(model).__name__}")
+    pipe_ranks = model.topology().get_dim("pipe")
     dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                           dist_init_required=dist_init_required)
     if config is None:
@@ -268,19 +288,35 @@ def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimize
     ds_config = load_ds_config(config)
     piper = parse_piper_config(ds_config)
     pp = piper.parallel.pp_size
-    if "pp_size" in piper.parallel.model_fields_set and pp != model.num_stages:
-        raise ValueError(f"piper.parallel.pp_size ({pp}) differs from the PipelineModule's stages "
-                         f"({model.num_stages})")
+    if "pp_size" in piper.parallel.model_fields_set and pp != pipe_ranks:
+        raise ValueError(f"piper.parallel.pp_size ({pp}) differs from the PipelineModule's pipeline ranks "
+                         f"({pipe_ranks})")
     if gpus_per_node is None:
         gpus_per_node = piper.topology.gpus_per_node
     if schedule is None:
         schedule = (ds_config.get("pipeline") or {}).get("piper_schedule", "1f1b")
     mpu = model.mpu()
     config_class = DeepSpeedConfig(ds_config, mpu)
+    engine_class = _engine_class(model, schedule, config_class.gradient_accumulation_steps, pipe_ranks)
     deepspeed.set_optimizer_flags(config_class, model)
-    engine = PiperPipelineEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                                 training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
-                                 dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
-                                 config_class=config_class, schedule=schedule, gpus_per_node=gpus_per_node,
-                                 allow_cross_node_ep=allow_cross_node_ep, timeline=timeline)
+    engine = engine_class(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                          training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                          dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
+                          config_class=config_class, schedule=schedule, gpus_per_node=gpus_per_node,
+                          allow_cross_node_ep=allow_cross_node_ep, timeline=timeline)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def _engine_class(model: PipelineModule, schedule: str, micro_batches: int, pipe_ranks: int) -> type:
+    """The engine for ``schedule`` and ``model``; ValueError naming the values when they do not go together."""
+    virtual = isinstance(model, DualPipeVModule)
+    if (schedule == "dualpipev") != virtual:
+        raise ValueError(f"schedule {schedule!r} with a {type(model).__name__}: the 'dualpipev' schedule runs a "
+                         "PiperDualPipeVModule (two virtual stages per rank), every other schedule a "
+                         "PiperPipelineModule")
+    if not virtual:
+        return PiperPipelineEngine
+    if micro_batches < 2 * pipe_ranks:
+        raise ValueError(f"the 'dualpipev' schedule needs gradient_accumulation_steps >= 2 x pipeline ranks "
+                         f"(2 x {pipe_ranks}), got {micro_batches}")
+    return PiperDualPipeVEngine

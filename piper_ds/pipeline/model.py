@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from deepspeed.runtime import utils as ds_utils
+from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
@@ -169,7 +170,7 @@ class PiperPipelineModule(PipelineModule):
     # ------------------------------------------------------------------------------------ partition
     def _partition_layers(self, method: str = "uniform") -> None:
         if method != "planner":
-            super()._partition_layers(method)
+            PipelineModule._partition_layers(self, method)
         else:
             self.parts = [int(x) for x in ds_utils.partition_balanced(weights=self._costs, num_parts=self.num_stages)]
             stage = self._topo.get_coord(self.global_rank).pipe
@@ -180,13 +181,18 @@ class PiperPipelineModule(PipelineModule):
                              f"stages left a stage empty (layers per stage {sizes})")
         moe_per_stage = [sum(1 for j in range(a, b) if self._is_moe_layer(j))
                          for a, b in zip(self.parts, self.parts[1:])]
-        if any(moe_per_stage) and not all(moe_per_stage):
+        per_rank = self._per_rank(moe_per_stage)
+        if any(per_rank) and not all(per_rank):
             # DeepSpeed builds the expert process groups and ZeRO reduces the gradient norm over the stages once
-            # per optimizer parameter group: a stage without MoE layers would issue different collectives.
-            raise ValueError(f"partition {method!r} gives stages without MoE layers (MoE layers per stage "
-                             f"{moe_per_stage}, layers per stage {sizes}); every stage needs at least one: use fewer "
-                             f"stages (pp={self.num_stages}) or fewer dense layers (n_dense_layers="
+            # per optimizer parameter group: a rank without MoE layers would issue different collectives.
+            raise ValueError(f"partition {method!r} gives pipeline ranks without MoE layers (MoE layers per stage "
+                             f"{moe_per_stage}, layers per stage {sizes}); every rank needs at least one: use fewer "
+                             f"stages (pp={self._topo.get_dim('pipe')}) or fewer dense layers (n_dense_layers="
                              f"{self.spec.n_dense_layers})")
+
+    def _per_rank(self, per_stage: List[int]) -> List[int]:
+        """Per pipeline rank, the sum over the stages it holds (one stage per rank here)."""
+        return list(per_stage)
 
     def _is_moe_layer(self, j: int) -> bool:
         """Whether layer spec ``j`` (0 = embedding, 1..n_layers = blocks, then the head) is an MoE block."""
@@ -262,6 +268,34 @@ class PiperPipelineModule(PipelineModule):
         """This stage's MoE modules (PiperMoE), in layer order."""
         from deepspeed.moe.layer import MoE
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+
+class PiperDualPipeVModule(PiperPipelineModule, DualPipeVModule):
+    """:class:`PiperPipelineModule` cut into ``2 * pp`` virtual stages for DeepSpeed's DualPipeV schedule.
+
+    Pipeline rank r holds virtual stages r (phase 0, activations flow towards the last rank) and
+    ``2 pp - 1 - r`` (phase 1, flowing back), so rank 0 holds the embedding and the head and computes the loss
+    (:class:`deepspeed.runtime.pipe.dualpipev.DualPipeVModule`). The planner partition balances the 2 pp
+    virtual stages. Every rank needs an MoE block in one of its two stages. After construction
+    ``num_stages`` counts the virtual stages, as in DeepSpeed; the pipeline ranks are
+    ``topology().get_dim('pipe')``. Runs only under ``schedule='dualpipev'``
+    (:class:`~piper_ds.pipeline.engine.PiperDualPipeVEngine`), with at least 2 pp micro-batches per step.
+    """
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        self.num_stages *= 2
+        PiperPipelineModule._partition_layers(self, method)
+        mirror = self.num_stages - 1 - self.stage_id
+        self.phase_bounds = [(self._local_start, self._local_stop), (self.parts[mirror], self.parts[mirror + 1])]
+
+    def _per_rank(self, per_stage: List[int]) -> List[int]:
+        n = len(per_stage)
+        return [per_stage[r] + per_stage[n - 1 - r] for r in range(n // 2)]
+
+    def forward(self, forward_input):
+        if self.halves != 1:
+            raise ValueError("the two-half overlap schedule does not run on DualPipeV virtual stages")
+        return PipelineModule.forward(self, forward_input)
 
 
 # ------------------------------------------------------------------------------------------ reference

@@ -50,11 +50,19 @@ class OverlapSchedule(TrainSchedule):
             yield [self._SWAP[type(c)](c.buffer_id) if type(c) in self._SWAP else c for c in cmds]
 
 
-SCHEDULES: Dict[str, Type[PipeSchedule]] = {"1f1b": OneFOneB, "overlap": OverlapSchedule}
+class DualPipeV(ds_schedule.DualPipeVSchedule):
+    """DeepSpeed's DualPipeV schedule (DeepSeek-V3's): two virtual stages per pipeline rank, micro-batches out
+    through the phase-0 stages and back through the phase-1 stages; needs micro_batches >= 2 x stages. Its
+    sends and receives carry a ``phase`` and complete at the next ``CommitP2P``, which :func:`simulate` does not
+    model: DeepSpeed tests the schedule, our multi-process tests run it."""
+
+
+SCHEDULES: Dict[str, Type[PipeSchedule]] = {"1f1b": OneFOneB, "overlap": OverlapSchedule, "dualpipev": DualPipeV}
 
 
 def make_schedule(name: str, micro_batches: int, stages: int, stage_id: int) -> PipeSchedule:
-    """The training schedule ``name`` ('1f1b' | 'overlap') for one stage; ValueError naming bad values."""
+    """The training schedule ``name`` ('1f1b' | 'overlap' | 'dualpipev') for one stage; ValueError naming bad
+    values."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {name!r}; known: {sorted(SCHEDULES)}")
     if micro_batches < 1 or stages < 1 or not 0 <= stage_id < stages:
@@ -100,7 +108,11 @@ def simulate(schedules: Sequence[PipeSchedule], max_ticks: int = 100_000) -> Sim
     """Runs every stage's instruction stream with blocking sends/receives (a send completes only together
     with the matching receive on the neighbour). Raises RuntimeError on a deadlock, on a send whose partner
     expects another kind or micro-batch, on a backward before its forward, or on a micro-batch that never
-    ran forward and backward on every stage."""
+    ran forward and backward on every stage. ValueError for DualPipeV schedules (phased sends completing at
+    ``CommitP2P``: not modelled here)."""
+    if any(isinstance(s, ds_schedule.DualPipeVSchedule) for s in schedules):
+        raise ValueError("simulate models 1F1B-style schedules (blocking neighbour sends); DualPipeV's phased, "
+                         "batched sends are not modelled")
     n = len(schedules)
     progs = [_flatten(s) for s in schedules]
     pc = [0] * n
