@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", action="store_true",
                    help="also consider the pipelined engine's two-half schedule that overlaps all-to-all with "
                         "compute (measured slower than 1F1B on 2 and 4 H200: docs/pipeline.md)")
+    p.add_argument("--dualpipev", action="store_true",
+                   help="also consider DeepSpeed's DualPipeV schedule (two virtual stages per rank) for pp > 1 "
+                        "(tested on CPU, not yet measured on GPUs: docs/pipeline.md)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="training precision")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate written to the config")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="DIR",
@@ -102,6 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                              activation_checkpointing={"auto": None, "on": True, "off": False}[args.ckpt],
                              a2a=None if args.a2a == "auto" else args.a2a, max_micro_batch=args.max_micro_batch,
                              allow_cross_node_ep=args.allow_cross_node_ep, consider_overlap=args.overlap,
+                             consider_dualpipev=args.dualpipev,
                              precision=args.precision)
         result = search(model, cluster, args.gpus, args.global_batch, profile, opts)
     except (ValueError, TypeError, ValidationError, OSError) as e:
@@ -130,7 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for path in report.plot_plan(result.ranked, folder, args.top):
             console.print(f"wrote {path}")
     if top.layout.pp > 1:
-        console.print("note: pp > 1 runs on the pipeline engine with a PiperPipelineModule (docs/pipeline.md); "
+        module = "PiperDualPipeVModule" if top.layout.virtual_stages == 2 else "PiperPipelineModule"
+        console.print(f"note: pp > 1 runs on the pipeline engine with a {module} (docs/pipeline.md); "
                       "examples/train.py trains pp = 1 layouts: pass --pp 1 for one")
     console.print("launch:")
     console.print(dsconfig.launch_command(top.layout, cluster.gpus_per_node, args.out), soft_wrap=True,

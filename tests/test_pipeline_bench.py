@@ -22,7 +22,7 @@ def test_bench_pipeline_tiny_cpu(tmp_path, capfd):
     data = json.load(open(out))
     assert len(data["results"]) == 5
     printed = capfd.readouterr().out
-    assert "dualpipev: skipped, DualPipeV needs pp >= 2" in printed and "no model of DualPipeV" in printed
+    assert "dualpipev: skipped, DualPipeV needs pp >= 2" in printed
     for r in results:
         assert os.path.getsize(r["timeline_png"]) > 5000
         assert 0.0 <= r["bubble_fraction"] < 1.0 and r["step_s"] > 0 and r["tokens_per_s"] > 0
@@ -30,7 +30,6 @@ def test_bench_pipeline_tiny_cpu(tmp_path, capfd):
         assert r["predicted"]["step_s"] > 0
         if r["schedule"] in ("1f1b", "dualpipev"):
             assert r["a2a_hidden_share"] == 0.0  # nothing runs beside the all-to-all on CPU without halves
-        assert r["predicted"]["modelled_as"] == ("1f1b" if r["schedule"] == "dualpipev" else r["schedule"])
     pp2 = [r for r in results if r["pp"] == 2]
     assert pp2[0]["loss"] == pp2[0]["loss"]  # finite
     assert pp2[0]["bubble_fraction"] > [r for r in results if r["pp"] == 1][0]["bubble_fraction"] - 0.5

@@ -132,11 +132,18 @@ class Layout(BaseModel):
     fused_optimizer: bool = Field(
         True, description="AdamW runs as one fused kernel (DeepSpeed's FusedAdam, or torch AdamW with "
         "fused=true); False = torch's foreach AdamW. Sets the optimizer's time and temporaries.")
+    virtual_stages: int = Field(
+        1, ge=1, le=2, description="Pipeline stages per rank: 1 (1F1B or the overlap schedule) or 2 (DeepSpeed's "
+        "DualPipeV: rank r holds stages r and 2 pp - 1 - r; needs pp >= 2 and grad_accum >= 2 pp).")
 
     @model_validator(mode="after")
     def _check(self) -> "Layout":
         if self.dp % self.ep:
             raise ValueError(f"ep ({self.ep}) must divide dp ({self.dp}): EP groups split the DP group")
+        if self.virtual_stages == 2:
+            if self.pp < 2 or self.grad_accum < 2 * self.pp or self.overlap_a2a:
+                raise ValueError(f"virtual_stages 2 (DualPipeV) needs pp >= 2 (got {self.pp}), grad_accum >= 2 pp "
+                                 f"(got {self.grad_accum}) and no overlap_a2a (got {self.overlap_a2a})")
         return self
 
     @property
@@ -155,8 +162,14 @@ class Layout(BaseModel):
         return self.micro_batch * self.grad_accum * self.dp
 
     def short(self) -> str:
-        """One-line label, e.g. 'pp2 dp4 ep4 z1 mb2x8 ckpt flat'."""
+        """One-line label, e.g. 'pp2 dp4 ep4 z1 mb2x8 ckpt flat' (' ovl' / ' dualpipev' for those schedules)."""
         ck = " ckpt" if self.activation_checkpointing else ""
         ov = " ovl" if self.overlap_a2a else ""
+        dpv = " dualpipev" if self.virtual_stages == 2 else ""
         return (f"pp{self.pp} dp{self.dp} ep{self.ep} z{self.zero_stage} "
-                f"mb{self.micro_batch}x{self.grad_accum}{ck} {self.a2a}{ov}")
+                f"mb{self.micro_batch}x{self.grad_accum}{ck} {self.a2a}{ov}{dpv}")
+
+    @property
+    def schedule(self) -> str:
+        """The pipeline schedule this layout runs: '1f1b', 'overlap' or 'dualpipev'."""
+        return "dualpipev" if self.virtual_stages == 2 else "overlap" if self.overlap_a2a else "1f1b"

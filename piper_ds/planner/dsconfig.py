@@ -62,7 +62,7 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
     if not layout.fused_optimizer:  # torch AdamW, foreach (the planner's optimizer term for fused=False)
         cfg["optimizer"]["params"].update({"torch_adam": True, "fused": False})
     if layout.pp > 1:
-        cfg["pipeline"] = {"use_reentrant": False}
+        cfg["pipeline"] = {"use_reentrant": False, "piper_schedule": layout.schedule}
     if layout.activation_checkpointing:
         cfg["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": False,
                                            "contiguous_memory_optimization": False}

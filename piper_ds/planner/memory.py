@@ -183,7 +183,7 @@ def _partition_elements_cached(tensors: Tuple[int, ...], dp: int) -> Tuple[int, 
 def moe_group_tensors(model: ModelSpec, layout: Layout, stage: int) -> List[List[int]]:
     """Elements of each tensor of each MoE optimizer group of one GPU of ``stage`` (before ZeRO's sharding):
     the stacked expert tensors ([E/ep, d, f] each, ``n_mats`` per MoE block) cut by :func:`greedy_groups`."""
-    blocks = [b for b in stage_blocks(model.n_layers, layout.pp)[stage] if b >= model.n_dense_layers]
+    blocks = [b for b in rank_blocks(model.n_layers, layout, stage) if b >= model.n_dense_layers]
     per_tensor = model.num_experts // layout.ep * model.d_model * model.d_ffn_expert
     return [[per_tensor] * len(group) for group in greedy_groups([per_tensor] * (model.n_mats * len(blocks)))]
 
@@ -275,9 +275,52 @@ def stage_blocks(n_layers: int, pp: int) -> List[range]:
     return out
 
 
+def virtual_stage_blocks(n_layers: int, pp: int) -> List[range]:
+    """Transformer blocks of DualPipeV's 2 pp virtual stages (rank r holds r and 2 pp - 1 - r): uniform, the
+    remainder going to the stages of the LAST ranks (rank 0 also holds the embedding and the head)."""
+    n = 2 * pp
+    if n > n_layers:
+        raise ValueError(f"DualPipeV's 2 x pp ({n}) virtual stages must be <= n_layers ({n_layers})")
+    base, extra = divmod(n_layers, n)
+    favoured = set(sorted(range(n), key=lambda v: (-min(v, n - 1 - v), v))[:extra])
+    out, start = [], 0
+    for v in range(n):
+        size = base + (1 if v in favoured else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def phase_blocks(n_layers: int, layout: Layout, rank: int) -> List[range]:
+    """The blocks pipeline rank ``rank`` runs, per phase: ``[its stage]``, or under DualPipeV
+    ``[virtual stage rank (phase 0), virtual stage 2 pp - 1 - rank (phase 1)]``."""
+    if layout.virtual_stages == 1:
+        return [stage_blocks(n_layers, layout.pp)[rank]]
+    parts = virtual_stage_blocks(n_layers, layout.pp)
+    return [parts[rank], parts[2 * layout.pp - 1 - rank]]
+
+
+def rank_blocks(n_layers: int, layout: Layout, rank: int) -> List[int]:
+    """Every block pipeline rank ``rank`` holds (:func:`phase_blocks`, in module order)."""
+    return [b for blocks in phase_blocks(n_layers, layout, rank) for b in blocks]
+
+
+def holds_head(layout: Layout, rank: int) -> bool:
+    """Whether pipeline rank ``rank`` holds the final norm and LM head (the loss): the last rank, or rank 0 under
+    DualPipeV, whose last virtual stage it holds. Rank 0 always holds the embedding."""
+    return rank == (0 if layout.virtual_stages == 2 else layout.pp - 1)
+
+
+def dualpipev_in_flight(pp: int, rank: int) -> Tuple[int, int]:
+    """(phase-0, phase-1) micro-batches whose activations rank ``rank`` holds at DualPipeV's peak: (2 pp - rank,
+    rank + 1), every state of DeepSpeed's schedule is at or below it (2 pp + 1 virtual-stage activations on every
+    rank, where 1F1B's stage s holds pp - s stage activations; tested against the schedule)."""
+    return 2 * pp - rank, rank + 1
+
+
 def stage_params(model: ModelSpec, layout: Layout, stage: int) -> Tuple[int, int]:
-    """(dense, expert) parameters held by one GPU of ``stage`` (experts: E/ep per MoE block)."""
-    blocks = stage_blocks(model.n_layers, layout.pp)[stage]
+    """(dense, expert) parameters held by one GPU of pipeline rank ``stage`` (experts: E/ep per MoE block)."""
+    blocks = rank_blocks(model.n_layers, layout, stage)
     per_block = model.attention_params_per_layer() + 2 * model.d_model
     dense = expert = 0
     for b in blocks:
@@ -290,10 +333,11 @@ def stage_params(model: ModelSpec, layout: Layout, stage: int) -> Tuple[int, int
     v = model.vocab_size * model.d_model
     if stage == 0:
         dense += v
-    if stage == layout.pp - 1:
+    if holds_head(layout, stage):
         dense += model.d_model  # final norm
-        # an untied head, or a tied one whose copy DeepSpeed keeps on the last stage when pp > 1
-        if not model.tie_embeddings or layout.pp > 1:
+        # an untied head, or a tied one whose copy DeepSpeed keeps on the last stage when pp > 1 (DualPipeV's
+        # rank 0 holds both ends: one table)
+        if not model.tie_embeddings or (layout.pp > 1 and layout.virtual_stages == 1):
             dense += v
     return dense, expert
 
@@ -336,7 +380,7 @@ class StageMemory:
     """
 
     stage: int
-    blocks: range
+    blocks: List[range]  # per phase: [the stage's blocks], or DualPipeV's two virtual stages
     in_flight: int
     kinds: Dict[str, float] = field(default_factory=dict)
     phases: Dict[str, Dict[str, float]] = field(default_factory=dict)
@@ -349,13 +393,17 @@ class StageMemory:
 
 
 def in_flight(layout: Layout, stage: int) -> int:
-    """Micro-batches whose activations stage ``stage`` holds at its peak under 1F1B: min(pp - stage, m)."""
+    """Micro-batches whose activations rank ``stage`` holds at its peak: min(pp - stage, m) under 1F1B; under
+    DualPipeV the virtual-stage micro-batches of :func:`dualpipev_in_flight` (2 pp + 1)."""
+    if layout.virtual_stages == 2:
+        return sum(dualpipev_in_flight(layout.pp, stage))
     return 1 if layout.pp == 1 else min(layout.pp - stage, layout.grad_accum)
 
 
 def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, stage: int) -> StageMemory:
     """Memory of one GPU of ``stage`` at its peak phase, by kind (bytes); both phases in ``phases``."""
-    blocks = stage_blocks(model.n_layers, layout.pp)[stage]
+    phases_blocks = phase_blocks(model.n_layers, layout, stage)
+    blocks = [b for part in phases_blocks for b in part]
     n_dense, n_expert = stage_params(model, layout, stage)
     states = phase_state_bytes(n_dense, n_expert, layout.dp, layout.edp, layout.zero_stage, layout.precision,
                                layout.fused_optimizer, moe_group_sizes(model, layout, stage), layout.grad_accum,
@@ -365,20 +413,24 @@ def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, sta
     t = layout.micro_batch * model.seq_len
     kinds_of = {moe: block_activations(model, layout, profile, moe) for moe in (False, True)}
     acts = [kinds_of[bl >= model.n_dense_layers] for bl in blocks]
-    per_mb = sum(x["saved"] for x in acts)
-    if layout.activation_checkpointing:
-        per_mb = len(acts) * a * t * model.d_model  # only block inputs are kept
-    if stage == 0:
-        per_mb += a * t * model.d_model  # embedding output
+    per_mb = []  # saved activations of one micro-batch, per phase
+    for phase, part in enumerate(phases_blocks):
+        saved = sum(kinds_of[bl >= model.n_dense_layers]["saved"] for bl in part)
+        if layout.activation_checkpointing:
+            saved = len(part) * a * t * model.d_model  # only block inputs are kept
+        if stage == 0 and phase == 0:
+            saved += a * t * model.d_model  # embedding output
+        per_mb.append(saved)
     n_mb = in_flight(layout, stage)
+    counts = dualpipev_in_flight(layout.pp, stage) if layout.virtual_stages == 2 else (n_mb, )
     largest = max((x["saved"] for x in acts), default=0.0)
     head = 0.0
-    if stage == layout.pp - 1:  # one micro-batch: bf16 logits + fp32 upcast for the loss; grad in workspace
+    if holds_head(layout, stage):  # one micro-batch: bf16 logits + fp32 upcast for the loss; grad in workspace
         head = (a + 4) * t * model.vocab_size + a * t * 2 * model.d_model
-    kinds["activations"] = n_mb * per_mb + head
+    kinds["activations"] = sum(n * saved for n, saved in zip(counts, per_mb)) + head
     kinds["a2a_buffers"] = max((x["a2a"] for x in acts), default=0.0)
     recompute = largest if layout.activation_checkpointing else 0.0
-    head_grad = 4 * t * model.vocab_size if stage == layout.pp - 1 else 0.0
+    head_grad = 4 * t * model.vocab_size if holds_head(layout, stage) else 0.0
     kinds["workspace"] = largest + recompute + head_grad + profile.workspace_gib * GIB
     dynamic = kinds["activations"] + kinds["a2a_buffers"] + kinds["workspace"]
     kinds["fragmentation"] = profile.fragmentation * dynamic
@@ -391,7 +443,7 @@ def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, sta
     step = {k: float(v) for k, v in step.items()}
     peak = "step" if sum(step.values()) > sum(backward.values()) else "backward"
     phases = {"backward": backward, "step": step}
-    return StageMemory(stage=stage, blocks=blocks, in_flight=n_mb, kinds=dict(phases[peak]), phases=phases,
+    return StageMemory(stage=stage, blocks=phases_blocks, in_flight=n_mb, kinds=dict(phases[peak]), phases=phases,
                        peak_phase=peak)
 
 

@@ -29,7 +29,8 @@ def ranked_table(ests: Sequence[Estimate], top: int = 10) -> Table:
         other = w.total - states - w.kinds["activations"]
         t.add_row(str(i), str(lay.pp), str(lay.dp), str(lay.ep), str(lay.zero_stage),
                   f"{lay.micro_batch} x {lay.grad_accum}", "yes" if lay.activation_checkpointing else "no",
-                  lay.a2a + (" +ovl" if lay.overlap_a2a else ""), f"{e.tokens_per_s:,.0f}",
+                  lay.a2a + {"1f1b": "", "overlap": " +ovl", "dualpipev": " +dualpipev"}[lay.schedule],
+                  f"{e.tokens_per_s:,.0f}",
                   f"{e.tokens_per_s / lay.gpus:,.0f}", f"{e.tflops_per_gpu:.1f}", f"{100 * e.mfu:.1f}%",
                   _ms(e.step_time),
                   " / ".join(_ms(p[k]) for k in ("compute", "a2a", "p2p", "bubble"))
@@ -49,7 +50,7 @@ def detail_tables(e: Estimate) -> List[Table]:
         mem.add_column(k, justify="right")
     mem.add_column("total", justify="right")
     for m in e.memory:
-        mem.add_row(str(m.stage), f"{m.blocks.start}-{m.blocks.stop - 1}", str(m.in_flight),
+        mem.add_row(str(m.stage), ", ".join(f"{b.start}-{b.stop - 1}" for b in m.blocks), str(m.in_flight),
                     *[f"{m.kinds[k] / GIB:.2f}" for k in KINDS], f"{m.total / GIB:.2f}")
     step = Table(title=f"Step time breakdown ({_ms(e.step_time)} ms per step)")
     step.add_column("part")

@@ -16,7 +16,8 @@ Per micro-batch and stage (forward + backward), seconds:
   and the all-to-all latency once per half and runs the grouped GEMMs at half the rows per expert;
 - p2p: the stage's activation/gradient sends and receives (blocking, as in DeepSpeed's PipelineEngine).
 
-Step = m x slowest stage + (pp - 1) x slowest stage (the 1F1B bubble) + exposed gradient sync (ZeRO
+Step = m x slowest stage + (pp - 1) x slowest stage (the 1F1B bubble; DualPipeV's is smaller, see
+:func:`bubble_micro_batches`, and a rank's "stage" is then its two virtual stages) + exposed gradient sync (ZeRO
 reduce-scatter/all-reduce over DP and expert-DP, once per step, or per micro-batch with ZeRO-2; all-gather of
 updated weights) + optimizer (HBM bound: ZeRO's step() traffic + one fused AdamW pass or torch's foreach
 passes, see :func:`optimizer_seconds`).
@@ -30,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from piper_ds.planner import comm
 from piper_ds.planner.cluster import ClusterSpec, Layout
-from piper_ds.planner.memory import StageMemory, all_stages, block_activations, stage_blocks, stage_params
+from piper_ds.planner.memory import StageMemory, all_stages, block_activations, holds_head, rank_blocks, stage_params
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.specs import ModelSpec
 
@@ -129,7 +130,7 @@ def stage_time(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: Pla
     """Forward + backward seconds of one micro-batch on ``stage``, by part (+ 'a2a_hidden')."""
     out = dict.fromkeys(STAGE_PARTS + ("a2a_hidden",), 0.0)
     kinds = {}
-    for b in stage_blocks(model.n_layers, layout.pp)[stage]:
+    for b in rank_blocks(model.n_layers, layout, stage):
         moe = b >= model.n_dense_layers
         if moe not in kinds:
             kinds[moe] = _block_time(model, cluster, layout, prof, moe)
@@ -137,14 +138,27 @@ def stage_time(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: Pla
             out[part] += v
     a = 2 if layout.precision == "bf16" else 4
     t = layout.micro_batch * model.seq_len
-    if stage == layout.pp - 1:  # LM head GEMM + cross-entropy over fp32 logits
+    if holds_head(layout, stage):  # LM head GEMM + cross-entropy over fp32 logits
         out["dense"] += 6.0 * t * model.vocab_size * model.d_model / prof.dense_rate(cluster)
         out["elementwise"] += (a + 12) * t * model.vocab_size / prof.hbm_rate(cluster)
     act = a * t * model.d_model
     for s in (stage - 1, stage):  # boundaries next to this stage, activation forward + gradient backward
-        if 0 <= s < layout.pp - 1:
-            out["p2p"] += 2 * comm.p2p_seconds(cluster, prof, layout, s, act)
+        if 0 <= s < layout.pp - 1:  # (DualPipeV crosses each boundary in both phases)
+            out["p2p"] += 2 * layout.virtual_stages * comm.p2p_seconds(cluster, prof, layout, s, act)
     return out
+
+
+def bubble_micro_batches(layout: Layout) -> float:
+    """The pipeline bubble of ``layout``'s schedule, in micro-batch forward + backward times of one rank.
+
+    1F1B (and the overlap schedule): pp - 1. DeepSpeed's DualPipeV: pp - 1 less pp virtual-stage forwards,
+    pp / 2 x the forward share of a micro-batch (1/3 for forward : backward = 1 : 2, 1/4 with recomputation,
+    whose backward holds a second forward). Both exact for the schedules' instruction order with balanced
+    stages and free p2p (:mod:`piper_ds.pipeline.simulator`, tested)."""
+    if layout.virtual_stages == 1:
+        return layout.pp - 1.0
+    forward_share = 1.0 / (4.0 if layout.activation_checkpointing else 3.0)
+    return layout.pp - 1.0 - layout.pp / 2.0 * forward_share
 
 
 def grad_sync_seconds(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: PlatformProfile,
@@ -251,8 +265,9 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
              profile: Optional[PlatformProfile] = None) -> Estimate:
     """Predicts memory per stage and the step time breakdown of ``layout``."""
     prof = profile or PlatformProfile()
-    if layout.pp > model.n_layers:
-        raise ValueError(f"pp ({layout.pp}) must be <= n_layers ({model.n_layers})")
+    if layout.pp * layout.virtual_stages > model.n_layers:
+        raise ValueError(f"pp ({layout.pp}) x virtual stages ({layout.virtual_stages}) must be <= n_layers "
+                         f"({model.n_layers})")
     if model.num_experts % layout.ep:
         raise ValueError(f"num_experts ({model.num_experts}) must be divisible by ep ({layout.ep})")
     memory = all_stages(model, layout, prof)
@@ -266,7 +281,7 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
         "compute": m * sum(st[p] for p in ("dense", "attention", "experts", "elementwise", "overhead")),
         "a2a": m * st["a2a"],
         "p2p": m * st["p2p"],
-        "bubble": (layout.pp - 1) * per_mb,
+        "bubble": bubble_micro_batches(layout) * per_mb,
         "grad_sync": max(syncs),
         "optimizer": max(opts),
     }

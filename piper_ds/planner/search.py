@@ -6,7 +6,7 @@ Constraints (each has a short id used in messages and counts):
 - ``gpus``: dp * pp equals the GPU count (and the cluster has that many GPUs);
 - ``batch``: the global batch is micro_batch * grad_accum * dp;
 - ``ep_divides_experts``: num_experts % ep == 0 (ep | dp holds by construction of a Layout);
-- ``pp_layers``: pp <= n_layers;
+- ``pp_layers``: pp <= n_layers (2 pp virtual stages with DualPipeV);
 - ``ep_in_node``: an EP group stays inside one node unless cross-node EP is allowed;
 - ``zero3_moe``: no ZeRO-3 (DeepSpeed's native MoE rejects it);
 - ``zero_pp``: ZeRO <= 1 when pp > 1 (DeepSpeed's PipelineEngine allows ZeRO 0/1 only);
@@ -54,6 +54,7 @@ class SearchOptions:
     max_micro_batch: int = 16
     allow_cross_node_ep: bool = False
     consider_overlap: bool = False
+    consider_dualpipev: bool = False
     precision: str = "bf16"
 
 
@@ -87,9 +88,11 @@ def structural_violations(model: ModelSpec, cluster: ClusterSpec, layout: Layout
     if model.num_experts % layout.ep:
         out.append(Violation("ep_divides_experts",
                              f"num_experts ({model.num_experts}) must be divisible by ep ({layout.ep})"))
-    if layout.pp > model.n_layers:
-        out.append(Violation("pp_layers", f"pp ({layout.pp}) must be <= n_layers ({model.n_layers})",
-                             layout.pp - model.n_layers))
+    stages = layout.pp * layout.virtual_stages
+    if stages > model.n_layers:
+        what = f"pp ({layout.pp})" if layout.virtual_stages == 1 else f"DualPipeV's 2 x pp ({stages}) virtual stages"
+        out.append(Violation("pp_layers", f"{what} must be <= n_layers ({model.n_layers})",
+                             stages - model.n_layers))
     g = cluster.gpus_per_node
     in_node = layout.ep <= g and g % layout.ep == 0 or layout.gpus <= g
     if not in_node and not allow_cross_node_ep:
@@ -135,17 +138,20 @@ def candidate_layouts(model: ModelSpec, cluster: ClusterSpec, gpus: int, global_
                      else [False, True])
             spans = (ep > cluster.gpus_per_node)
             a2as = [opts.a2a] if opts.a2a else (["flat", "hierarchical"] if spans else ["flat"])
-            overlaps = [False, True] if opts.consider_overlap else [False]
+            schedules = [(False, 1)] + ([(True, 1)] if opts.consider_overlap else []) \
+                + ([(False, 2)] if opts.consider_dualpipev and pp > 1 else [])
             for zero in zeros:
                 for mb in mbs:
                     if per_dp % mb:
                         continue
                     for ck in ckpts:
                         for a2a in a2as:
-                            for ov in overlaps:
+                            for ov, virtual in schedules:
+                                if virtual == 2 and per_dp // mb < 2 * pp:  # DualPipeV: >= 2 pp micro-batches
+                                    continue
                                 yield Layout(dp=dp, ep=ep, pp=pp, zero_stage=zero, micro_batch=mb,
                                              grad_accum=per_dp // mb, activation_checkpointing=ck, a2a=a2a,
-                                             overlap_a2a=ov, precision=opts.precision)
+                                             overlap_a2a=ov, virtual_stages=virtual, precision=opts.precision)
 
 
 def search(model: ModelSpec, cluster: ClusterSpec, gpus: int, global_batch: int,
