@@ -8,6 +8,11 @@ Launch (any of):
 The model comes from the ds_config's "piper.model" block; data defaults to byte-level LM on the Python
 standard library's sources (no download). Rank 0 shows a progress bar and, every steps_per_print optimizer
 steps, one line of metrics; every metric also goes through engine.monitor (W&B / CSV / TensorBoard blocks).
+
+With ``"piper": {"parallel": {"pp_size": N}}`` (N > 1) the model is built as a pipeline
+(``PiperPipelineModule``, or ``PiperDualPipeVModule`` for ``"pipeline": {"piper_schedule": "dualpipev"}``) and
+trained with ``engine.train_batch`` under the schedule the ds_config names; its loss is the pipeline's loss
+(cross-entropy + aux loss, logged as ``loss``; ``aux`` is then n/a), and expert-load metrics are not collected.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -96,6 +101,76 @@ def format_line(step: int, m: Dict[str, float]) -> str:
             f" | dropped {f('dropped_pct', '.2f', '%')}")
 
 
+class Trainer:
+    """One optimizer step and one validation pass of the engine ``piper_ds.initialize`` built: a PiperEngine
+    (pp 1: forward / backward / step per micro-batch) or the pipeline engine (pp > 1: ``train_batch``)."""
+
+    def __init__(self, args, ds_config, piper):
+        from piper_ds.models import build_model
+        spec, ckpt = piper.model, "activation_checkpointing" in ds_config
+        self.pipelined = piper.parallel.pp_size > 1
+        if self.pipelined:
+            from piper_ds.pipeline.model import PiperDualPipeVModule, PiperPipelineModule
+            if args.stock_moe:
+                raise SystemExit("--stock-moe runs pp = 1 layouts only")
+            import deepspeed
+            from deepspeed.accelerator import get_accelerator
+            deepspeed.init_distributed(get_accelerator().communication_backend_name())  # the module needs it
+            schedule = (ds_config.get("pipeline") or {}).get("piper_schedule", "1f1b")
+            cls = PiperDualPipeVModule if schedule == "dualpipev" else PiperPipelineModule
+            # DeepSpeed's "activation_checkpointing" block is our switch: every layer recomputes in backward
+            self.model = cls(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size,
+                             num_stages=piper.parallel.pp_size,
+                             micro_batch=ds_config["train_micro_batch_size_per_gpu"],
+                             seed=args.seed, activation_checkpoint_interval=1 if ckpt else 0)
+        else:  # the same switch: the model recomputes each block in backward
+            self.model = build_model(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size,
+                                     stock_moe=args.stock_moe, seed=args.seed, activation_checkpointing=ckpt)
+        self.engine, _, _, _ = piper_ds.initialize(args=args, model=self.model)
+        # the rank whose data this rank trains on: stages of one pipeline read the same micro-batches
+        self.data_rank = self.engine.grid.get_data_parallel_rank() if self.pipelined else None
+
+    def data_index(self, rank: int) -> int:
+        return rank if self.data_rank is None else self.data_rank
+
+    def step(self, data, step: int, rank: int, gas: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One optimizer step over ``gas`` micro-batches: (mean LM loss, mean aux loss), or under pp > 1 (the
+        pipeline's loss, None)."""
+        engine, dev, r = self.engine, self.engine.device, self.data_index(rank)
+        if self.pipelined:
+            batches = ((x.to(dev), y.to(dev)) for x, y in (data.get("train", step, i, r) for i in range(gas)))
+            return engine.train_batch(batches).detach().double(), None
+        lm_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        aux_sum = torch.zeros_like(lm_sum)
+        for i in range(gas):
+            x, y = (t.to(dev) for t in data.get("train", step, i, r))
+            logits, aux = engine(x)
+            lm = self.model.loss(logits, y)
+            engine.backward(lm + aux)
+            engine.step()
+            lm_sum += lm.detach().double()
+            aux_sum += aux.detach().double()
+        return lm_sum / gas, aux_sum / gas
+
+    @torch.no_grad()
+    def validate(self, data, step: int, rank: int, batches: int) -> float:
+        """Mean validation loss over ``batches`` micro-batches per rank and all ranks (pp 1: LM loss, no aux;
+        pp > 1: the pipeline's loss)."""
+        engine, dev, r = self.engine, self.engine.device, self.data_index(rank)
+        if self.pipelined:
+            it = ((x.to(dev), y.to(dev)) for x, y in (data.get("val", step, i, r) for i in range(batches)))
+            return all_mean([float(engine.eval_batch(it, num_micro_batches=batches))], dev)[0]
+        return validate(engine, self.model, data, step, rank, batches)
+
+    def metrics(self, histograms: bool) -> Dict[str, float]:
+        """Expert-load metrics (PiperEngine only; {} under pp > 1)."""
+        return {} if self.pipelined else self.engine.collect_expert_load(histograms=histograms)
+
+    def write(self, metrics: Dict[str, float]) -> None:
+        from piper_ds.tracking.monitor import write_scalars
+        write_scalars(self.engine.monitor, metrics, self.engine.global_samples)
+
+
 def main(argv=None) -> Dict[str, float]:
     setup_env()  # before parsing: --local_rank defaults to LOCAL_RANK, which srun only gives as SLURM_LOCALID
     args = parse_args(argv)
@@ -104,7 +179,6 @@ def main(argv=None) -> Dict[str, float]:
 
     from piper_ds.config import load_ds_config, parse_piper_config
     from piper_ds.data import make_batches
-    from piper_ds.models import build_model
     from piper_ds.tracking import Throughput, peak_memory_gb
 
     if args.deepspeed_config is None:
@@ -114,11 +188,8 @@ def main(argv=None) -> Dict[str, float]:
     if piper.model is None:
         raise SystemExit(f'{args.deepspeed_config}: examples/train.py needs a "piper": {{"model": ...}} block')
     spec = piper.model
-    # DeepSpeed's "activation_checkpointing" block (which the planner writes for checkpointed layouts) is our
-    # switch: the model then recomputes each block in backward.
-    model = build_model(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size, stock_moe=args.stock_moe,
-                        seed=args.seed, activation_checkpointing="activation_checkpointing" in ds_config)
-    engine, _, _, _ = piper_ds.initialize(args=args, model=model)
+    trainer = Trainer(args, ds_config, piper)
+    engine = trainer.engine
     rank, world = dist.get_rank(), dist.get_world_size()
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     dc = piper.data
@@ -131,6 +202,11 @@ def main(argv=None) -> Dict[str, float]:
         if path is None:
             raise SystemExit(f"--resume: no checkpoint found in {args.save_dir!r}")
     val_interval = dc.val_interval if args.val_interval is None else args.val_interval
+    least = 2 * piper.parallel.pp_size if (ds_config.get("pipeline") or {}).get("piper_schedule") == "dualpipev" \
+        else 1
+    if val_interval and dc.val_batches < least:
+        raise SystemExit(f"DualPipeV evaluates at least 2 x pp ({least}) micro-batches per validation pass, "
+                         f"piper.data.val_batches is {dc.val_batches}: raise it or pass --val-interval 0")
     print_every, hist_every = engine.steps_per_print(), piper.tracking.expert_load_interval
     tput = Throughput(engine.train_batch_size() * spec.seq_len, spec.mfu_flops_per_token(), world,
                       piper.tracking.peak_tflops)
@@ -142,15 +218,10 @@ def main(argv=None) -> Dict[str, float]:
     summed = 0
     for step in range(start, args.steps):
         tput.start()
-        for i in range(gas):
-            x, y = (t.to(engine.device) for t in data.get("train", step, i, rank))
-            logits, aux = engine(x)
-            lm = model.loss(logits, y)
-            engine.backward(lm + aux)
-            engine.step()
-            lm_sum += lm.detach().double()
-            aux_sum += aux.detach().double()
-            summed += 1
+        lm, aux = trainer.step(data, step, rank, gas)
+        lm_sum += lm
+        aux_sum += aux if aux is not None else float("nan")
+        summed += 1
         tput.stop()
         done = step + 1
         bar.update(1)
@@ -160,17 +231,17 @@ def main(argv=None) -> Dict[str, float]:
             lm_sum.zero_(), aux_sum.zero_()
             summed = 0
             gnorm = engine.get_global_grad_norm()
-            m = {"loss": loss, "aux_loss": aux_loss, "lr": engine.get_lr()[0],
+            m = {"loss": loss, "aux_loss": None if math.isnan(aux_loss) else aux_loss, "lr": engine.get_lr()[0],
                  "grad_norm": float(gnorm) if gnorm is not None else None,
                  "max_memory_gb": all_max(peak_memory_gb(), engine.device),
-                 **tput.window(), **engine.collect_expert_load(histograms=hist)}
-            engine.write_metrics(m)
+                 **tput.window(), **trainer.metrics(histograms=hist)}
+            trainer.write(m)
             history.append({"step": done, **{k: v for k, v in m.items() if v is not None}})
             if rank == 0:
                 bar.write(format_line(done, m))
         if val_interval and (done % val_interval == 0 or done == args.steps):
-            v = validate(engine, model, data, done, rank, dc.val_batches)
-            engine.write_metrics({"val_loss": v})
+            v = trainer.validate(data, done, rank, dc.val_batches)
+            trainer.write({"val_loss": v})
             history.append({"step": done, "val_loss": v})
             if rank == 0:
                 bar.write(f"step {done:>6} | validation loss {v:.4f}")

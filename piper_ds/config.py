@@ -37,8 +37,9 @@ class ParallelConfig(BaseModel):
 
     ep_size: int = Field(1, ge=1, description="Expert-parallel group size: ranks sharing one copy of the routed "
                          "experts. Must divide the world size and every layer's num_experts.")
-    pp_size: int = Field(1, ge=1, description="Pipeline stages; > 1 needs a `PiperPipelineModule` and runs on "
-                         "the pipeline engine (see pipeline.md).")
+    pp_size: int = Field(1, ge=1, description="Pipeline stages; > 1 needs a `PiperPipelineModule` (a "
+                         "`PiperDualPipeVModule` for DualPipeV) and runs on the pipeline engine; examples/train.py "
+                         "builds it (see pipeline.md).")
 
 
 class TrackingConfig(BaseModel):

@@ -135,8 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             console.print(f"wrote {path}")
     if top.layout.pp > 1:
         module = "PiperDualPipeVModule" if top.layout.virtual_stages == 2 else "PiperPipelineModule"
-        console.print(f"note: pp > 1 runs on the pipeline engine with a {module} (docs/pipeline.md); "
-                      "examples/train.py trains pp = 1 layouts: pass --pp 1 for one")
+        console.print(f"note: pp > 1 runs on the pipeline engine with a {module} (docs/pipeline.md), as "
+                      "examples/train.py builds it from this config")
     console.print("launch:")
     console.print(dsconfig.launch_command(top.layout, cluster.gpus_per_node, args.out), soft_wrap=True,
                   highlight=False, markup=False)

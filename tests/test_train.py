@@ -12,9 +12,9 @@ from piper_ds.testing import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _launch(*extra, timeout=170):
+def _launch(*extra, config="ds_configs/cpu_tiny.json", timeout=170):
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "examples/train.py",
-           "--deepspeed_config", "ds_configs/cpu_tiny.json", *extra]
+           "--deepspeed_config", config, *extra]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -46,3 +46,16 @@ def test_readme_main_command_trains_with_falling_loss_and_resumes(tmp_path):
     r = json.loads(resumed.read_text())
     assert r["steps"] == 105 and r["history"][0]["step"] == 101
     assert r["first_loss"] < m["first_loss"] - 1.5  # it continued from the trained weights
+
+
+def test_pipeline_config_trains_with_falling_loss(tmp_path):
+    """``ds_configs/cpu_tiny_pipeline.json``: pp = 2 on 2 CPU ranks, the 1F1B pipeline engine, train_batch."""
+    metrics, ckpt = tmp_path / "metrics.json", tmp_path / "ckpt"
+    out, _ = _launch("--steps", "30", "--metrics-out", str(metrics), "--save-dir", str(ckpt),
+                     config="ds_configs/cpu_tiny_pipeline.json", timeout=240)
+    m = json.loads(metrics.read_text())
+    assert m["steps"] == 30 and m["world_size"] == 2
+    assert m["final_loss"] < m["first_loss"] - 1.5, (m["first_loss"], m["final_loss"])
+    assert m["final_val_loss"] < m["first_loss"] - 1.5
+    assert "aux n/a" in out and "validation loss" in out  # the pipeline's loss already holds the aux loss
+    assert (ckpt / "latest").read_text().strip() == "global_step30"
