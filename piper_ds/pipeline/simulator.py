@@ -61,7 +61,6 @@ class SimResult:
 
 @dataclass
 class _Op:
-    rank: int
     channel: Tuple[str, Optional[int], int, int]  # (kind, phase, src, dst)
     side: str  # "send" | "recv"
     buffer: int
@@ -170,7 +169,7 @@ class _Sim:
             raise RuntimeError(f"rank {r.rank}: {type(cmd).__name__} (phase {phase}) to rank {peer}, which does "
                                "not exist")
         src, dst = (r.rank, peer) if side == "send" else (peer, r.rank)
-        return _Op(r.rank, (what, phase, src, dst), side, cmd.buffer_id)
+        return _Op((what, phase, src, dst), side, cmd.buffer_id)
 
     def _launch(self, r: _Rank, op: _Op) -> None:
         sides = self.channels.setdefault(op.channel, {"send": [], "recv": []})
