@@ -110,14 +110,14 @@ class Trainer:
         spec, ckpt = piper.model, "activation_checkpointing" in ds_config
         self.pipelined = piper.parallel.pp_size > 1
         if self.pipelined:
+            from piper_ds.pipeline.engine import configured_schedule
             from piper_ds.pipeline.model import PiperDualPipeVModule, PiperPipelineModule
             if args.stock_moe:
                 raise SystemExit("--stock-moe runs pp = 1 layouts only")
             import deepspeed
             from deepspeed.accelerator import get_accelerator
             deepspeed.init_distributed(get_accelerator().communication_backend_name())  # the module needs it
-            schedule = (ds_config.get("pipeline") or {}).get("piper_schedule", "1f1b")
-            cls = PiperDualPipeVModule if schedule == "dualpipev" else PiperPipelineModule
+            cls = PiperDualPipeVModule if configured_schedule(ds_config) == "dualpipev" else PiperPipelineModule
             # DeepSpeed's "activation_checkpointing" block is our switch: every layer recomputes in backward
             self.model = cls(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size,
                              num_stages=piper.parallel.pp_size,
@@ -177,6 +177,8 @@ def main(argv=None) -> Dict[str, float]:
     import deepspeed.comm as dist
     from tqdm import tqdm
 
+    from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine
+
     from piper_ds.config import load_ds_config, parse_piper_config
     from piper_ds.data import make_batches
     from piper_ds.tracking import Throughput, peak_memory_gb
@@ -202,8 +204,7 @@ def main(argv=None) -> Dict[str, float]:
         if path is None:
             raise SystemExit(f"--resume: no checkpoint found in {args.save_dir!r}")
     val_interval = dc.val_interval if args.val_interval is None else args.val_interval
-    least = 2 * piper.parallel.pp_size if (ds_config.get("pipeline") or {}).get("piper_schedule") == "dualpipev" \
-        else 1
+    least = 2 * piper.parallel.pp_size if isinstance(engine, DualPipeVEngine) else 1
     if val_interval and dc.val_batches < least:
         raise SystemExit(f"DualPipeV evaluates at least 2 x pp ({least}) micro-batches per validation pass, "
                          f"piper.data.val_batches is {dc.val_batches}: raise it or pass --val-interval 0")

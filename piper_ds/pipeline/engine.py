@@ -50,6 +50,11 @@ def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
                       allow_cross_node_ep=allow_cross_node_ep)
 
 
+def configured_schedule(ds_config: Dict[str, Any]) -> str:
+    """The pipeline schedule a ds_config names: ``"pipeline": {"piper_schedule": ...}``, default '1f1b'."""
+    return (ds_config.get("pipeline") or {}).get("piper_schedule", "1f1b")
+
+
 def _greedy(params: List[torch.nn.Parameter], max_numel: int) -> List[List[torch.nn.Parameter]]:
     """DeepSpeed's cut (:func:`piper_ds.planner.memory.greedy_groups`) applied to ``params``."""
     return [[params[i] for i in group] for group in greedy_groups([p.numel() for p in params], max_numel)]
@@ -294,7 +299,7 @@ def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimize
     if gpus_per_node is None:
         gpus_per_node = piper.topology.gpus_per_node
     if schedule is None:
-        schedule = (ds_config.get("pipeline") or {}).get("piper_schedule", "1f1b")
+        schedule = configured_schedule(ds_config)
     mpu = model.mpu()
     config_class = DeepSpeedConfig(ds_config, mpu)
     engine_class = _engine_class(model, schedule, config_class.gradient_accumulation_steps, pipe_ranks)

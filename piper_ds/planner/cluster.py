@@ -164,10 +164,9 @@ class Layout(BaseModel):
     def short(self) -> str:
         """One-line label, e.g. 'pp2 dp4 ep4 z1 mb2x8 ckpt flat' (' ovl' / ' dualpipev' for those schedules)."""
         ck = " ckpt" if self.activation_checkpointing else ""
-        ov = " ovl" if self.overlap_a2a else ""
-        dpv = " dualpipev" if self.virtual_stages == 2 else ""
+        sched = {"1f1b": "", "overlap": " ovl", "dualpipev": " dualpipev"}[self.schedule]
         return (f"pp{self.pp} dp{self.dp} ep{self.ep} z{self.zero_stage} "
-                f"mb{self.micro_batch}x{self.grad_accum}{ck} {self.a2a}{ov}{dpv}")
+                f"mb{self.micro_batch}x{self.grad_accum}{ck} {self.a2a}{sched}")
 
     @property
     def schedule(self) -> str:
