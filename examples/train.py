@@ -20,7 +20,9 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
+import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -127,6 +129,7 @@ class Trainer:
             self.model = build_model(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size,
                                      stock_moe=args.stock_moe, seed=args.seed, activation_checkpointing=ckpt)
         self.engine, _, _, _ = piper_ds.initialize(args=args, model=self.model)
+        self.optimizer_marks: List = []  # (start, end) of every engine.step() of the current optimizer step
         # the rank whose data this rank trains on: stages of one pipeline read the same micro-batches
         self.data_rank = self.engine.grid.get_data_parallel_rank() if self.pipelined else None
 
@@ -147,10 +150,29 @@ class Trainer:
             logits, aux = engine(x)
             lm = self.model.loss(logits, y)
             engine.backward(lm + aux)
+            start = self._mark()
             engine.step()
+            self.optimizer_marks.append((start, self._mark()))
             lm_sum += lm.detach().double()
             aux_sum += aux.detach().double()
         return lm_sum / gas, aux_sum / gas
+
+    def _mark(self):
+        if self.engine.device.type != "cuda":
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def optimizer_seconds(self) -> Optional[float]:
+        """Seconds spent in engine.step() during the last optimizer step (read after the step synchronized;
+        None under pp > 1, where the pipeline engine steps inside train_batch)."""
+        marks, self.optimizer_marks = self.optimizer_marks, []
+        if self.pipelined:
+            return None
+        if self.engine.device.type != "cuda":
+            return sum(b - a for a, b in marks)
+        return sum(a.elapsed_time(b) for a, b in marks) / 1e3
 
     @torch.no_grad()
     def validate(self, data, step: int, rank: int, batches: int) -> float:
@@ -212,6 +234,7 @@ def main(argv=None) -> Dict[str, float]:
     tput = Throughput(engine.train_batch_size() * spec.seq_len, spec.mfu_flops_per_token(), world,
                       piper.tracking.peak_tflops)
     history: List[Dict[str, float]] = []
+    optimizer_s: List[Optional[float]] = []  # seconds in engine.step() per optimizer step
     start = engine.global_steps
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="train", mininterval=2.0, file=sys.stderr)
     lm_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -224,6 +247,7 @@ def main(argv=None) -> Dict[str, float]:
         aux_sum += aux if aux is not None else float("nan")
         summed += 1
         tput.stop()
+        optimizer_s.append(trainer.optimizer_seconds())
         done = step + 1
         bar.update(1)
         hist = hist_every > 0 and done % hist_every == 0
@@ -251,7 +275,7 @@ def main(argv=None) -> Dict[str, float]:
     bar.close()
     if args.save_dir and (not args.save_interval or engine.global_steps % args.save_interval):
         engine.save_checkpoint(args.save_dir)
-    summary = summarize(tput, history, args, engine)
+    summary = summarize(tput, history, args, engine, optimizer_s)
     if rank == 0 and args.metrics_out:
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics_out)), exist_ok=True)
         with open(args.metrics_out, "w") as f:
@@ -260,10 +284,15 @@ def main(argv=None) -> Dict[str, float]:
     return summary
 
 
-def summarize(tput, history, args, engine) -> Dict[str, float]:
-    """The --metrics-out JSON: medians after warm-up, peak memory (max over ranks), losses and the config."""
+def summarize(tput, history, args, engine, optimizer_s) -> Dict[str, float]:
+    """The --metrics-out JSON: medians after warm-up (the step, and its optimizer step and forward + backward
+    apart), peak memory (max over ranks), losses and the config."""
     from piper_ds.tracking import peak_memory_gb
     s = tput.summary(args.warmup_steps)
+    timed = [o for o in optimizer_s[args.warmup_steps:] or optimizer_s if o is not None]
+    if timed and "median_step_time_s" in s:
+        s["median_optimizer_step_s"] = statistics.median(timed)
+        s["median_forward_backward_s"] = s["median_step_time_s"] - s["median_optimizer_step_s"]
     s["peak_memory_gb"] = all_max(peak_memory_gb(), engine.device)
     losses = [h["loss"] for h in history if "loss" in h]
     vals = [h["val_loss"] for h in history if "val_loss" in h]

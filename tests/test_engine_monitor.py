@@ -30,7 +30,7 @@ def _worker(rank, world, out_dir):
     piper = parse_piper_config(cfg)
     model = build_model(piper.model, piper.moe_for_model(), ep_size=2, seed=0)
     engine, _, _, _ = piper_ds.initialize(model=model, config=cfg)
-    transports = {type(layer.deepspeed_moe.transport).__name__ for layer in model.moe_layers()}
+    transports = {type(layer.deepspeed_moe.dispatcher.transport).__name__ for layer in model.moe_layers()}
     assert transports == {"HierarchicalAllToAll"}, transports
     data = RandomTokens(256, 16, 2, seed=3)
     bias_changes, loads = [], []

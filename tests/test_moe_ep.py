@@ -129,7 +129,7 @@ def test_ep_invariance(world_size):
             for name, g in res["grads"].items():
                 if name == "x":
                     continue
-                want = ref_grads[name][res["local"]] if name in ("w1", "w2", "w3") else ref_grads[name]
+                want = ref_grads[name][res["local"]] if name in ("w_up", "w_down") else ref_grads[name]
                 torch.testing.assert_close(g, want, **tol, msg=f"{case}: grad {name} rank {r}")
         assert sum(by_case[case]["dropped"] for by_case in results) == ref_dropped
         if CASES[case]["config"].get("capacity_factor"):

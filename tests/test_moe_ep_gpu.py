@@ -56,5 +56,5 @@ def test_overlapped_dispatch_on_nccl_matches_reference():
             for name, g in res["grads"].items():
                 if name == "x":
                     continue
-                want = ref_grads[name][res["local"]] if name in ("w1", "w2", "w3") else ref_grads[name]
+                want = ref_grads[name][res["local"]] if name in ("w_up", "w_down") else ref_grads[name]
                 torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4, msg=f"{case}: grad {name} rank {r}")

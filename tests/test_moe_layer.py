@@ -48,7 +48,7 @@ def test_capacity_reports_dropped_fraction():
     layer = PiperMoE(8, 4, 16, top_k=2, capacity_factor=0.5)
     layer(torch.randn(40, 8))
     st = layer.last_stats
-    assert st["assignments"].item() == 80
+    assert st["assignments"] == 80
     # capacity ceil(0.5 * 40 * 2 / 4) = 10 per expert: at most 40 of 80 assignments are kept
     assert st["dropped"].item() >= 40
 
@@ -75,6 +75,30 @@ def test_same_seed_same_global_experts_for_any_ep():
     half = PiperMoE(8, 8, 16, ep_size=2)
     torch.testing.assert_close(half.deepspeed_moe.experts.w1, full.deepspeed_moe.experts.w1[:4])
     torch.testing.assert_close(half.deepspeed_moe.gate.wg.weight, full.deepspeed_moe.gate.wg.weight)
+
+
+def test_ep_layer_refuses_to_run_before_its_group_is_bound():
+    layer = PiperMoE(8, 4, 16, ep_size=2)
+    with pytest.raises(ValueError, match="ep_size 2 but no EP group yet"):
+        layer(torch.randn(3, 8))
+
+
+def test_cuda_graph_option_is_validated():
+    with pytest.raises(ValueError, match=r"cuda_graph needs ep_size 1"):
+        PiperMoE(8, 4, 16, ep_size=2, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph needs the fused kernels"):
+        PiperMoE(8, 4, 16, cuda_graph=True, kernels="reference")
+    layer = PiperMoE(8, 4, 16, cuda_graph=True)  # on CPU tensors the layer runs eagerly
+    torch.testing.assert_close(layer(torch.randn(5, 8))[0].shape, torch.Size([5, 8]))
+
+
+def test_swiglu_experts_hold_gate_and_up_as_one_weight():
+    layer = PiperMoE(8, 4, 16, top_k=2)
+    e = layer.deepspeed_moe.experts
+    assert tuple(e.w_up.shape) == (4, 8, 32) and tuple(e.w_down.shape) == (4, 16, 8)
+    assert torch.equal(torch.cat([e.w1, e.w3], dim=2), e.w_up) and e.w2 is e.w_down
+    gelu = PiperMoE(8, 4, 16, activation="gelu").deepspeed_moe.experts
+    assert tuple(gelu.w_up.shape) == (4, 8, 16) and gelu.w3 is None
 
 
 @pytest.mark.parametrize("kwargs, match", [

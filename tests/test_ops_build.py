@@ -27,8 +27,8 @@ except ImportError:  # a source checkout without `pip install -e .`
 def cpu_ops():
     """{"gating": module, "permute": module}: the CPU builds, compiled in parallel on first use."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        mods = list(pool.map(lambda op: loader.get_op(op, "cpu", "cpu"), ("gating", "permute")))
-    return dict(zip(("gating", "permute"), mods))
+        mods = list(pool.map(lambda op: loader.get_op(op, "cpu", "cpu"), ("gating", "permute", "activation")))
+    return dict(zip(("gating", "permute", "activation"), mods))
 
 
 def _nvcc_found() -> bool:
@@ -37,7 +37,8 @@ def _nvcc_found() -> bool:
 
 
 def test_all_ops_are_named_and_point_at_absolute_sources():
-    assert {"piper_gating", "piper_gating_cpu", "piper_permute", "piper_permute_cpu"} <= set(ALL_OPS)
+    assert {"piper_gating", "piper_gating_cpu", "piper_permute", "piper_permute_cpu", "piper_activation",
+            "piper_activation_cpu"} <= set(ALL_OPS)
     for name, cls in ALL_OPS.items():
         b = cls()
         assert name == b.NAME == b.name and name.startswith("piper_")
@@ -88,19 +89,19 @@ def test_import_piper_ds_and_deepspeed_from_the_repo_root():
 
 def test_backend_argument_is_checked():
     x = torch.randn(3, 8)
-    from piper_ds.ops import fused_gating, permute_rows
+    from piper_ds.ops import expand_rows, fused_gating
     with pytest.raises(ValueError, match="backend"):
         fused_gating(x, 2, backend="fast")
     with pytest.raises(ValueError, match="CUDA tensors"):
         fused_gating(x, 2, backend="cuda")
     with pytest.raises(ValueError, match="CUDA tensors"):
-        permute_rows(x, torch.zeros(2, dtype=torch.int64), backend="cuda")
+        expand_rows(x, torch.zeros(3, 1, dtype=torch.int64), 3, backend="cuda")
 
 
 def test_cpu_ops_build_and_auto_uses_them_once_built():
     mods = cpu_ops()
     assert not mods["gating"].has_cuda() or torch.cuda.is_available()
-    for op in ("gating", "permute"):
+    for op in ("gating", "permute", "activation"):
         assert loader.get_op(op, "cpu", "auto") is not None  # built: "auto" picks the C++ op for CPU tensors
         assert loader.get_op(op, "cpu", "reference") is None
 
@@ -110,7 +111,7 @@ def test_env_report_lists_every_op(capsys):
     from piper_ds import env
     rows = {r["op"]: r for r in env.op_rows()}
     assert set(rows) == set(ALL_OPS)
-    for name in ("piper_gating_cpu", "piper_permute_cpu"):
+    for name in ("piper_gating_cpu", "piper_permute_cpu", "piper_activation_cpu"):
         assert rows[name]["compatible"] == "True" and rows[name]["built"] in ("JIT cache", "AOT")
     info = env.environment()
     assert info["torch"] == torch.__version__ and "sm_90" in info["CUDA targets"]

@@ -1,50 +1,35 @@
-"""TimedTransport: times a transport's calls as 'a2a' intervals (forward and backward) and passes every keyword
-(a hierarchical transport's ``plan=``) through to the transport it wraps; kernel_overlap's interval arithmetic."""
+"""ExchangeTimeline: a dispatcher's exchange timer records every exchange as 'a2a' intervals (forward and
+backward) and returns exactly what the exchange returns; kernel_overlap's interval arithmetic."""
 import pytest
 import torch
 
-from piper_ds.pipeline.timeline import TimedTransport, TimelineRecorder
+from piper_ds.pipeline.timeline import ExchangeTimeline, TimelineRecorder
 
 
-class _PlannedDouble:
-    """A stand-in transport that needs its plan: returns plan * x."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, x, send_counts, recv_counts, plan=None):
-        if plan is None:
-            raise ValueError("a plan is required")
-        self.calls.append((list(send_counts), list(recv_counts), plan))
-        return x * plan
-
-    def plan(self, send_counts):
-        return 2.0
-
-
-def test_timed_transport_passes_the_plan_and_records_both_directions():
-    inner, rec = _PlannedDouble(), TimelineRecorder(cuda=False)
+def test_timer_records_both_directions_and_changes_nothing():
+    rec = TimelineRecorder(cuda=False)
     rec.begin_step()
     rec.lane = "h0"
-    timed = TimedTransport(inner, rec)
+    timer = ExchangeTimeline(rec)
     x = torch.ones(3, 2, requires_grad=True)
-    y = timed(x, [3], [3], plan=timed.plan([3]))  # plan() reaches the inner transport through the wrapper
+    y = timer.exchange(x, lambda t: 2.0 * t)
+    assert timer.counts(lambda: torch.tensor([3])).tolist() == [3]
     y.sum().backward()
     rec.end_step()
-    assert inner.calls == [([3], [3], 2.0)]
     assert torch.equal(x.grad, torch.full((3, 2), 2.0))
-    kinds = [(iv["kind"], iv["lane"]) for iv in rec.intervals()]
-    assert kinds.count(("a2a", "h0")) == 2, kinds  # the forward call and its backward
+    rows = [(iv["kind"], iv["lane"]) for iv in rec.intervals() if "op" not in iv]
+    assert rows.count(("a2a", "h0")) == 2, rows  # the forward call and its backward
+    assert [iv["op"] for iv in rec.intervals() if "op" in iv] == ["counts"]
 
 
-def test_timed_transport_times_an_exchange_in_flight():
+def test_timer_times_an_exchange_in_flight():
     from piper_ds.comm.alltoall import FlatAllToAll
     rec = TimelineRecorder(cuda=False)
     rec.begin_step()
     rec.lane = "h1"
-    timed = TimedTransport(FlatAllToAll(None), rec)
+    timer = ExchangeTimeline(rec)
     x = torch.ones(4, 2, requires_grad=True)
-    pending = timed.start(x, [4], [4])
+    pending = timer.started(x, lambda t: FlatAllToAll(None).start(t, [4], [4]))
     y = pending.wait()
     (3 * y).sum().backward()
     rec.end_step()

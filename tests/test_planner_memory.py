@@ -242,8 +242,8 @@ def test_moe_optimizer_groups_follow_deepspeeds_cap():
     spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=4, n_dense_layers=1)
     stack = spec.num_experts * spec.d_model * spec.d_ffn_expert  # 185M > the cap: one group per tensor
     assert stack > MOE_GROUP_MAX_NUMEL
-    assert moe_group_sizes(spec, Layout(dp=1), 0) == [stack] * 9
-    lay = Layout(dp=4, ep=4)  # 46M per stack: three stacks per group
+    assert moe_group_sizes(spec, Layout(dp=1), 0) == [2 * stack, stack] * 3  # w_up (gate | up), w_down
+    lay = Layout(dp=4, ep=4)  # 46M per matrix: one block's w_up and w_down per group
     assert moe_group_sizes(spec, lay, 0) == [3 * stack // 4] * 3
     assert sum(moe_group_sizes(spec, lay, 0)) == stage_params(spec, lay, 0)[1]
     # the step phase casts one group at a time: with the cut, far less than one group of all experts

@@ -31,18 +31,18 @@ constexpr double kFloatTiny = 1.17549435082228750797e-38;
 // Error codes that a plan kernel leaves in a device flag; the host turns them into a ValueError.
 enum PlanError : int32_t {
     kPlanOk = 0,
-    kExpertOutOfRange = 1,  // topk_idx >= len(expert_rank_E)
+    kExpertOutOfRange = 1,  // an expert id >= the length of the expert map
     kRankOutOfRange = 2,    // expert_rank_E[e] outside [0, ep_size)
     kSlotNegative = 3,      // expert_slot_E[e] < 0 for a routed expert
-    kSlotOutOfRange = 4,    // expand: slot >= num_local
+    kSlotOutOfRange = 4,    // route: slot >= num_local
 };
 
 inline const char* plan_error_message(int32_t code) {
     switch (code) {
-        case kExpertOutOfRange: return "topk_idx_TK holds an expert id >= len(expert_rank_E)";
+        case kExpertOutOfRange: return "an expert id is >= the length of the expert map (expert_rank_E or slot_map)";
         case kRankOutOfRange: return "expert_rank_E maps a routed expert to a rank outside [0, ep_size)";
         case kSlotNegative: return "expert_slot_E holds a negative slot for a routed expert";
-        case kSlotOutOfRange: return "slots_RK holds a slot >= num_local";
+        case kSlotOutOfRange: return "ids_RK holds a slot >= num_local";
         default: return "no error";
     }
 }

@@ -2,12 +2,12 @@
 
 Gating: :func:`piper_ds.ops.fused_gating` (CUDA op) against ``gating_reference`` (the PyTorch sequence) at
 (16384 tokens, 256 experts, top-8, 8 groups of which 4 kept, sigmoid, bias, scaling 2.5) and (8192, 64, top-6,
-softmax), fp32 and bf16 logits, forward and forward+backward. Rows: ``permute_rows`` (gather) and
-``combine_rows`` (weighted scatter-add) at T=16384, K=8, D in {2048, 7168}, bf16, against index_select /
-``combine_rows_reference``; achieved bandwidth (bytes read + written, counted once) against a device-to-device
-copy measured in the same run. ``combine_rows`` reads the inverse index built once per plan (``combine_index``,
-outside the timing), as a dispatcher does; ``combine_rows +index`` builds it in every call; ``combine_rows``
-fwd+bwd adds the backward (one pass: gradient rows and weight gradients) against the reference's autograd.
+softmax), fp32 and bf16 logits, forward and forward+backward. Rows: ``expand_rows`` (tokens copied out to their
+K expert rows) and ``reduce_rows`` (the weighted combine; fwd+bwd adds its one-pass backward: gradient rows and
+weight gradients) along a route plan's fan index at T=16384, K=8, D in {2048, 7168}, bf16, against the PyTorch
+references; SwiGLU forward and backward (with the activation recomputed) at N=49152, F=1408 against PyTorch's
+silu * up and its autograd. Achieved bandwidth (bytes read + written, counted once) against a device-to-device
+copy measured in the same run.
 
 Method: CUDA events around every call (launch overhead included), warm-up first, the median of the timed
 calls, inputs drawn fresh (non-zero random) and cycled from a pool larger than the L2 cache, and every
@@ -26,8 +26,9 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from piper_ds.ops import combine_index, combine_rows, fused_gating, permute_rows
-from piper_ds.ops.reference import combine_rows_reference, gating_reference
+from piper_ds.ops import activation_backward, activation_forward, expand_rows, fused_gating, reduce_rows, route_plan
+from piper_ds.ops.reference import (activation_reference, expand_rows_reference, gating_reference,
+                                    reduce_rows_reference)
 
 GATING_CASES = [  # name, T, E, K, score_func, n_groups, topk_groups, bias, scaling
     ("16384x256 top8 g8/4 sigmoid", 16384, 256, 8, "sigmoid", 8, 4, True, 2.5),
@@ -113,56 +114,82 @@ def copy_rate(nbytes: int) -> Dict:
     return {"bytes": nbytes, "ms": ms, "tb_s": 2 * nbytes / ms / 1e9}
 
 
-def _combine_fwd_bwd(combine: Callable, y, weight_N, grad):
-    """One forward and backward of ``combine(y, w)`` with y and w requiring grad; grads are not accumulated."""
-    y, w = y.detach().requires_grad_(), weight_N.detach().requires_grad_()
-    torch.autograd.backward(combine(y, w), grad)
+def _reduce_fwd_bwd(reduce: Callable, y, weight, grad):
+    """One forward and backward of ``reduce(y, w)`` with y and w requiring grad; grads are not accumulated."""
+    y, w = y.detach().requires_grad_(), weight.detach().requires_grad_()
+    torch.autograd.backward(reduce(y, w), grad)
+
+
+def _row(name: str, fn: Callable, ref: Callable, data, nbytes: int, ok: bool, copy_tb_s: float, passes: str):
+    fused, reference = time_calls(fn, data), time_calls(ref, data)
+    tb_s = nbytes / fused / 1e9
+    return {"kind": "rows", "case": name, "fused_ms": fused, "pass": passes, "reference_ms": reference,
+            "speedup": reference / fused, "bytes": nbytes, "tb_s": tb_s, "of_copy": tb_s / copy_tb_s,
+            "check": "ok" if ok else "FAIL"}
 
 
 def bench_rows(T: int, K: int, D: int, copy_tb_s: float) -> List[Dict]:
     dev, dtype = DEVICE, torch.bfloat16
     N, esize = T * K, dtype.itemsize
-    routing = torch.rand(T, 256, device=dev).topk(K, dim=1).indices  # experts of each token
-    token_N = torch.sort(routing.reshape(-1), stable=True).indices // K  # rows grouped by expert, as dispatched
-    weight_N = torch.rand(N, device=dev)
-    inverse = combine_index(token_N, T, backend=BACKEND)  # once per plan
+    topk = torch.rand(T, 256, device=dev).topk(K, dim=1).indices  # experts of each token
+    pos = route_plan(topk, 256, torch.arange(256, device=dev), BACKEND, num_rows=N).pos_RK
+    weight = torch.rand(T, K, device=dev)
     xs = [torch.randn(T, D, device=dev, dtype=dtype) for _ in range(2)]
     ys = [torch.randn(N, D, device=dev, dtype=dtype) for _ in range(2)]
     grad = torch.randn(T, D, device=dev, dtype=dtype)
-    results = []
-    ok_p = torch.equal(permute_rows(xs[0], token_N, backend=BACKEND), xs[0].index_select(0, token_N))
-    got = combine_rows(ys[0], token_N, T, weight_N, backend=BACKEND, inverse=inverse).float()
-    want = combine_rows_reference(ys[0], token_N, T, weight_N).float()
-    ok_c = torch.allclose(got, want, atol=2e-2, rtol=1e-2)  # bf16 outputs: one rounding apart at most
-    ok_c = ok_c and torch.equal(got, combine_rows(ys[0], token_N, T, weight_N, backend=BACKEND).float())
-    fused_c = lambda y, w: combine_rows(y, token_N, T, w, backend=BACKEND, inverse=inverse)  # noqa: E731
-    ref_c = lambda y, w: combine_rows_reference(y, token_N, T, w)  # noqa: E731
-    ok_b = _grads_agree(fused_c, ref_c, ys[0], weight_N, grad)
+    ok_e = torch.equal(expand_rows(xs[0], pos, N, backend=BACKEND), expand_rows_reference(xs[0], pos, N))
+    fused_r = lambda y, w: reduce_rows(y, pos, w, backend=BACKEND)  # noqa: E731
+    ref_r = lambda y, w: reduce_rows_reference(y, pos, w)  # noqa: E731
+    ok_r = torch.allclose(fused_r(ys[0], weight).float(), ref_r(ys[0], weight).float(), atol=2e-2, rtol=1e-2)
+    ok_b = _grads_agree(fused_r, ref_r, ys[0], weight, grad)
     fwd_bytes = (N + T) * D * esize + N * 12
-    fwd_bwd = lambda y: _combine_fwd_bwd(fused_c, y, weight_N, grad)  # noqa: E731
-    for name, fn, ref, nbytes, ok in (
-            ("permute_rows", lambda x: permute_rows(x, token_N, backend=BACKEND),
-             lambda x: x.index_select(0, token_N), 2 * N * D * esize + N * 8, ok_p),
-            ("combine_rows", lambda y: fused_c(y, weight_N), lambda y: ref_c(y, weight_N), fwd_bytes, ok_c),
-            ("combine_rows +index", lambda y: combine_rows(y, token_N, T, weight_N, backend=BACKEND),
-             lambda y: ref_c(y, weight_N), fwd_bytes, ok_c),
-            ("combine_rows", fwd_bwd,
-             lambda y: _combine_fwd_bwd(ref_c, y, weight_N, grad), fwd_bytes + 3 * N * D * esize + N * 16, ok_b)):
-        data = xs if name == "permute_rows" else ys
-        fused, reference = time_calls(fn, data), time_calls(ref, data)
-        tb_s = nbytes / fused / 1e9
-        results.append({"kind": "rows", "case": f"{name} T={T} K={K} D={D} bf16", "fused_ms": fused,
-                        "pass": "fwd+bwd" if fn is fwd_bwd else "fwd",
-                        "reference_ms": reference, "speedup": reference / fused, "bytes": nbytes,
-                        "tb_s": tb_s, "of_copy": tb_s / copy_tb_s, "check": "ok" if ok else "FAIL"})
-    return results
+    case = f"T={T} K={K} D={D} bf16"
+    return [
+        _row(f"expand_rows {case}", lambda x: expand_rows(x, pos, N, backend=BACKEND),
+             lambda x: expand_rows_reference(x, pos, N), xs, (N + T) * D * esize + N * 8, ok_e, copy_tb_s, "fwd"),
+        _row(f"reduce_rows {case}", lambda y: fused_r(y, weight), lambda y: ref_r(y, weight), ys, fwd_bytes, ok_r,
+             copy_tb_s, "fwd"),
+        _row(f"reduce_rows {case}", lambda y: _reduce_fwd_bwd(fused_r, y, weight, grad),
+             lambda y: _reduce_fwd_bwd(ref_r, y, weight, grad), ys, fwd_bytes + 3 * N * D * esize + N * 16, ok_b,
+             copy_tb_s, "fwd+bwd"),
+    ]
 
 
-def _grads_agree(fused: Callable, ref: Callable, y, weight_N, grad) -> bool:
-    """The fused combine's gradients (y, weight) against the reference's autograd, to bf16 tolerance."""
+def bench_activation(N: int, F: int, copy_tb_s: float) -> List[Dict]:
+    """SwiGLU of [N, 2F] bf16 rows: the fused forward, and the fused backward that also recomputes the activation,
+    against PyTorch (silu(gate) * up, and its autograd)."""
+    dtype, esize = torch.bfloat16, 2
+    hs = [torch.randn(N, 2 * F, device=DEVICE, dtype=dtype) for _ in range(2)]
+    grad = torch.randn(N, F, device=DEVICE, dtype=dtype)
+
+    def torch_fwd(h):
+        gate, up = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    def torch_bwd(h):
+        hh = h.detach().requires_grad_()
+        torch.autograd.grad(torch_fwd(hh), hh, grad)
+
+    ok_f = torch.allclose(activation_forward(hs[0], "swiglu", BACKEND).float(),
+                          activation_reference(hs[0], "swiglu").float(), atol=2e-2, rtol=1e-2)
+    got, _ = activation_backward(grad, hs[0], "swiglu", True, BACKEND)
+    hh = hs[0].detach().requires_grad_()
+    (want, ) = torch.autograd.grad(activation_reference(hh, "swiglu"), hh, grad)
+    ok_b = torch.allclose(got.float(), want.float(), atol=2e-2, rtol=1e-2)
+    case = f"swiglu N={N} F={F} bf16"
+    return [
+        _row(case, lambda h: activation_forward(h, "swiglu", BACKEND), torch_fwd, hs, 3 * N * F * esize, ok_f,
+             copy_tb_s, "fwd"),
+        _row(case, lambda h: activation_backward(grad, h, "swiglu", True, BACKEND), torch_bwd, hs,
+             6 * N * F * esize, ok_b, copy_tb_s, "bwd"),
+    ]
+
+
+def _grads_agree(fused: Callable, ref: Callable, y, weight, grad) -> bool:
+    """The fused reduce's gradients (y, weight) against the reference's autograd, to bf16 tolerance."""
     out = []
     for fn in (fused, ref):
-        yy, ww = y.detach().clone().requires_grad_(), weight_N.detach().clone().requires_grad_()
+        yy, ww = y.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
         torch.autograd.backward(fn(yy, ww), grad)
         out.append((yy.grad.float(), ww.grad.float()))
     (gy, gw), (ry, rw) = out
@@ -215,7 +242,9 @@ def main(argv=None) -> int:
     print(copy, flush=True)
     for T, K, D in row_cases:
         rows += bench_rows(T, K, D, copy["tb_s"])
-        print(rows[-4:], flush=True)
+        print(rows[-3:], flush=True)
+    if args.only != "gating":
+        rows += bench_activation(49152, 1408, copy["tb_s"])
     report = {"meta": meta(), "copy": copy, "results": rows}
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -6,11 +6,16 @@ Run on GPUs, one process per GPU, EP over all of them::
     torchrun --nproc_per_node 4 -m piper_ds.bench.moe_layer --out moe_layer.json
     python -m piper_ds.bench.moe_layer            # one GPU (ep=1)
 
-Shapes (8192 tokens per GPU, bf16, 2-matrix GELU experts as in the stock baseline; ``--activation swiglu``
-for 3-matrix experts): (a) d 2048, f 1408, E 64, top-6 (fine-grained); (b) d 4096, f 14336, E 8, top-2
-(Mixtral-like). Reports the median of CUDA-event timed iterations after warm-up, on rotating fresh random
-inputs, useful expert TFLOP/s per GPU (routed tokens only, 3 GEMM passes), peak memory and all-to-all bytes
-sent per rank. Before timing, PiperMoE's output is checked against the dense PyTorch reference.
+Shapes (``--tokens`` per GPU, 8192 by default, bf16, 2-matrix GELU experts as in the stock baseline;
+``--activation swiglu`` for 3-matrix experts): (a) d 2048, f 1408, E 64, top-6 (fine-grained); (b) d 4096,
+f 14336, E 8, top-2 (Mixtral-like). PiperMoE runs with the library's defaults (``--kernels auto``). Reports the
+median of CUDA-event timed steps after warm-up (each step a forward + backward with the weight gradients set to
+None first, as after an optimizer's ``zero_grad``), on rotating fresh random inputs, useful expert TFLOP/s per
+GPU (routed tokens only, 3 GEMM passes), peak memory and all-to-all bytes sent per rank; for PiperMoE also, from
+a short profile, the kernels per step, the kernel time in grouped GEMMs and the rest's share, and the median wall
+time over the kernel time (1.0: the GPU never waits for the host). Before timing, every peer's output is checked
+against the dense PyTorch reference. ``--out`` writes one JSON record per peer, shape, activation, token count
+and EP size, with the command, commit and GPU.
 
 ``--peers piper,stock,autoep --activation swiglu`` adds DeepSpeed AutoEP's dropless grouped-GEMM layer
 (:mod:`piper_ds.bench.autoep_peer`; its experts are gated, so it runs with SwiGLU only and is skipped, with a
@@ -39,10 +44,11 @@ def _init():
 
 
 def build(peer: str, shape: dict, ep: int, activation: str, kernels: str, transport: str = "flat",
-          gpus_per_node: int = 0, chunks: int = 1):
+          gpus_per_node: int = 0, chunks: int = 1, cuda_graph: bool = False):
     """The layer of ``peer`` ('piper', 'stock' or 'autoep') in bf16 on this GPU; ``transport`` 'hierarchical' (or
     'hierarchical+dedup', with node-level dedup) plans the EP group as nodes of ``gpus_per_node`` ranks (0: all
-    ranks on one node); ``chunks``: PiperMoE's ``overlap_chunks`` (flat transport)."""
+    ranks on one node); ``chunks``: PiperMoE's ``overlap_chunks`` (flat transport); ``cuda_graph``: PiperMoE's
+    option of that name."""
     from deepspeed.moe.layer import MoE
     from piper_ds.comm.topology import Topology
     from piper_ds.moe import FeedForward, PiperMoE
@@ -58,7 +64,7 @@ def build(peer: str, shape: dict, ep: int, activation: str, kernels: str, transp
             raise ValueError(f"transport {transport!r}: use flat, hierarchical or hierarchical+dedup")
         layer = PiperMoE(shape["d"], shape["E"], shape["f"], ep_size=ep, top_k=shape["k"], activation=activation,
                          kernels=kernels, aux_loss_coef=0.01, transport=kind, node_dedup=extra == "dedup",
-                         overlap_chunks=chunks)
+                         overlap_chunks=chunks, cuda_graph=cuda_graph)
     else:
         layer = MoE(shape["d"], FeedForward(shape["d"], shape["f"], activation), num_experts=shape["E"],
                     ep_size=ep, k=shape["k"], capacity_factor=1.25, eval_capacity_factor=1.25, drop_tokens=True)
@@ -79,7 +85,10 @@ def check_against_reference(layer, x, rank, ep) -> float:
         return ((y.float() - ref).norm() / ref.norm()).item()
     core = layer.deepspeed_moe
     full = {}
-    for name, p in core.experts.named_parameters():
+    for name in ("w1", "w2", "w3"):
+        p = getattr(core.experts, name)
+        if p is None:
+            continue
         parts = [torch.empty_like(p) for _ in range(ep)]
         dist.all_gather(parts, p.detach().contiguous(), group=core.ep_group)
         full[name] = torch.cat(parts).float()
@@ -97,7 +106,7 @@ def a2a_bytes(layer, peer: str, shape: dict, tokens: int, ep: int) -> float:
         return 0.0
     elt = 2  # bf16
     if peer == "piper":
-        rows_to_others = sum(c for r, c in enumerate(layer.last_send_counts) if r != dist.get_rank(
+        rows_to_others = sum(c for r, c in enumerate(layer.last_stats["rows_sent_R"]) if r != dist.get_rank(
             layer.deepspeed_moe.ep_group))
         return 2.0 * rows_to_others * shape["d"] * elt
     if peer == "autoep":  # one row per (token, expert) on another rank, each way (expected, uniform routing)
@@ -107,8 +116,15 @@ def a2a_bytes(layer, peer: str, shape: dict, tokens: int, ep: int) -> float:
 
 
 def time_layer(layer, inputs, grads, warmup: int, iters: int):
+    """Median ms of forward + backward over ``iters`` CUDA-event timed steps after ``warmup``, and the peak GB.
+
+    Every step starts with the parameters' gradients set to None, as a training step does after the optimizer's
+    ``zero_grad`` (the layer's weight gradients are then written, not added to a previous step's)."""
     def step(i):
+        for p in layer.parameters():
+            p.grad = None
         x = inputs[i % len(inputs)].requires_grad_(True)
+        x.grad = None
         y, l_aux, _ = layer(x)
         if l_aux is None:  # AutoEP: no aux loss
             y.backward(grads[i % len(grads)])
@@ -129,14 +145,30 @@ def time_layer(layer, inputs, grads, warmup: int, iters: int):
     return statistics.median(times), torch.cuda.max_memory_allocated() / 1e9
 
 
+def _commit() -> str:
+    """The checkout's commit (``PIPER_COMMIT`` when the tree travels without its git folder)."""
+    import subprocess
+    if os.environ.get("PIPER_COMMIT"):
+        return os.environ["PIPER_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def main(argv=None):
+    import sys
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="a,b")
     ap.add_argument("--peers", default="piper,stock",
                     help="comma list of piper, stock, autoep (DeepSpeed AutoEP's layer; --activation swiglu only)")
-    ap.add_argument("--tokens", type=int, default=8192, help="tokens per GPU")
+    ap.add_argument("--tokens", default="8192", help="comma list of tokens per GPU")
     ap.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"])
-    ap.add_argument("--kernels", default="reference", help="comma list of PiperMoE kernels settings to run")
+    ap.add_argument("--kernels", default="auto",
+                    help="comma list of PiperMoE kernels settings to run (the library's default: auto)")
+    ap.add_argument("--cuda-graph", action="store_true", help="also run PiperMoE with cuda_graph (ep 1 only)")
     ap.add_argument("--transports", default="flat",
                     help="comma list of PiperMoE transports to run: flat, hierarchical, hierarchical+dedup "
                          "(node-level dedup; at ep > 1)")
@@ -147,71 +179,91 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default=None, help="JSON file for the results (rank 0)")
+    ap.add_argument("--no-kernel-stats", action="store_true",
+                    help="skip the short profile of PiperMoE (kernels per step, grouped-GEMM share, wall / kernel)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of PiperMoE (rank 0 prints)")
     ap.add_argument("--trace", default=None, help="with --profile: also write a Chrome trace to this path")
     args = ap.parse_args(argv)
     rank, ep = _init()
+    command = "python -m piper_ds.bench.moe_layer " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = dict(command=command if ep == 1 else f"torchrun --nproc_per_node {ep} -m piper_ds.bench.moe_layer "
+                + command.split(" ", 3)[-1], commit=_commit(), gpu=torch.cuda.get_device_name(),
+                torch=torch.__version__)
     rows = []
     for key in args.shapes.split(","):
         shape = SHAPES[key]
-        gen = torch.Generator(device="cuda").manual_seed(rank + 1)
-        inputs = [torch.randn(args.tokens, shape["d"], device="cuda", generator=gen, dtype=torch.bfloat16)
-                  for _ in range(3)]
-        grads = [torch.randn_like(inputs[0]) for _ in range(3)]
-        transports = args.transports.split(",") if ep > 1 else ["flat"]
-        peers = args.peers.split(",")
-        chunk_list = [int(c) for c in args.chunks.split(",")] if ep > 1 else [1]
-        runs = [("piper", k, t, c) for k in args.kernels.split(",") for t in transports
-                for c in (chunk_list if t == "flat" else [1]) if "piper" in peers]
-        runs += [(p, None, "flat", 1) for p in ("stock", "autoep") if p in peers]
-        if "autoep" in peers and args.activation != "swiglu":
-            runs.remove(("autoep", None, "flat", 1))
-            if rank == 0:
-                print("skipping autoep: its experts are gated (gate, up, down); run with --activation swiglu")
-        for peer, kernels, transport, chunks in runs:
-            layer = build(peer, shape, ep, args.activation, kernels or "reference", transport, args.gpus_per_node,
-                          chunks)
-            err = check_against_reference(layer, inputs[0], rank, ep) if peer != "stock" else float("nan")
-            ms, mem = time_layer(layer, inputs, grads, args.warmup, args.iters)
-            if args.profile and peer == "piper":  # every rank runs it (the layer's all-to-alls need them all)
-                _profile(layer, inputs, grads, rank == 0,
-                         args.trace and f"{args.trace}.{key}.{kernels}.{transport}.{chunks}.json")
-            mats = 3 if args.activation == "swiglu" else 2
-            useful = 3 * 2 * args.tokens * shape["k"] * mats * shape["d"] * shape["f"]
-            detail = f", chunks {chunks}" if transport == "flat" and ep > 1 else f", {transport}" * (ep > 1)
-            name = peer if peer != "piper" else f"piper[{kernels}{detail}]"
-            row = dict(shape=key, peer=name, ep=ep, ms=ms,
-                       tflops=useful / ms / 1e9, peak_gb=mem, rel_err=err,
-                       a2a_mb=a2a_bytes(layer, peer, shape, args.tokens, ep) / 1e6, **shape)
-            rows.append(row)
-            del layer
-            torch.cuda.empty_cache()
+        for tokens in [int(t) for t in args.tokens.split(",")]:
+            rows += _run_shape(args, key, shape, tokens, rank, ep, meta)
     if rank == 0:
         _report(rows, args.out)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _profile(layer, inputs, grads, report: bool, trace=None):
-    """Profiles 3 iterations; with ``report``, prints the top CUDA kernels and how busy the GPU was (kernel time
-    / wall time) and writes the Chrome ``trace``."""
+def _run_shape(args, key: str, shape: dict, tokens: int, rank: int, ep: int, meta: dict):
+    gen = torch.Generator(device="cuda").manual_seed(rank + 1)
+    inputs = [torch.randn(tokens, shape["d"], device="cuda", generator=gen, dtype=torch.bfloat16)
+              for _ in range(3)]
+    grads = [torch.randn_like(inputs[0]) for _ in range(3)]
+    transports = args.transports.split(",") if ep > 1 else ["flat"]
+    peers = args.peers.split(",")
+    chunk_list = [int(c) for c in args.chunks.split(",")] if ep > 1 else [1]
+    graphs = [False, True] if args.cuda_graph and ep == 1 else [False]
+    runs = [("piper", k, t, c, g) for k in args.kernels.split(",") for t in transports
+            for c in (chunk_list if t == "flat" else [1]) for g in graphs if "piper" in peers]
+    runs += [(p, None, "flat", 1, False) for p in ("stock", "autoep") if p in peers]
+    if "autoep" in peers and args.activation != "swiglu":
+        runs.remove(("autoep", None, "flat", 1, False))
+        if rank == 0:
+            print("skipping autoep: its experts are gated (gate, up, down); run with --activation swiglu")
+    rows = []
+    for peer, kernels, transport, chunks, graph in runs:
+        layer = build(peer, shape, ep, args.activation, kernels or "auto", transport, args.gpus_per_node, chunks,
+                      graph)
+        err = check_against_reference(layer, inputs[0], rank, ep) if peer != "stock" else float("nan")
+        ms, mem = time_layer(layer, inputs, grads, args.warmup, args.iters)
+        stats = {}
+        if peer == "piper" and not args.no_kernel_stats:  # every rank runs it (the all-to-alls need them all)
+            stats = _kernel_stats(layer, inputs, grads, ms, rank == 0 and args.profile,
+                                  args.trace and f"{args.trace}.{key}.{tokens}.{kernels}.{transport}.{chunks}.json")
+        mats = 3 if args.activation == "swiglu" else 2
+        useful = 3 * 2 * tokens * shape["k"] * mats * shape["d"] * shape["f"]
+        detail = f", chunks {chunks}" if transport == "flat" and ep > 1 else f", {transport}" * (ep > 1)
+        name = peer if peer != "piper" else f"piper[{kernels}{detail}{', graph' if graph else ''}]"
+        rows.append(dict(shape=key, activation=args.activation, tokens=tokens, peer=name, ep=ep, ms=ms,
+                         tflops=useful / ms / 1e9, peak_gb=mem, rel_err=err,
+                         a2a_mb=a2a_bytes(layer, peer, shape, tokens, ep) / 1e6, **stats, **shape, **meta))
+        del layer
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _is_grouped_gemm(name: str) -> bool:
+    """torch._grouped_mm's kernels (CUTLASS grouped GEMMs)."""
+    return "cutlass" in name.lower() and "group" in name.lower() or "GroupProblemShape" in name
+
+
+def _kernel_stats(layer, inputs, grads, wall_ms: float, report: bool, trace=None) -> dict:
+    """A profile of 3 steps: kernels per step, kernel time per step split into grouped GEMM and the rest, and the
+    un-profiled median wall time over the kernel time. With ``report``: the top kernels and the Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall_ms, _ = time_layer(layer, inputs, grads, warmup=0, iters=3)
-    if not report:
-        return
-    averages = prof.key_averages()
-    print(averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        time_layer(layer, inputs, grads, warmup=0, iters=3)
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / 3
-    print(f"per iteration: {len(kernels) / 3:.0f} kernels, {busy_ms:.2f} ms kernel time, "
-          f"{wall_ms:.2f} ms wall (median, under the profiler)")
-    from piper_ds.pipeline.timeline import kernel_overlap
-    share = kernel_overlap(kernels)
-    print(f"per iteration: all-to-all kernels {share.comm_us / 3e3:.2f} ms, compute kernels "
-          f"{share.compute_us / 3e3:.2f} ms, {share.hidden_share:.0%} of the all-to-all time under compute kernels")
-    if trace:
-        prof.export_chrome_trace(trace)
+    gemm_ms = sum(e.time_range.elapsed_us() for e in kernels if _is_grouped_gemm(e.name)) / 1e3 / 3
+    stats = dict(kernels_per_step=round(len(kernels) / 3), kernel_ms=busy_ms, grouped_gemm_ms=gemm_ms,
+                 rest_share=(busy_ms - gemm_ms) / busy_ms if busy_ms else float("nan"),
+                 wall_over_kernel=wall_ms / busy_ms if busy_ms else float("nan"))
+    if report:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        from piper_ds.pipeline.timeline import kernel_overlap
+        share = kernel_overlap(kernels)
+        print(f"per step: all-to-all kernels {share.comm_us / 3e3:.2f} ms, compute kernels "
+              f"{share.compute_us / 3e3:.2f} ms, {share.hidden_share:.0%} of the all-to-all time under compute")
+        if trace:
+            prof.export_chrome_trace(trace)
+    return stats
 
 
 def _report(rows, out):
@@ -219,12 +271,17 @@ def _report(rows, out):
         from rich.console import Console
         from rich.table import Table
         table = Table(title="MoE layer fwd+bwd, bf16")
-        for col in ("shape", "peer", "ep", "ms", "TFLOP/s/GPU", "peak GB", "a2a MB/rank", "rel err"):
+        cols = ("shape", "act", "tokens", "peer", "ep", "ms", "TFLOP/s/GPU", "peak GB", "a2a MB/rank", "rel err",
+                "kernels", "GEMM ms", "rest %", "wall/kernel")
+        for col in cols:
             table.add_column(col)
         for r in rows:
-            table.add_row(r["shape"], r["peer"], str(r["ep"]), f"{r['ms']:.2f}", f"{r['tflops']:.1f}",
-                          f"{r['peak_gb']:.2f}", f"{r['a2a_mb']:.1f}", f"{r['rel_err']:.1e}")
-        Console(width=140).print(table)
+            k = "kernels_per_step" in r
+            table.add_row(r["shape"], r["activation"], str(r["tokens"]), r["peer"], str(r["ep"]), f"{r['ms']:.2f}",
+                          f"{r['tflops']:.1f}", f"{r['peak_gb']:.2f}", f"{r['a2a_mb']:.1f}", f"{r['rel_err']:.1e}",
+                          str(r["kernels_per_step"]) if k else "-", f"{r['grouped_gemm_ms']:.2f}" if k else "-",
+                          f"{100 * r['rest_share']:.0f}" if k else "-", f"{r['wall_over_kernel']:.2f}" if k else "-")
+        Console(width=200).print(table)
     except ImportError:
         for r in rows:
             print(r)

@@ -27,19 +27,41 @@ Optional, for a transport that can leave an exchange in flight while the caller 
   work between the two (another chunk's experts) runs while the rows travel, in backward as in forward.
 
 A group of one rank moves nothing and costs nothing, so single-process code runs the same path.
+
+Every transport declares what it can do as :class:`TransportCapabilities` (``transport.capabilities``); the MoE
+dispatcher factory (:func:`piper_ds.moe.dispatcher.make_dispatcher`) reads them once and never probes methods.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
 
+@dataclass(frozen=True)
+class TransportCapabilities:
+    """What a transport offers beyond the required contract.
+
+    group_size: ranks of its group. in_flight: ``start`` leaves an exchange in flight. plans_exchange: ``plan``
+    and ``__call__(..., plan=)``. node_dedup: its plans need the rows' source ids and dedup per remote node.
+    """
+
+    group_size: int
+    in_flight: bool = False
+    plans_exchange: bool = False
+    node_dedup: bool = False
+
+
 class Transport(Protocol):
     """The seam between the dispatcher and the wire (see module docstring)."""
 
     group: Optional[dist.ProcessGroup]
+
+    @property
+    def capabilities(self) -> TransportCapabilities:
+        ...
 
     def exchange_counts(self, send_counts_R: torch.Tensor) -> torch.Tensor:
         ...
@@ -156,6 +178,10 @@ class FlatAllToAll:
     def __init__(self, group: Optional[dist.ProcessGroup] = None):
         self.group = group
         self.size = group_size(group)
+
+    @property
+    def capabilities(self) -> TransportCapabilities:
+        return TransportCapabilities(self.size, in_flight=True)
 
     def exchange_counts(self, send_counts_R: torch.Tensor) -> torch.Tensor:
         if self.size == 1:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from piper_ds.comm import hier_dedup
-from piper_ds.comm.alltoall import FlatAllToAll
+from piper_ds.comm.alltoall import FlatAllToAll, TransportCapabilities
 from piper_ds.comm.hier_dedup import DedupPlan
 from piper_ds.comm.hier_plan import (ExchangePlan, Message, Stage, build_plan, lane_vector_for,
                                      lanes_from_counts_exchange)
@@ -193,6 +193,10 @@ class HierarchicalAllToAll:
         W, N, L = self.size, self.layout.num_nodes, self.layout.local_size
         ones = [1] * W
         self._counts_plan = build_plan(self.layout, self.me, ones, ones, [[1] * L for _ in range(N)])
+
+    @property
+    def capabilities(self) -> TransportCapabilities:
+        return TransportCapabilities(self.size, plans_exchange=True, node_dedup=self.node_dedup)
 
     def __repr__(self) -> str:
         dedup = ", node dedup" if self.node_dedup else ""

@@ -57,7 +57,14 @@ class MoEConfig(BaseModel):
         "with transport 'hierarchical'; with 'auto' resolving to hierarchical (EP across nodes) a warning says it "
         "is unused.")
     kernels: Literal["auto", "cuda", "reference"] = Field(
-        "auto", description="Gating/permutation kernels: fused CUDA ops when built ('auto'), forced, or PyTorch.")
+        "auto", description="Router, dispatch and activation kernels: the fused ops when built ('auto'), forced "
+        "('cuda'), or PyTorch throughout ('reference'; the experts still use torch._grouped_mm on CUDA).")
+    cuda_graph: bool = Field(
+        False,
+        description="ep_size 1 only: capture the layer's forward and backward as CUDA graphs (one per token count) "
+        "and replay them, which removes the host's launch cost. Each forward must be followed by its backward "
+        "before the layer's next forward (no pipeline micro-batches in flight, no activation checkpointing of "
+        "the layer); eval and no-grad forwards run eagerly. See piper_ds/moe/graphed.py.")
 
     # ---- experts ------------------------------------------------------------------------------------
     activation: Literal["swiglu", "gelu"] = Field(
@@ -72,6 +79,9 @@ class MoEConfig(BaseModel):
         if self.overlap_chunks > 1 and self.transport == "hierarchical":
             raise ValueError(f"overlap_chunks ({self.overlap_chunks}) needs transport 'flat' or 'auto' (it overlaps "
                              f"the flat all-to-all), got transport {self.transport!r}")
+        if self.cuda_graph and self.kernels == "reference":
+            raise ValueError("cuda_graph needs the fused kernels (kernels 'auto' or 'cuda'): the PyTorch reference "
+                             "plans wait for the device, which a CUDA graph cannot capture")
         if self.node_dedup and self.transport == "flat":
             raise ValueError(f"node_dedup ({self.node_dedup}) needs transport 'hierarchical' or 'auto', got "
                              f"transport {self.transport!r}")

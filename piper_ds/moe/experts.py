@@ -1,10 +1,13 @@
-"""The local experts of one rank as stacked weights, run with one grouped GEMM per matrix.
+"""The local experts of one rank as stacked weights, run by :func:`piper_ds.ops.experts.grouped_mlp`.
 
-Parameters are stacked ``[E_local, ...]`` tensors (``w1``/``w3``: [E_local, D, F], ``w2``: [E_local, F, D]) so a
-grouped GEMM (``torch._grouped_mm``) runs all local experts in one launch. For DeepSpeed they still look like
-DeepSpeed-MoE experts: every parameter is tagged ``allreduce=False`` and ``group_name='ep_size_N'`` (ZeRO
-shards them over the expert-data-parallel group) and the state dict is written per expert under
-``deepspeed_experts.<local id>.<w>``, the keys DeepSpeed's MoE checkpointing splits into one file per expert.
+Parameters: ``w_up`` [E_local, D, W] and ``w_down`` [E_local, F, D]. For SwiGLU experts W = 2F and ``w_up`` holds
+each expert's gate (``w1``) and up (``w3``) projections side by side, ``[..., :F]`` and ``[..., F:]``, so both run
+as one grouped GEMM; for GELU experts W = F and ``w_up`` is ``w1``. ``w1``, ``w2`` and ``w3`` are read-only views.
+
+For DeepSpeed they still look like DeepSpeed-MoE experts: every parameter is tagged ``allreduce=False`` and
+``group_name='ep_size_N'`` (ZeRO shards them over the expert-data-parallel group) and the state dict is written
+per expert under ``deepspeed_experts.<local id>.w1`` / ``w2`` / ``w3``, the keys DeepSpeed's MoE checkpointing
+splits into one file per expert (and loads back, stacked and joined again).
 """
 from __future__ import annotations
 
@@ -14,26 +17,10 @@ import torch
 from torch import nn
 
 from piper_ds.moe.config import MoEConfig
+from piper_ds.ops.experts import grouped_mlp
 
 _WEIGHTS = ("w1", "w2", "w3")
 _PER_EXPERT = "deepspeed_experts"
-
-
-def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor,
-               counts_list: Optional[List[int]] = None) -> torch.Tensor:
-    """Rows of x grouped by expert (``counts_E`` rows each, in order) times that expert's matrix: [N, M].
-
-    CUDA bf16 uses one ``torch._grouped_mm`` launch; elsewhere a loop of matmuls (exact, used by CPU tests).
-    """
-    if x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-        offs = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        return torch._grouped_mm(x_ND, w_EKM, offs=offs)
-    counts_list = counts_E.tolist() if counts_list is None else counts_list
-    # unbind, not w[e]: the backward of E selects would allocate E full-size zero gradients
-    outs = [chunk @ w for chunk, w, n in zip(torch.split(x_ND, counts_list), w_EKM.unbind(0), counts_list) if n > 0]
-    if not outs:  # no rows: still connect x and w, so every rank's gradient hooks fire (ZeRO counts on them)
-        return x_ND.new_zeros(0, w_EKM.shape[-1]) + 0 * (w_EKM.sum() + x_ND.sum())
-    return torch.cat(outs)
 
 
 class GroupedExperts(nn.Module):
@@ -43,56 +30,92 @@ class GroupedExperts(nn.Module):
                  global_ids: List[int], init_seed: int, init_std: float = 0.02):
         super().__init__()
         self.num_local, self.hidden_size, self.d_ffn = num_local, hidden_size, d_ffn
-        self.swiglu = config.activation == "swiglu"
-        shapes = {"w1": (hidden_size, d_ffn), "w2": (d_ffn, hidden_size)}
-        if self.swiglu:
-            shapes["w3"] = (hidden_size, d_ffn)
-        for name, shape in shapes.items():
-            # Each expert draws from a generator seeded by (seed, global id, matrix): the same global weights
-            # whatever the EP layout, and distinct experts on every EP rank.
-            data = torch.stack([self._init(shape, init_seed, e, name, init_std) for e in global_ids]) if global_ids \
-                else torch.empty((0, ) + shape)
-            param = nn.Parameter(data)
+        self.activation = config.activation
+        self.backend = "reference" if config.kernels == "reference" else config.kernels
+        width = 2 * d_ffn if self.swiglu else d_ffn
+        for name, shape in (("w_up", (num_local, hidden_size, width)), ("w_down", (num_local, d_ffn, hidden_size))):
+            param = nn.Parameter(torch.empty(shape))
             param.allreduce = False
             param.group_name = group_name
             self.register_parameter(name, param)
+        self.init_experts(global_ids, init_seed, init_std)
         self._register_state_dict_hook(_per_expert_state_dict)
         self._register_load_state_dict_pre_hook(_stack_per_expert_state_dict)
+
+    @property
+    def swiglu(self) -> bool:
+        return self.activation == "swiglu"
 
     @staticmethod
     def _init(shape, seed: int, expert: int, name: str, std: float) -> torch.Tensor:
         gen = torch.Generator().manual_seed((seed * 1_000_003 + expert * 3 + _WEIGHTS.index(name)) % (2**63))
         return torch.randn(shape, generator=gen) * std
 
-    def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-        """x_ND: rows grouped by local expert slot, ``counts_L`` rows each. Returns [N, D] in x's dtype."""
-        counts_list = None if x_ND.is_cuda else counts_L.tolist()
-        w1, w2 = self.w1.to(x_ND.dtype), self.w2.to(x_ND.dtype)
-        h = grouped_mm(x_ND, w1, counts_L, counts_list)
-        if self.swiglu:
-            h = nn.functional.silu(h) * grouped_mm(x_ND, self.w3.to(x_ND.dtype), counts_L, counts_list)
-        else:
-            h = nn.functional.gelu(h)
-        return grouped_mm(h, w2, counts_L, counts_list)
+    @torch.no_grad()
+    def init_experts(self, global_ids: List[int], seed: int, std: float = 0.02) -> None:
+        """Draws the weights of experts ``global_ids`` (in slot order) into this module's parameters. Each expert
+        and matrix draws from a generator seeded by (seed, global id, matrix): the same global weights whatever
+        the EP layout, and distinct experts on every EP rank."""
+        if len(global_ids) != self.num_local:
+            raise ValueError(f"init_experts: {len(global_ids)} expert ids for {self.num_local} local slots")
+        D, F = self.hidden_size, self.d_ffn
+        for slot, e in enumerate(global_ids):
+            up = [self._init((D, F), seed, e, "w1", std)] + ([self._init((D, F), seed, e, "w3", std)]
+                                                               if self.swiglu else [])
+            self.w_up[slot].copy_(torch.cat(up, dim=1))
+            self.w_down[slot].copy_(self._init((F, D), seed, e, "w2", std))
+
+    @property
+    def w1(self) -> torch.Tensor:
+        """[E_local, D, F] gate (SwiGLU) or up (GELU) projections: a view of ``w_up``."""
+        return self.w_up[..., :self.d_ffn]
+
+    @property
+    def w3(self) -> Optional[torch.Tensor]:
+        """[E_local, D, F] up projections of SwiGLU experts (a view of ``w_up``); None for GELU experts."""
+        return self.w_up[..., self.d_ffn:] if self.swiglu else None
+
+    @property
+    def w2(self) -> torch.Tensor:
+        """[E_local, F, D] down projections (``w_down``)."""
+        return self.w_down
+
+    def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor,
+                offsets_L: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_ND: rows grouped by local expert slot, ``counts_L`` rows each (``offsets_L``: their int32 cumsum,
+        when the plan has it). Rows past the counts are ignored. Returns [N, D] in x's dtype."""
+        return grouped_mlp(x_ND, self.w_up, self.w_down, counts_L, offsets_L, self.activation, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_local}, hidden={self.hidden_size}, d_ffn={self.d_ffn}, {self.activation}"
 
 
 def _per_expert_state_dict(module: GroupedExperts, state_dict, prefix: str, local_metadata) -> None:
-    """Rewrites ``<prefix>w1`` [E_local, ...] into ``<prefix>deepspeed_experts.<i>.w1`` (DeepSpeed's layout)."""
-    for name in _WEIGHTS:
-        key = prefix + name
-        if key in state_dict:
-            stacked = state_dict.pop(key)
-            for i in range(stacked.shape[0]):
-                state_dict[f"{prefix}{_PER_EXPERT}.{i}.{name}"] = stacked[i]
+    """Rewrites ``w_up`` / ``w_down`` [E_local, ...] into ``<prefix>deepspeed_experts.<i>.w1/w2/w3`` (views)."""
+    up, down = state_dict.pop(prefix + "w_up", None), state_dict.pop(prefix + "w_down", None)
+    if up is None or down is None:
+        return
+    F = module.d_ffn
+    for i in range(up.shape[0]):
+        state_dict[f"{prefix}{_PER_EXPERT}.{i}.w1"] = up[i, :, :F]
+        if module.swiglu:
+            state_dict[f"{prefix}{_PER_EXPERT}.{i}.w3"] = up[i, :, F:]
+        state_dict[f"{prefix}{_PER_EXPERT}.{i}.w2"] = down[i]
 
 
 def _stack_per_expert_state_dict(state_dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys,
                                  error_msgs) -> None:
-    """Inverse of :func:`_per_expert_state_dict` at load time (also accepts the stacked form)."""
+    """Inverse of :func:`_per_expert_state_dict` at load time (also accepts the stacked ``w_up``/``w_down``)."""
+    stacked = {}
     for name in _WEIGHTS:
         keys = [f"{prefix}{_PER_EXPERT}.{i}.{name}" for i in range(_count_experts(state_dict, prefix, name))]
         if keys:
-            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+            stacked[name] = torch.stack([state_dict.pop(k) for k in keys])
+    if "w1" in stacked:
+        state_dict[prefix + "w_up"] = torch.cat([stacked["w1"], stacked["w3"]], dim=2) if "w3" in stacked \
+            else stacked["w1"]
+    if "w2" in stacked:
+        state_dict[prefix + "w_down"] = stacked["w2"]
 
 
 def _count_experts(state_dict, prefix: str, name: str) -> int:

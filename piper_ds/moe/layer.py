@@ -11,10 +11,11 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from piper_ds.comm.alltoall import FlatAllToAll, make_transport
-from piper_ds.moe import dispatch, overlapped
+from piper_ds.comm.alltoall import make_transport
 from piper_ds.moe.config import MoEConfig
+from piper_ds.moe.dispatcher import Dispatcher, make_dispatcher
 from piper_ds.moe.experts import GroupedExperts
+from piper_ds.moe.graphed import GraphedLayer
 from piper_ds.moe.placement import ExpertPlacement
 from piper_ds.moe.router import TopKGateFP32
 from piper_ds.ops import reference
@@ -37,32 +38,25 @@ class FeedForward(nn.Module):
 
 
 class _MoECore(nn.Module):
-    """Router + local experts + the EP transport; lives at ``<layer>.deepspeed_moe`` like DeepSpeed's MOELayer."""
+    """Router + local experts + the dispatcher; lives at ``<layer>.deepspeed_moe`` like DeepSpeed's MOELayer."""
 
-    def __init__(self, gate: TopKGateFP32, experts: GroupedExperts):
+    def __init__(self, gate: TopKGateFP32, experts: GroupedExperts, dispatcher: Dispatcher):
         super().__init__()
-        self.gate, self.experts = gate, experts
+        self.gate, self.experts, self.dispatcher = gate, experts, dispatcher
         self.ep_group = None
-        self.transport = FlatAllToAll(None)
 
     def _set_ep_group(self, ep_group) -> None:  # DeepSpeed's MOELayer hook, called by set_deepspeed_parallelism
         self.ep_group = ep_group
 
 
-def _select_ops(kind: str) -> Tuple[dispatch.Ops, Any]:
-    """The planning ops and gating function for ``kernels`` = 'auto' | 'cuda' | 'reference'."""
-    if kind == "reference":
-        return dispatch.Ops(), None
-    try:
-        from piper_ds.ops import gating, permute
-    except ImportError:
-        if kind == "cuda":
-            raise ValueError("kernels='cuda' but piper_ds.ops kernels are not available in this installation")
-        return dispatch.Ops(), None
-    backend = "cuda" if kind == "cuda" else "auto"
-    ops = dispatch.Ops(send_plan=functools.partial(permute.send_plan, backend=backend),
-                       expand_plan=functools.partial(permute.expand_plan, backend=backend), rows_backend=backend)
-    return ops, functools.partial(gating.fused_gating, backend=backend)
+_SIDE_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One stream per device for the shared experts (kept out of the module: streams do not deep-copy)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class PiperMoE(MoE):
@@ -81,7 +75,8 @@ class PiperMoE(MoE):
         config: :class:`MoEConfig`, a dict of its fields, or None for defaults; ``overrides`` update it.
 
     ``forward(x [..., D]) -> (y [..., D], l_aux fp32 scalar, tokens_per_expert [E] int64)``, like DeepSpeed's
-    MoE; ``l_aux`` already carries the coefficients (aux + z loss): add it to the training loss.
+    MoE; ``l_aux`` already carries the coefficients (aux + z loss): add it to the training loss. On CUDA the
+    shared experts run on a side stream while the routed experts run, joined before the sum.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, d_ffn: int, ep_size: int = 1,
@@ -96,6 +91,9 @@ class PiperMoE(MoE):
         if num_experts % ep_size:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size})")
         cfg.validate_for(num_experts)
+        if cfg.cuda_graph and ep_size > 1:
+            raise ValueError(f"cuda_graph needs ep_size 1 (the all-to-all's counts reach the host), got ep_size "
+                             f"{ep_size}")
         self.config, self.hidden_size, self.d_ffn = cfg, hidden_size, d_ffn
         self.num_experts, self.ep_size = num_experts, ep_size
         self.num_local_experts = num_experts // ep_size
@@ -109,17 +107,23 @@ class PiperMoE(MoE):
         gate = TopKGateFP32(hidden_size, num_experts, cfg)
         experts = GroupedExperts(hidden_size, d_ffn, self.num_local_experts, cfg, self.expert_group_name,
                                  self.placement.local_experts(self.ep_rank), init_seed)
-        self.deepspeed_moe = _MoECore(gate, experts)
+        # until the engine binds the EP group (bind_ep_group), only ep_size 1 can dispatch
+        dispatcher = make_dispatcher(self.placement, cfg.kernels) if ep_size == 1 else _Unbound(ep_size)
+        self.deepspeed_moe = _MoECore(gate, experts, dispatcher)
         self._init_seed = init_seed
+        self.dp_group = None
         self.shared_mlp = FeedForward(hidden_size, cfg.n_shared_experts * d_ffn, cfg.activation) \
             if cfg.n_shared_experts else None
-        self.ops, gating_fn = _select_ops(cfg.kernels)
-        gate.gating_fn = gating_fn
-        self.last_stats: Dict[str, torch.Tensor] = {}
+        if cfg.kernels != "reference":
+            from piper_ds.ops import gating
+            gate.gating_fn = functools.partial(gating.fused_gating, backend=cfg.kernels)
+        self._graphed = GraphedLayer(self) if cfg.cuda_graph else None
+        self.last_stats: Dict[str, Any] = {}
+        self._rows_sent = []
 
     # ---------------------------------------------------------------------------------- parallelism
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Creates (or reuses) DeepSpeed's EP/expert-DP groups, then binds this rank's experts and transport."""
+        """Creates (or reuses) DeepSpeed's EP/expert-DP groups, then binds this rank's experts and dispatcher."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world % self.ep_size:
             raise ValueError(f"ep_size ({self.ep_size}) must divide the world size ({world})")
@@ -128,34 +132,32 @@ class PiperMoE(MoE):
         self.bind_ep_group(self.deepspeed_moe.ep_group, groups._get_data_parallel_group())
 
     def bind_ep_group(self, ep_group, dp_group=None, topology=None) -> None:
-        """Uses ``ep_group`` for the all-to-all and ``dp_group`` for bias updates; re-draws this rank's experts
-        if the layer was built for another EP rank, so each rank holds the experts the placement gives it."""
+        """Uses ``ep_group`` for the all-to-all (over ``topology``'s nodes: a :class:`Topology`, a gpus-per-node
+        int, or None for the launcher's) and ``dp_group`` for bias updates; builds the dispatcher; re-draws this
+        rank's experts if the layer was built for another EP rank, so each rank holds the experts the placement
+        gives it. The one place a layer's transport and dispatcher are made."""
         self.deepspeed_moe.ep_group, self.dp_group = ep_group, dp_group
         size = dist.get_world_size(ep_group) if ep_group is not None and dist.is_initialized() else 1
         if size != self.ep_size:
             raise ValueError(f"EP group has {size} ranks but the layer was built with ep_size={self.ep_size}")
         ep_rank = dist.get_rank(ep_group) if size > 1 else 0
-        self.deepspeed_moe.transport = make_transport(self.config.transport, ep_group, topology,
-                                                      node_dedup=self.config.node_dedup)
-        if self.config.overlap_chunks > 1 and not hasattr(self.deepspeed_moe.transport, "start"):
-            warnings.warn(f"PiperMoE: overlap_chunks={self.config.overlap_chunks} is not used: transport 'auto' "
-                          "chose the hierarchical all-to-all (the EP group spans nodes), which runs unchunked")
+        cfg = self.config
+        transport = make_transport(cfg.transport, ep_group, topology, node_dedup=cfg.node_dedup) if size > 1 \
+            else None
+        if transport is not None and cfg.overlap_chunks > 1 and transport.capabilities.plans_exchange:
+            warnings.warn(f"PiperMoE: overlap_chunks={cfg.overlap_chunks} is not used: transport 'auto' chose the "
+                          "hierarchical all-to-all (the EP group spans nodes), which runs unchunked")
+        timer = self.deepspeed_moe.dispatcher.timer
+        self.deepspeed_moe.dispatcher = make_dispatcher(self.placement, cfg.kernels, transport, cfg.overlap_chunks)
+        self.deepspeed_moe.dispatcher.timer = timer
         if ep_rank != self.ep_rank:  # built for another EP rank: hold the experts the placement gives this one
             self.ep_rank = ep_rank
-            self._reinit_local_experts()
-
-    @torch.no_grad()
-    def _reinit_local_experts(self) -> None:
-        experts = self.deepspeed_moe.experts
-        ids = self.placement.local_experts(self.ep_rank)
-        for name, param in experts.named_parameters():
-            fresh = torch.stack([GroupedExperts._init(param.shape[1:], self._init_seed, e, name, 0.02) for e in ids])
-            param.copy_(fresh.to(param.device, param.dtype))
+            self.deepspeed_moe.experts.init_experts(self.placement.local_experts(ep_rank), self._init_seed)
 
     @torch.no_grad()
     def update_selection_bias(self) -> None:
         """Aux-loss-free balancing step (call once per optimizer step; no-op when bias_update_rate is 0)."""
-        self.deepspeed_moe.gate.update_selection_bias(getattr(self, "dp_group", None))
+        self.deepspeed_moe.gate.update_selection_bias(self.dp_group)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor,
@@ -166,31 +168,53 @@ class PiperMoE(MoE):
             raise ValueError(f"hidden states have last dim {hidden_states.shape[-1]}, "
                              f"but the layer's hidden_size is {self.hidden_size}")
         x_TD = hidden_states.reshape(-1, self.hidden_size)
-        core = self.deepspeed_moe
         if self.placement.rank_of.device != x_TD.device:
             self.placement.to(x_TD.device)
+        if self._graphed is not None and self._graphed.applies(x_TD):
+            out, l_aux, counts, dropped, aux, z = self._graphed(x_TD)
+        else:
+            out, l_aux, counts, dropped, aux, z = self.layer_tensors(x_TD)
+        self.last_stats = {"tokens_per_expert": counts.detach(), "dropped": dropped.detach(),
+                           "assignments": x_TD.shape[0] * self.config.top_k, "aux_loss": aux.detach(),
+                           "z_loss": z.detach(), "rows_sent_R": self._rows_sent}
+        return out.view(hidden_states.shape), l_aux, counts
+
+    def layer_tensors(self, x_TD: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The layer on [T, D] rows: (out [T, D], l_aux, tokens_per_expert [E], dropped, aux loss, z loss), all
+        tensors (what a CUDA graph of the layer captures)."""
+        core = self.deepspeed_moe
         route = core.gate(x_TD)
         topk_idx = self._drop_over_capacity(route.topk_idx_TK)
-        if hasattr(core.transport, "start"):  # flat: one host wait, chunks' all-to-alls under the experts
-            chunks = self.config.overlap_chunks if self.ep_size > 1 else 1
-            out, self.last_send_counts = overlapped.run(x_TD, topk_idx, route.topk_weights_TK, self.placement,
-                                                        core.transport, self.ops, core.experts, chunks)
-        else:  # a transport that plans its exchange (hierarchical): the phases one after the other
-            state = dispatch.preprocess(x_TD, topk_idx, route.topk_weights_TK, self.placement, core.transport,
-                                        self.ops)
-            state = dispatch.dispatch(state, core.transport)
-            h_ND = dispatch.postprocess(state, self.num_local_experts, self.ops)
-            y_ND = core.experts(h_ND, state.tokens_per_slot_L)
-            out = dispatch.combine(state, y_ND, core.transport, self.ops)
-            self.last_send_counts = state.send_counts
-        # last_send_counts: rows sent to each EP rank (host ints, for all-to-all accounting)
-        if self.shared_mlp is not None:
-            out = out + self.shared_mlp(x_TD)
-        l_aux = route.aux_loss + route.z_loss
-        self.last_stats = {"tokens_per_expert": route.tokens_per_expert_E.detach(),
-                           "dropped": (topk_idx < 0).sum().detach(), "assignments": torch.tensor(topk_idx.numel()),
-                           "aux_loss": route.aux_loss.detach(), "z_loss": route.z_loss.detach()}
-        return out.view(hidden_states.shape), l_aux, route.tokens_per_expert_E
+        shared = self._start_shared(x_TD)
+        result = core.dispatcher(x_TD, topk_idx, route.topk_weights_TK, core.experts,
+                                 bounded=self.config.capacity_factor is not None)
+        self._rows_sent = result.rows_sent_R  # rows sent to each EP rank (host ints, [] at ep_size 1)
+        out = result.out_TD if shared is None else result.out_TD + self._join_shared(shared)
+        dropped = (topk_idx < 0).sum()
+        return out, route.aux_loss + route.z_loss, route.tokens_per_expert_E, dropped, route.aux_loss, route.z_loss
+
+    def _start_shared(self, x_TD: torch.Tensor):
+        """The shared experts' output, started on a side stream on CUDA (so they run beside the routed path)."""
+        if self.shared_mlp is None:
+            return None
+        if not x_TD.is_cuda:
+            return self.shared_mlp(x_TD)
+        main, side = torch.cuda.current_stream(x_TD.device), _side_stream(x_TD.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            y = self.shared_mlp(x_TD)
+        if not torch.cuda.is_current_stream_capturing():  # a captured graph keeps its memory anyway
+            x_TD.record_stream(side)  # x's memory must outlive the side stream's use of it
+        return y
+
+    @staticmethod
+    def _join_shared(y: torch.Tensor) -> torch.Tensor:
+        if y.is_cuda:
+            main = torch.cuda.current_stream(y.device)
+            main.wait_stream(_side_stream(y.device))
+            if not torch.cuda.is_current_stream_capturing():
+                y.record_stream(main)  # made on the side stream, read and freed on this one
+        return y
 
     def _drop_over_capacity(self, topk_idx_TK: torch.Tensor) -> torch.Tensor:
         cf = self.config.capacity_factor
@@ -205,3 +229,15 @@ class PiperMoE(MoE):
         return (f"hidden={self.hidden_size}, experts={self.num_experts} (local {self.num_local_experts}), "
                 f"d_ffn={self.d_ffn}, top_k={c.top_k}, ep_size={self.ep_size}, score={c.score_func}, "
                 f"shared={c.n_shared_experts}, capacity={c.capacity_factor or 'dropless'}")
+
+
+class _Unbound(Dispatcher):
+    """The dispatcher of an ep_size > 1 layer before its EP group is bound: refuses to run."""
+
+    def __init__(self, ep_size: int):
+        super().__init__(None, "reference")
+        self.ep_size = ep_size
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(f"this PiperMoE has ep_size {self.ep_size} but no EP group yet: run it under the engine "
+                         "(piper_ds.initialize binds the groups) or call layer.bind_ep_group(group) first")

@@ -22,6 +22,32 @@ class RouterOutput(NamedTuple):
     tokens_per_expert_E: torch.Tensor
 
 
+class _RouterLogits(torch.autograd.Function):
+    """fp32 logits of bf16/fp16 x and router weight from one GEMM with fp32 output (no fp32 copy of x kept for
+    backward); gradients computed in fp32, as ``linear(x.float(), w.float())`` gives them."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TD, w_ED)
+        return torch.mm(x_TD, w_ED.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_TE: torch.Tensor):
+        x_TD, w_ED = ctx.saved_tensors
+        grad_x = (grad_TE @ w_ED.float()).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad_TE.t() @ x_TD.float()).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """Router logits [T, E] in fp32 whatever the model dtype (bf16 products are exact in fp32, so one GEMM with
+    fp32 output equals the fp32 GEMM of the upcast operands up to summation order)."""
+    if x_TD.is_cuda and x_TD.dtype in (torch.bfloat16, torch.float16) and weight_ED.dtype == x_TD.dtype:
+        return _RouterLogits.apply(x_TD, weight_ED)
+    return nn.functional.linear(x_TD.float(), weight_ED.float())
+
+
 class TopKGateFP32(nn.Module):
     """Router of one MoE layer. Math is fp32 whatever the model dtype.
 
@@ -41,19 +67,29 @@ class TopKGateFP32(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.config
-        logits = nn.functional.linear(x_TD.float(), self.wg.weight.float())
+        logits = router_logits(x_TD, self.wg.weight)
         use_bias = cfg.bias_update_rate > 0
         # positional: the fused kernel and the reference share this argument order
         gate = (self.gating_fn or reference.gating_reference)(
             logits, cfg.top_k, cfg.score_func, self.selection_bias if use_bias else None, cfg.n_groups,
             cfg.topk_groups, cfg.normalize_weights, cfg.routed_scaling_factor)
         zero = logits.sum() * 0.0
-        aux = cfg.aux_loss_coef * reference.aux_loss_reference(gate.scores_TE, gate.topk_idx_TK, cfg.aux_loss_type) \
-            if cfg.aux_loss_coef > 0 and self.training else zero
+        aux = zero
+        if cfg.aux_loss_coef > 0 and self.training:
+            aux = cfg.aux_loss_coef * self._aux_loss(gate)
         z = cfg.z_loss_coef * reference.z_loss_reference(logits) if cfg.z_loss_coef > 0 and self.training else zero
         if use_bias and self.training:
             self.pending_load += gate.tokens_per_expert_E.float()
         return RouterOutput(gate.topk_idx_TK, gate.topk_weights_TK, aux, z, gate.tokens_per_expert_E)
+
+    def _aux_loss(self, gate) -> torch.Tensor:
+        """The load-balancing loss (``aux_loss_reference``); 'switch' from the router's own counts (a dot product
+        of the mean scores and the counts: four launches instead of the reference's nine)."""
+        T, K = gate.topk_idx_TK.shape
+        if self.config.aux_loss_type != "switch" or T == 0:
+            return reference.aux_loss_reference(gate.scores_TE, gate.topk_idx_TK, self.config.aux_loss_type)
+        mean_scores = gate.scores_TE.float().mean(dim=0)
+        return torch.dot(mean_scores, gate.tokens_per_expert_E.to(mean_scores.dtype)) * (self.num_experts / (T * K))
 
     @torch.no_grad()
     def update_selection_bias(self, group: Optional[dist.ProcessGroup] = None) -> None:

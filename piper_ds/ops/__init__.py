@@ -1,12 +1,20 @@
 """Kernels of the MoE layer with their PyTorch references (``reference.py``, the oracle).
 
-``fused_gating`` (router) and ``send_plan`` / ``expand_plan`` / ``combine_index`` / ``permute_rows`` /
-``combine_rows`` (dispatch) run compiled ops when available (CUDA kernels, or the C++ CPU implementation) and the
-references otherwise; the ``backend`` argument of each says which ("auto" | "cuda" | "cpu" | "reference").
+Every op runs a compiled implementation when available (CUDA kernels, or the C++ CPU implementation) and its
+reference otherwise; the ``backend`` argument of each says which ("auto" | "cuda" | "cpu" | "reference"):
+
+* ``fused_gating`` (router: scores, top-k, weights, counts);
+* ``send_plan`` / ``route_plan`` (dispatch plans) and ``expand_rows`` / ``reduce_rows`` (row movement along a fan
+  index, :mod:`piper_ds.ops.plans`);
+* ``activation_forward`` / ``activation_backward`` (SwiGLU, GELU) and ``grouped_mlp`` (the experts).
+
 Importing this package builds nothing and does not import DeepSpeed.
 """
+from piper_ds.ops.activation import activation_backward, activation_forward
+from piper_ds.ops.experts import grouped_mlp
 from piper_ds.ops.gating import fused_gating
-from piper_ds.ops.permute import RowInverse, combine_index, combine_rows, expand_plan, permute_rows, send_plan
+from piper_ds.ops.permute import expand_rows, reduce_rows, route_plan, send_plan
+from piper_ds.ops.plans import RoutePlan, SendPlan
 
-__all__ = ["fused_gating", "send_plan", "expand_plan", "combine_index", "permute_rows", "combine_rows",
-           "RowInverse"]
+__all__ = ["fused_gating", "send_plan", "route_plan", "expand_rows", "reduce_rows", "activation_forward",
+           "activation_backward", "grouped_mlp", "SendPlan", "RoutePlan"]

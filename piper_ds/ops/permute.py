@@ -1,33 +1,36 @@
-"""Token permutation for MoE dispatch: send/expand plans (counting sorts) and row gather/combine with autograd.
+"""Token permutation for MoE dispatch: plans (counting sorts) and row movement along fan indices, with autograd.
 
 Each function computes exactly its reference in :mod:`piper_ds.ops.reference` and picks its implementation by
-``backend`` ("auto" | "cuda" | "cpu" | "reference", see ``op_builder/loader.py``). Extensions over the references:
+``backend`` ("auto" | "cuda" | "cpu" | "reference", see ``op_builder/loader.py``); the plan types and the fan
+index are described in :mod:`piper_ds.ops.plans`.
 
-* ``expand_plan(..., align=a)`` pads every local expert's group to a multiple of ``a`` rows for grouped GEMMs;
-  padding rows have ``row_idx_N == pair_N == -1`` and weight 0, and ``tokens_per_slot_L`` holds the padded sizes
-  (the real counts are ``(row_idx_N >= 0)`` per group);
-* an index of -1 in ``permute_rows`` gives a zero row, and in ``combine_rows`` skips that input row;
-* fp64 rows accumulate in fp64 (gradcheck); every other dtype accumulates in fp32, as the reference does;
-* ``combine_index(index, num_out)`` builds the inverse of a row index (a CSR, :class:`RowInverse`) that
-  ``combine_rows(..., inverse=)`` and the backward of ``permute_rows(..., inverse=)`` read. Build it once per
-  plan: every combine over that index (the forward combine, and the gather's backward) is then one kernel launch
-  instead of the inverse's build (about four launches) plus the combine. Without it each call builds its own.
-  The inverse is trusted: it must be ``combine_index`` of the same index and row count (checked: shapes, dtype,
-  device). The reference backend ignores it.
+* :func:`send_plan` (ep > 1): one row per (token, destination rank), and the fan index ``pos_TR``;
+* :func:`route_plan`: the (row, k) pairs bound for the local experts, grouped by slot, with their fan index
+  ``pos_RK`` and the grouped GEMM's int32 offsets. At ep = 1 it reads the router's top-k through the placement's
+  slot map, so nothing else runs between the router and the experts;
+* :func:`expand_rows` (out[pos[r, k]] = x[r]) and :func:`reduce_rows` (out[r] = sum_k w[r, k] * y[pos[r, k]]):
+  each one launch forward and one launch backward, no atomics, deterministic.
 
-Shapes: T tokens, K top-k, E experts, R ranks, S sent rows, N expanded rows, D model dim, L local experts.
+Plans can be built without waiting for the device: pass ``num_rows`` when the row count is known (the
+dispatcher exchanges it with the counts), or ``bounded=True`` (route_plan) to allocate one row per pair. Rows that
+no pair points at (a bounded plan's tail) are left unwritten by the CUDA kernels: they are never read.
+
+Shapes: T tokens, K top-k, E experts, R ranks / wide rows, S sent rows, N expanded rows, D model dim, L local
+experts.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from piper_ds.ops.reference import (ExpandPlan, RowInverse, SendPlan, combine_index_reference, combine_rows_reference,
-                                    expand_plan_reference, permute_rows_reference, send_plan_reference)
+from piper_ds.ops.plans import RoutePlan, SendPlan
+from piper_ds.ops.reference import (expand_rows_reference, reduce_rows_reference, route_plan_reference,
+                                    send_plan_reference)
 
-__all__ = ["send_plan", "expand_plan", "combine_index", "permute_rows", "combine_rows", "SendPlan", "ExpandPlan",
-           "RowInverse"]
+__all__ = ["send_plan", "route_plan", "expand_rows", "reduce_rows", "SendPlan", "RoutePlan"]
+
+_MAX_FAN = 32  # the row kernels stage a row's fan in one warp
 
 
 def _get_op(device: torch.device, backend: str):
@@ -36,22 +39,6 @@ def _get_op(device: torch.device, backend: str):
     except ImportError:  # a source checkout that is not pip-installed: op_builder/ is top level
         from op_builder import loader
     return loader.get_op("permute", device.type, backend)
-
-
-def _check_index(index: torch.Tensor, name: str = "index") -> None:
-    if not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
-        raise TypeError(f"{name} must be an int64 torch.Tensor, got "
-                        f"{index.dtype if isinstance(index, torch.Tensor) else type(index).__name__}")
-    if index.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
-
-
-def _check_rows(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating torch.Tensor, got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(x.shape)}")
 
 
 def _check_num_rows(num_rows: Optional[int]) -> int:
@@ -68,19 +55,22 @@ def _check_known(rows: int, known: int, what: str) -> None:
         raise ValueError(f"{what}: num_rows is {known} but the plan has {rows} rows")
 
 
-def _inverse_args(inverse: Optional[RowInverse], index: torch.Tensor, num_out: int) -> Tuple:
-    """(starts, rows) for the op, or (None, None); checks what is cheap to check (type, shapes, device)."""
-    if inverse is None:
-        return None, None
-    if not isinstance(inverse, RowInverse):
-        raise TypeError(f"inverse must be a RowInverse (from combine_index), got {type(inverse).__name__}")
-    starts, rows = inverse
-    if tuple(starts.shape) != (num_out + 1,) or tuple(rows.shape) != tuple(index.shape):
-        raise ValueError(f"inverse has shapes {tuple(starts.shape)} and {tuple(rows.shape)}, expected "
-                         f"({num_out + 1},) and {tuple(index.shape)}: build it with combine_index(index, {num_out})")
-    if starts.device != index.device or rows.device != index.device:
-        raise ValueError(f"inverse ({starts.device}) and index ({index.device}) must be on the same device")
-    return starts, rows
+def _check_rows(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating torch.Tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(x.shape)}")
+
+
+def _check_pos(pos_RK: torch.Tensor, rows: int, rows_name: str) -> None:
+    if not isinstance(pos_RK, torch.Tensor) or pos_RK.dtype != torch.int64:
+        raise TypeError(f"pos_RK must be an int64 torch.Tensor, got "
+                        f"{pos_RK.dtype if isinstance(pos_RK, torch.Tensor) else type(pos_RK).__name__}")
+    if pos_RK.dim() != 2 or pos_RK.shape[1] > _MAX_FAN:
+        raise ValueError(f"pos_RK must be 2-D [rows, fan] with fan <= {_MAX_FAN}, got shape {tuple(pos_RK.shape)}")
+    if pos_RK.shape[0] != rows:
+        raise ValueError(f"pos_RK has {pos_RK.shape[0]} rows but {rows_name} has {rows}")
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -90,7 +80,7 @@ def send_plan(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, expert_r
     """One row per (token, destination rank) pair, rank-major then token order (see ``send_plan_reference``).
 
     topk_idx_TK int64 [T, K] (-1 = dropped), topk_weights_TK [T, K], expert_rank_E / expert_slot_E int [E].
-    Returns SendPlan(token_idx_S, send_counts_R, slots_SK, weights_SK); weights_SK is differentiable.
+    Returns SendPlan(token_idx_S, send_counts_R, slots_SK, weights_SK, pos_TR); weights_SK is differentiable.
     ``num_rows``: S when the caller knows it (the sum of the row counts it already exchanged). The CUDA op then
     allocates without waiting for the device and skips its input validation; the CPU op and the reference check
     it against their own count (ValueError when they differ).
@@ -108,166 +98,113 @@ def send_plan(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, expert_r
         plan = send_plan_reference(topk_idx_TK, topk_weights_TK, expert_rank_E, expert_slot_E, ep_size)
         _check_known(plan.token_idx_S.numel(), known, "send_plan")
         return plan
-    token_S, counts_R, slots_SK = op.send_plan(topk_idx_TK, expert_rank_E, expert_slot_E, int(ep_size), known)
+    token_S, counts_R, slots_SK, pos_TR = op.send_plan(topk_idx_TK, expert_rank_E, expert_slot_E, int(ep_size),
+                                                       known)
     weights_SK = topk_weights_TK.index_select(0, token_S) * (slots_SK >= 0)
-    return SendPlan(token_S, counts_R, slots_SK, weights_SK)
+    return SendPlan(token_S, counts_R, slots_SK, weights_SK, pos_TR)
 
 
-def _pad_groups(plan: ExpandPlan, align: int) -> ExpandPlan:
-    """PyTorch padding of each group to a multiple of ``align`` rows (-1 rows, weight 0)."""
-    counts = plan.tokens_per_slot_L
-    padded = (counts + align - 1) // align * align
-    start, pstart = counts.cumsum(0) - counts, padded.cumsum(0) - padded
-    group = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    pos = torch.arange(plan.row_idx_N.numel(), device=counts.device) - start[group] + pstart[group]
-    total = int(padded.sum())
-    row = plan.row_idx_N.new_full((total,), -1).index_copy(0, pos, plan.row_idx_N)
-    weight = plan.weight_N.new_zeros(total).index_copy(0, pos, plan.weight_N)
-    pair = plan.pair_N.new_full((total,), -1).index_copy(0, pos, plan.pair_N)
-    return ExpandPlan(row, weight, padded, pair)
+def route_plan(ids_RK: torch.Tensor, num_local: int, slot_map: Optional[torch.Tensor] = None, backend: str = "auto",
+               num_rows: Optional[int] = None, bounded: bool = False) -> RoutePlan:
+    """Groups the (row, k) pairs of ``ids_RK`` by local slot, stable in (row, k) order (see :class:`RoutePlan`).
 
-
-def expand_plan(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int, align: int = 1,
-                backend: str = "auto", num_rows: Optional[int] = None) -> ExpandPlan:
-    """Expands received rows to their local experts, grouped by local slot (see ``expand_plan_reference``).
-
-    slots_RK int64 [R, K] (or [R]) with -1 = not for this rank, weights_RK the matching weights, num_local L.
-    ``align > 1`` pads each group to a multiple of ``align`` rows (row -1, weight 0; padded sizes returned).
-    Returns ExpandPlan(row_idx_N int64, weight_N (differentiable), tokens_per_slot_L int64, pair_N int64):
-    pair_N is the flat (row * K + k) position of each expanded row (-1 on padding rows).
-    ``num_rows``: N when the caller knows it (align 1 only), as in :func:`send_plan`.
+    ids_RK int64 [R, K]: local slots (-1 = not here), or expert ids read through ``slot_map`` int64 [E] (entries
+    < 0: experts held elsewhere). ``num_rows``: the number of pairs for this rank when the caller knows it (no
+    wait on the device; the CUDA op trusts it). ``bounded``: allocate one row per pair instead (no wait; row_N
+    and pair_N are -1 past ``offsets_L[-1]``). Without either, the CUDA op waits once for the count.
     """
-    if slots_RK.dtype != torch.int64:
-        raise TypeError(f"slots_RK must be int64, got {slots_RK.dtype}")
-    if tuple(weights_RK.shape) != tuple(slots_RK.shape):
-        raise ValueError(f"weights_RK {tuple(weights_RK.shape)} must match slots_RK {tuple(slots_RK.shape)}")
+    if not isinstance(ids_RK, torch.Tensor) or ids_RK.dtype != torch.int64 or ids_RK.dim() != 2:
+        raise TypeError(f"ids_RK must be an int64 [R, K] tensor, got "
+                        f"{ids_RK.dtype if isinstance(ids_RK, torch.Tensor) else type(ids_RK).__name__} "
+                        f"{tuple(getattr(ids_RK, 'shape', ()))}")
     if num_local < 1:
         raise ValueError(f"num_local must be >= 1, got {num_local}")
-    if align < 1:
-        raise ValueError(f"align must be >= 1, got {align}")
+    if slot_map is not None and (slot_map.dtype != torch.int64 or slot_map.dim() != 1):
+        raise TypeError(f"slot_map must be int64 [E], got {slot_map.dtype} {tuple(slot_map.shape)}")
     known = _check_num_rows(num_rows)
-    if known >= 0 and align != 1:
-        raise ValueError(f"num_rows ({num_rows}) can only be given with align 1, got align {align}")
-    op = _get_op(slots_RK.device, backend)
+    if known >= 0 and bounded:
+        raise ValueError(f"num_rows ({num_rows}) and bounded=True exclude each other")
+    op = _get_op(ids_RK.device, backend)
     if op is None:
-        plan = expand_plan_reference(slots_RK, weights_RK, num_local)
-        if plan.tokens_per_slot_L.numel() != num_local:
-            raise ValueError(f"slots_RK holds a slot >= num_local ({num_local})")
-        _check_known(plan.row_idx_N.numel(), known, "expand_plan")
-        return _pad_groups(plan, align) if align > 1 else plan
-    row_N, pair_N, per_slot_L = op.expand_plan(slots_RK, int(num_local), int(align), known)
-    flat = weights_RK.reshape(-1)
-    if align > 1:
-        weight_N = torch.where(pair_N >= 0, flat.index_select(0, pair_N.clamp_min(0)), flat.new_zeros(()))
-    else:
-        weight_N = flat.index_select(0, pair_N)
-    return ExpandPlan(row_N, weight_N, per_slot_L, pair_N)
+        plan = route_plan_reference(ids_RK, num_local, slot_map, bounded)
+        if not bounded:
+            _check_known(plan.row_N.numel(), known, "route_plan")
+        return plan
+    return RoutePlan(*op.route_plan(ids_RK, slot_map, int(num_local), known, bool(bounded)))
 
 
 # ------------------------------------------------------------------------------------------ row movement
-def combine_index(index: torch.Tensor, num_out: int, backend: str = "auto") -> RowInverse:
-    """The inverse of ``index`` over ``num_out`` output rows (see :class:`RowInverse`), built once per plan.
-
-    index int64 [N] with values in [-1, num_out). Pass the result as ``inverse=`` to every ``combine_rows`` over
-    this index and to ``permute_rows`` gathering from ``num_out`` rows by it (its backward is such a combine).
-    The CUDA op lists the rows of an output row in any order (the combine sorts up to 32 of them); the CPU op and
-    the reference list them in ascending order.
-    """
-    _check_index(index)
-    if num_out < 0:
-        raise ValueError(f"num_out must be >= 0, got {num_out}")
-    op = _get_op(index.device, backend)
-    if op is None:
-        if index.numel() and not (int(index.min()) >= -1 and int(index.max()) < num_out):
-            raise IndexError(f"combine_index: index values must lie in [-1, {num_out}), got "
-                             f"[{int(index.min())}, {int(index.max())}]")
-        return combine_index_reference(index, num_out)
-    return RowInverse(*op.combine_index(index, int(num_out)))
-
-
-class _PermuteRows(torch.autograd.Function):
-    """out[s] = x[index[s]]; backward: grad_x = combine(grad_out, index) without weights, one launch when the
-    inverse of index is given."""
+class _ExpandRows(torch.autograd.Function):
+    """out[pos[r, k]] = x[r]; backward: grad_x[r] = sum_k grad_out[pos[r, k]] (a reduce without weights)."""
 
     @staticmethod
-    def forward(ctx, x, index, starts, rows, op):
-        ctx.save_for_backward(index, starts, rows)
-        ctx.num_rows, ctx.op = x.shape[0], op
-        return op.gather_rows(x, index, None)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        index, starts, rows = ctx.saved_tensors
-        return ctx.op.combine_rows(grad_out, index, ctx.num_rows, None, starts, rows), None, None, None, None
-
-
-class _CombineRows(torch.autograd.Function):
-    """out[index[n]] += w[n] * y[n]; backward in one launch: grad_y = w * grad_out[index] and
-    grad_w[n] = <y[n], grad_out[index[n]]>. y is kept for backward only when the weight needs a gradient."""
-
-    @staticmethod
-    def forward(ctx, y, index, num_out, weight, starts, rows, op):
-        ctx.need_w = weight is not None and ctx.needs_input_grad[3]
-        ctx.save_for_backward(y if ctx.need_w else None, index, weight)
+    def forward(ctx, x, pos, num_rows, op):
+        ctx.save_for_backward(pos)
         ctx.op = op
-        return op.combine_rows(y, index, num_out, weight, starts, rows)
+        return op.expand_rows(x, pos, num_rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        y, index, weight = ctx.saved_tensors
-        grad_y, grad_w = ctx.op.combine_rows_backward(grad_out, y, index, weight, ctx.needs_input_grad[0],
-                                                      ctx.need_w)
-        return grad_y, None, None, grad_w, None, None, None
+        (pos, ) = ctx.saved_tensors
+        return ctx.op.reduce_rows(grad_out.contiguous(), pos, None), None, None, None
 
 
-def permute_rows(x: torch.Tensor, index: torch.Tensor, backend: str = "auto",
-                 inverse: Optional[RowInverse] = None) -> torch.Tensor:
-    """Gathers rows: out[s] = x[index[s]] (zero row where index is -1). x [M, D], index int64 [S] -> [S, D].
+class _ReduceRows(torch.autograd.Function):
+    """out[r] = sum_k w[r, k] * y[pos[r, k]]; backward in one launch: grad_y[pos[r, k]] = w[r, k] * grad_out[r]
+    and grad_w[r, k] = <y[pos[r, k]], grad_out[r]>. y is kept for backward only when the weight needs a gradient."""
 
-    ``inverse``: ``combine_index(index, M)``, read by the backward (a combine over index) instead of building it.
+    @staticmethod
+    def forward(ctx, y, pos, weight, op):
+        ctx.need_w = weight is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(y if ctx.need_w else None, pos, weight)
+        ctx.num_rows, ctx.op = y.shape[0], op
+        return op.reduce_rows(y, pos, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        y, pos, weight = ctx.saved_tensors
+        grad_y, grad_w = ctx.op.reduce_rows_backward(grad_out.contiguous(), y, pos, weight, ctx.num_rows,
+                                                     ctx.needs_input_grad[0], ctx.need_w)
+        return grad_y, None, grad_w, None
+
+
+def _differentiable(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def expand_rows(x_RD: torch.Tensor, pos_RK: torch.Tensor, num_rows: int, backend: str = "auto") -> torch.Tensor:
+    """Copies wide rows out along a fan index: out[pos[r, k]] = x[r] for pos >= 0. x [R, D] -> [num_rows, D].
+
+    Differentiable in x. Rows no pair points at are zero in the reference and on the CPU, unwritten on the GPU.
     """
-    _check_rows(x, "x")
-    _check_index(index)
-    op = _get_op(x.device, backend)
-    if op is not None:
-        if not (x.requires_grad and torch.is_grad_enabled()):
-            return op.gather_rows(x, index, None)
-        starts, rows = _inverse_args(inverse, index, x.shape[0])
-        return _PermuteRows.apply(x, index, starts, rows, op)
-    valid = index >= 0
-    return permute_rows_reference(x, index.clamp_min(0)).masked_fill(~valid[:, None], 0)
+    _check_rows(x_RD, "x_RD")
+    _check_pos(pos_RK, x_RD.shape[0], "x_RD")
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"num_rows must be an int >= 0, got {num_rows!r}")
+    op = _get_op(x_RD.device, backend)
+    if op is None:
+        return expand_rows_reference(x_RD, pos_RK, num_rows)
+    if not _differentiable(x_RD):
+        return op.expand_rows(x_RD, pos_RK, num_rows)
+    return _ExpandRows.apply(x_RD, pos_RK, num_rows, op)
 
 
-def combine_rows(y: torch.Tensor, index: torch.Tensor, num_out: int, weight: Optional[torch.Tensor] = None,
-                 backend: str = "auto", inverse: Optional[RowInverse] = None) -> torch.Tensor:
-    """Weighted scatter-add: out[index[n]] += weight[n] * y[n] (rows with index -1 skipped).
+def reduce_rows(y_ND: torch.Tensor, pos_RK: torch.Tensor, weight_RK: Optional[torch.Tensor] = None,
+                backend: str = "auto") -> torch.Tensor:
+    """Sums rows back along a fan index: out[r] = sum_k weight[r, k] * y[pos[r, k]] (pos >= 0; k in order).
 
-    y [N, D], index int64 [N], weight [N] or None -> [num_out, D] in y's dtype, accumulated in fp32.
-    ``inverse``: ``combine_index(index, num_out)`` built once per plan; the combine is then one kernel launch.
+    y [N, D], pos_RK int64 [R, K], weight_RK [R, K] or None -> [R, D] in y's dtype, accumulated in fp32 (fp64
+    for fp64 rows). Differentiable in y and the weight.
     """
-    _check_rows(y, "y")
-    _check_index(index)
-    if index.shape[0] != y.shape[0]:
-        raise ValueError(f"index has {index.shape[0]} entries but y has {y.shape[0]} rows")
-    if num_out < 0:
-        raise ValueError(f"num_out must be >= 0, got {num_out}")
-    if weight is not None and tuple(weight.shape) != (y.shape[0],):
-        raise ValueError(f"weight must have shape ({y.shape[0]},), got {tuple(weight.shape)}")
-    op = _get_op(y.device, backend)
-    if op is not None:
-        starts, rows = _inverse_args(inverse, index, int(num_out))
-        needs_grad = y.requires_grad or (weight is not None and weight.requires_grad)
-        if not (needs_grad and torch.is_grad_enabled()):
-            return op.combine_rows(y, index, int(num_out), weight, starts, rows)
-        return _CombineRows.apply(y, index, int(num_out), weight, starts, rows, op)
-    if num_out == 0:
-        if bool((index >= 0).any()):
-            raise IndexError(f"combine_rows: num_out is 0 but index holds row {int(index.max())}")
-        # no rows, but still on the graph: y (and the weight) get their zero gradients, as from the ops
-        anchor = y.sum() * 0 + (weight.sum() * 0 if weight is not None else 0)
-        return y.new_zeros(0, y.shape[1]) + anchor.to(y.dtype)
-    invalid = index < 0
-    w = None if weight is None else weight.masked_fill(invalid, 0)
-    return combine_rows_reference(y.masked_fill(invalid[:, None], 0), index.clamp_min(0), num_out, w)
+    _check_rows(y_ND, "y_ND")
+    _check_pos(pos_RK, pos_RK.shape[0], "pos_RK")
+    if weight_RK is not None and tuple(weight_RK.shape) != tuple(pos_RK.shape):
+        raise ValueError(f"weight_RK must have pos_RK's shape {tuple(pos_RK.shape)}, got {tuple(weight_RK.shape)}")
+    op = _get_op(y_ND.device, backend)
+    if op is None:
+        return reduce_rows_reference(y_ND, pos_RK, weight_RK)
+    if not _differentiable(y_ND, weight_RK):
+        return op.reduce_rows(y_ND, pos_RK, weight_RK)
+    return _ReduceRows.apply(y_ND, pos_RK, weight_RK, op)

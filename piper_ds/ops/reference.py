@@ -4,13 +4,16 @@ These functions are also the production fallback when a fused kernel is not buil
 speed, but none of them loops over tokens in Python, so they are usable on real sizes.
 
 Shape suffixes: T tokens, D model dim, E experts, K top-k, R ranks of the expert-parallel group,
-S rows sent (one per (token, destination rank) pair), N expanded rows (one per (row, local expert) pair).
+S rows sent (one per (token, destination rank) pair), N expanded rows (one per (row, local expert) pair),
+L local experts, F expert hidden size, W = 2F (SwiGLU's gate | up) or F.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
 import torch
+
+from piper_ds.ops.plans import RoutePlan, SendPlan
 
 
 # ------------------------------------------------------------------------------------------------ gating
@@ -114,25 +117,13 @@ def capacity_drop_reference(topk_idx_TK: torch.Tensor, num_experts: int, capacit
 
 
 # ------------------------------------------------------------------------------------- dispatch planning
-class SendPlan(NamedTuple):
-    """Where this rank's token rows go: one row per (token, destination rank), rank-major, token order.
-
-    token_idx_S: int64 source token of every sent row.
-    send_counts_R: int64 rows sent to each rank of the EP group.
-    slots_SK: int64 for each sent row, the destination-local slot of each of the token's K experts that
-        lives on that rank, -1 elsewhere (and for dropped assignments).
-    weights_SK: float32 the matching combine weights, 0 where the slot is -1 (differentiable).
-    """
-
-    token_idx_S: torch.Tensor
-    send_counts_R: torch.Tensor
-    slots_SK: torch.Tensor
-    weights_SK: torch.Tensor
-
-
 def send_plan_reference(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, expert_rank_E: torch.Tensor,
                         expert_slot_E: torch.Tensor, ep_size: int) -> SendPlan:
-    """Dedups routing per destination rank: a token goes once to a rank however many of its experts live there."""
+    """Dedups routing per destination rank: a token goes once to a rank however many of its experts live there.
+
+    Rows are rank-major, then in token order; ``pos_TR[t, r]`` is the row of (token t, rank r), -1 if t sends
+    nothing to r.
+    """
     T, K = topk_idx_TK.shape
     valid = topk_idx_TK >= 0
     safe_idx = topk_idx_TK.clamp_min(0)
@@ -144,76 +135,75 @@ def send_plan_reference(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor
     here_SK = dest_TK[token_S] == rank_S[:, None]
     slots = torch.where(here_SK, expert_slot_E[safe_idx[token_S]], torch.full_like(safe_idx[token_S], -1))
     weights = topk_weights_TK[token_S] * here_SK
-    return SendPlan(token_S, send_counts, slots, weights)
+    pos = torch.full((T, ep_size), -1, dtype=torch.int64, device=topk_idx_TK.device)
+    pos[token_S, rank_S] = torch.arange(token_S.numel(), device=pos.device)
+    return SendPlan(token_S, send_counts, slots, weights, pos)
 
 
-class ExpandPlan(NamedTuple):
-    """How received rows expand into per-expert rows for the grouped GEMM.
+def route_plan_reference(ids_RK: torch.Tensor, num_local: int, slot_map: Optional[torch.Tensor] = None,
+                         bounded: bool = False) -> RoutePlan:
+    """Groups the (row, k) pairs of ``ids_RK`` by local slot, stable in (row, k) order (see :class:`RoutePlan`).
 
-    row_idx_N: int64 received row of each expanded row, grouped by local expert (stable in (row, k) order).
-    weight_N: float32 combine weight of each expanded row (differentiable).
-    tokens_per_slot_L: int64 expanded rows per local expert slot.
-    pair_N: int64 flat (row * K + k) position of each expanded row in the [R, K] metadata; distinct values,
-        which lets the combine scatter without atomics.
+    ``ids_RK`` holds local slots, or expert ids read through ``slot_map`` [E] (entries < 0: not local); -1 is
+    no pair. ``bounded``: row_N and pair_N get one entry per pair, -1 past the real rows.
     """
-
-    row_idx_N: torch.Tensor
-    weight_N: torch.Tensor
-    tokens_per_slot_L: torch.Tensor
-    pair_N: Optional[torch.Tensor] = None
-
-
-def expand_plan_reference(slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int) -> ExpandPlan:
-    """Expands each received row to the local experts it asked for, grouped by local slot."""
-    flat_slot = slots_RK.reshape(-1)
-    pair = (flat_slot >= 0).nonzero(as_tuple=True)[0]
-    order = torch.argsort(flat_slot[pair], stable=True)
-    pair = pair[order]
-    K = slots_RK.shape[1] if slots_RK.dim() == 2 else 1
-    counts = torch.bincount(flat_slot[pair], minlength=num_local)
-    return ExpandPlan(pair // max(K, 1), weights_RK.reshape(-1)[pair], counts, pair)
+    slots = ids_RK if slot_map is None else torch.where(ids_RK >= 0, slot_map[ids_RK.clamp_min(0)], -1)
+    flat = slots.reshape(-1)
+    if flat.numel() and int(flat.max()) >= num_local:
+        raise ValueError(f"route_plan: slot {int(flat.max())} >= num_local ({num_local})")
+    pair = (flat >= 0).nonzero(as_tuple=True)[0]
+    pair = pair[torch.argsort(flat[pair], stable=True)]
+    K = ids_RK.shape[1]
+    counts = torch.bincount(flat[pair], minlength=num_local)
+    pos = torch.full_like(flat, -1)
+    pos[pair] = torch.arange(pair.numel(), device=flat.device)
+    row = pair // max(K, 1)
+    if bounded:
+        pad = flat.new_full((flat.numel() - pair.numel(),), -1)
+        row, pair = torch.cat([row, pad]), torch.cat([pair, pad])
+    return RoutePlan(row, pair, pos.view(ids_RK.shape), counts, counts.cumsum(0).to(torch.int32))
 
 
 # ------------------------------------------------------------------------------------ row movement ops
-def permute_rows_reference(x_TD: torch.Tensor, index_S: torch.Tensor) -> torch.Tensor:
-    """Gathers rows: out[s] = x[index[s]] (the dispatch permutation)."""
-    return x_TD.index_select(0, index_S)
+def expand_rows_reference(x_RD: torch.Tensor, pos_RK: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """out[pos[r, k]] = x[r] for every pos >= 0; rows no pair points at are zero. [num_rows, D]."""
+    r, k = (pos_RK >= 0).nonzero(as_tuple=True)
+    out = x_RD.new_zeros(num_rows, x_RD.shape[1])
+    return out.index_put((pos_RK[r, k],), x_RD[r])
 
 
-def combine_rows_reference(y_ND: torch.Tensor, index_N: torch.Tensor, num_out: int,
-                           weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Weighted scatter-add: out[index[n]] += weight[n] * y[n]; accumulates in >= fp32, returns y's dtype."""
-    acc_dtype = torch.promote_types(y_ND.dtype, torch.float32)  # at least fp32; float64 stays float64
-    acc = y_ND.to(acc_dtype) if weight_N is None else y_ND.to(acc_dtype) * weight_N.to(acc_dtype)[:, None]
-    out = torch.zeros(num_out, y_ND.shape[1], dtype=acc_dtype, device=y_ND.device)
-    return out.index_add_(0, index_N, acc).to(y_ND.dtype)
+def reduce_rows_reference(y_ND: torch.Tensor, pos_RK: torch.Tensor,
+                          weight_RK: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[r] = sum over k with pos[r, k] >= 0 of weight[r, k] * y[pos[r, k]], summed in >= fp32 in k order,
+    returned in y's dtype: [R, D]."""
+    acc = torch.promote_types(y_ND.dtype, torch.float32)  # at least fp32; float64 stays float64
+    R, K = pos_RK.shape
+    anchor = y_ND.sum() * 0 + (weight_RK.sum() * 0 if weight_RK is not None else 0)  # on the graph, also for 0
+    out = torch.zeros(R, y_ND.shape[1], dtype=acc, device=y_ND.device) + anchor.to(acc)
+    for k in range(K):  # in k order, as the kernels sum
+        valid = pos_RK[:, k] >= 0
+        rows = y_ND.to(acc).index_select(0, pos_RK[:, k][valid])
+        if weight_RK is not None:
+            rows = rows * weight_RK[:, k][valid].to(acc)[:, None]
+        out = out.index_add(0, valid.nonzero(as_tuple=True)[0], rows)
+    return out.to(y_ND.dtype)
 
 
-class RowInverse(NamedTuple):
-    """Inverse of a row index ``index_N`` over ``num_out`` output rows, as a CSR.
-
-    starts_O1: int32 [num_out + 1]; the input rows of output row o are ``rows_N[starts_O1[o]:starts_O1[o + 1]]``.
-    rows_N: int32 [N]; ascending within each output row, then -1 for each input row with index -1.
-    """
-
-    starts_O1: torch.Tensor
-    rows_N: torch.Tensor
-
-
-def combine_index_reference(index_N: torch.Tensor, num_out: int) -> RowInverse:
-    """The inverse of ``index_N`` (values in [-1, num_out); -1 = no output row) by a stable sort."""
-    valid = index_N >= 0
-    counts = torch.bincount(index_N[valid], minlength=num_out)
-    starts = torch.zeros(num_out + 1, dtype=torch.int32, device=index_N.device)
-    starts[1:] = counts.cumsum(0)
-    order = torch.argsort(torch.where(valid, index_N, num_out), stable=True)
-    rows = torch.where(valid[order], order, -1).to(torch.int32)
-    return RowInverse(starts, rows)
+# --------------------------------------------------------------------------------------- experts
+def activation_reference(h_NW: torch.Tensor, activation: str) -> torch.Tensor:
+    """SwiGLU of h = gate | up halves ([N, 2F] -> [N, F]) or exact GELU ([N, F]); fp32 math, h's dtype out."""
+    x = h_NW.to(torch.promote_types(h_NW.dtype, torch.float32))
+    if activation == "swiglu":
+        gate, up = x.chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate) * up).to(h_NW.dtype)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(x).to(h_NW.dtype)
+    raise ValueError(f"activation must be 'swiglu' or 'gelu', got {activation!r}")
 
 
 # ------------------------------------------------------------------------------------ whole-layer oracle
 def moe_reference(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                  w1_EDF: torch.Tensor, w2_EFD: torch.Tensor, w3_EDF: Optional[torch.Tensor]) -> torch.Tensor:
+                  w1_EDF: torch.Tensor, w2_EFD: torch.Tensor, w3_EDF: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dense loop over experts: y[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t]); SwiGLU if w3 is given, else GELU."""
     out = torch.zeros_like(x_TD, dtype=torch.float32)
     for e in range(w1_EDF.shape[0]):

@@ -4,7 +4,7 @@ A :class:`TimelineRecorder` attached to a :class:`~piper_ds.pipeline.engine.Pipe
 
 * every schedule instruction (kind 'fwd', 'bwd', 'p2p', 'grad_sync', 'optimizer', 'load'; lane 'main');
 * under the overlap schedule, every layer of every half (kind 'layer_fwd' / 'layer_bwd', lane 'h0' / 'h1');
-* every MoE transport call (kind 'a2a'; lane of the half that issued it, or 'main'), forward and backward
+* every MoE exchange (kind 'a2a'; lane of the half that issued it, or 'main'), forward and backward
   (backward bounds come from identity autograd nodes around the transport).
 
 Clocks: CUDA events on the stream that runs the work (GPU; read after a synchronize) or ``perf_counter``
@@ -68,10 +68,10 @@ class TimelineRecorder:
         if self.cuda is None:
             self.cuda = engine.device.type == "cuda" if hasattr(engine.device, "type") else "cuda" in str(engine.device)
         engine.module.timeline = self
+        from piper_ds.moe import PiperMoE
         for m in engine.module.modules():
-            core = getattr(m, "deepspeed_moe", None)
-            if core is not None and hasattr(core, "transport") and not isinstance(core.transport, TimedTransport):
-                core.transport = TimedTransport(core.transport, self)
+            if isinstance(m, PiperMoE):
+                m.deepspeed_moe.dispatcher.timer = ExchangeTimeline(self)
 
     def begin_step(self) -> None:
         start = self._now()
@@ -139,33 +139,29 @@ class TimelineRecorder:
         self._raw, self._open, self.steps, self._base = [], {}, [], None
 
 
-class TimedTransport:
-    """Wraps a MoE transport: times every call (forward and, through autograd marks, backward) as 'a2a'."""
+class ExchangeTimeline:
+    """A dispatcher's exchange timer (:class:`piper_ds.moe.dispatcher.ExchangeTimer`): records every exchange as
+    'a2a' (forward, and through autograd marks backward) and the counts exchange as 'a2a' with op 'counts'."""
 
-    def __init__(self, inner, recorder: TimelineRecorder):
-        self.inner, self.rec = inner, recorder
+    def __init__(self, recorder: TimelineRecorder):
+        self.rec = recorder
 
-    def exchange_counts(self, send_counts_R):
+    def counts(self, run):
         with self.rec.interval("a2a", op="counts"):
-            return self.inner.exchange_counts(send_counts_R)
+            return run()
 
-    def __call__(self, x, send_counts, recv_counts, **kwargs):
-        """The inner transport's call (``kwargs``: e.g. a hierarchical transport's ``plan=``), timed."""
+    def exchange(self, x, run):
         rec, lane, key = self.rec, self.rec.lane, self.rec.new_key()
         x = rec.mark_backward(x, "a2a", lane, key, opens=False)
         with rec.interval("a2a", lane):
-            y = self.inner(x, send_counts, recv_counts, **kwargs)
+            y = run(x)
         return rec.mark_backward(y, "a2a", lane, key, opens=True)
 
-    def start(self, x, send_counts, recv_counts):
-        """The inner transport's exchange left in flight (``.wait()`` gives its rows), timed from its launch to the
-        end of its wait; backward from the reverse launch to its wait."""
+    def started(self, x, start):
+        """Timed from the launch to the end of its wait; backward from the reverse launch to its wait."""
         rec, lane, key = self.rec, self.rec.lane, self.rec.new_key()
         x = rec.mark_backward(x, "a2a", lane, key, opens=False)
-        return _TimedExchange(self.inner.start(x, send_counts, recv_counts), rec, lane, key)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+        return _TimedExchange(start(x), rec, lane, key)
 
 
 class _TimedExchange:

@@ -182,10 +182,12 @@ def _partition_elements_cached(tensors: Tuple[int, ...], dp: int) -> Tuple[int, 
 
 def moe_group_tensors(model: ModelSpec, layout: Layout, stage: int) -> List[List[int]]:
     """Elements of each tensor of each MoE optimizer group of one GPU of ``stage`` (before ZeRO's sharding):
-    the stacked expert tensors ([E/ep, d, f] each, ``n_mats`` per MoE block) cut by :func:`greedy_groups`."""
+    the stacked expert tensors of each MoE block, ``w_up`` [E/ep, d, 2f] (SwiGLU's gate and up side by side; f for
+    GELU) then ``w_down`` [E/ep, f, d], cut by :func:`greedy_groups`."""
     blocks = [b for b in rank_blocks(model.n_layers, layout, stage) if b >= model.n_dense_layers]
-    per_tensor = model.num_experts // layout.ep * model.d_model * model.d_ffn_expert
-    return [[per_tensor] * len(group) for group in greedy_groups([per_tensor] * (model.n_mats * len(blocks)))]
+    per_matrix = model.num_experts // layout.ep * model.d_model * model.d_ffn_expert
+    tensors = [(model.n_mats - 1) * per_matrix, per_matrix] * len(blocks)
+    return [[tensors[i] for i in group] for group in greedy_groups(tensors)]
 
 
 def moe_group_sizes(model: ModelSpec, layout: Layout, stage: int) -> List[int]:
@@ -361,10 +363,12 @@ def block_activations(model: ModelSpec, layout: Layout, profile: PlatformProfile
     rows_exp = t * k * imb  # expanded to (token, expert) rows at the busiest rank
     saved += a * t * 2 * d + 8 * t * e + 12 * t * k  # norms; fp32 router logits + probs; top-k idx/weights
     saved += 8 * rows_recv * k  # row positions and weights of the expansion and the combine
-    saved += a * rows_exp * (2 * d + hid * model.d_ffn_expert)  # expert input, hidden, output
+    # expert input, the up projection's output (SwiGLU: gate | up; the activation is recomputed in backward,
+    # piper_ds.ops.experts) and the output (for the combine's weight gradient)
+    saved += a * rows_exp * (2 * d + (hid - 1) * model.d_ffn_expert)
     # The received rows and the rows back at the source are not saved: the all-to-all saves nothing and the
-    # row gathers / the unweighted combine save only their indices (piper_ds.moe.rows, piper_ds.ops.permute);
-    # both buffers live only while the layer runs ('a2a' below).
+    # row expansions / the unweighted reduce save only their fan index (piper_ds.ops.permute); both buffers live
+    # only while the layer runs ('a2a' below).
     if model.n_shared_experts:
         saved += a * t * (d + hid * model.n_shared_experts * model.d_ffn_expert)
     a2a = a * rows_send * d + 8 * rows_send * k + a * rows_recv * d  # dispatch send + combine send

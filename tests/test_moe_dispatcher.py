@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from piper_ds.moe import PiperMoE
-from piper_ds.moe.overlapped import chunk_counts
+from piper_ds.moe.dispatcher import chunk_counts
 from piper_ds.moe.placement import ExpertPlacement
 
 

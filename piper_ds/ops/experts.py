@@ -1,0 +1,107 @@
+"""The local experts' MLP over rows grouped by expert: y = act(x @ w_up[l]) @ w_down[l] for the rows of expert l.
+
+``grouped_mlp`` picks one of three paths, all computing :func:`piper_ds.ops.reference.moe_reference`'s expert
+function on the same rows:
+
+* fused (CUDA, bf16, D and F multiples of 8, the activation op built): two ``torch._grouped_mm`` launches
+  forward and four backward around the fused activation (:mod:`piper_ds.ops.activation`). Backward keeps only
+  x and h (the up projection's output) and recomputes the activation in the activation's backward pass, so the
+  activation itself is never stored. SwiGLU experts hold gate and up as one [L, D, 2F] weight (one GEMM);
+* grouped (the same shapes with ``backend="reference"`` or without the activation op): PyTorch's autograd over
+  ``torch._grouped_mm`` and the reference activation;
+* loop (CPU, other dtypes, unaligned sizes): one matmul per expert, exact, what the CPU tests run.
+
+Rows past ``offsets_L[-1]`` (a bounded plan's unused tail) take part in nothing; their output rows are unwritten
+(fused and grouped) or zero (loop). Shapes: N rows, D model dim, F expert hidden size, W = 2F (SwiGLU: gate | up)
+or F (GELU), L local experts.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from piper_ds.ops import activation as act
+from piper_ds.ops.reference import activation_reference
+
+__all__ = ["grouped_mlp", "grouped_path"]
+
+
+class _FusedGroupedMLP(torch.autograd.Function):
+    """Grouped GEMMs around the fused activation; saves x and h, recomputes the activation in backward."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_up_LDW, w_down_LFD, offsets_L, activation, backend):
+        h_NW = torch._grouped_mm(x_ND, w_up_LDW, offs=offsets_L)
+        a_NF = act.activation_forward(h_NW, activation, backend)
+        ctx.save_for_backward(x_ND, w_up_LDW, w_down_LFD, offsets_L, h_NW)
+        ctx.activation, ctx.backend = activation, backend
+        return torch._grouped_mm(a_NF, w_down_LFD, offs=offsets_L)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y_ND):
+        x_ND, w_up, w_down, offsets, h_NW = ctx.saved_tensors
+        need_x, need_up, need_down = ctx.needs_input_grad[:3]
+        grad_y_ND = grad_y_ND.contiguous()
+        grad_a = torch._grouped_mm(grad_y_ND, w_down.mT, offs=offsets)
+        grad_h, a_NF = act.activation_backward(grad_a, h_NW, ctx.activation, recompute=need_down,
+                                               backend=ctx.backend)
+        del grad_a
+        grad_down = torch._grouped_mm(a_NF.mT, grad_y_ND, offs=offsets) if need_down else None
+        grad_x = torch._grouped_mm(grad_h, w_up.mT, offs=offsets) if need_x else None
+        grad_up = torch._grouped_mm(x_ND.mT, grad_h, offs=offsets) if need_up else None
+        return grad_x, grad_up, grad_down, None, None, None
+
+
+def grouped_path(x_ND: torch.Tensor, w_up_LDW: torch.Tensor, w_down_LFD: torch.Tensor, backend: str) -> str:
+    """'fused', 'grouped' or 'loop': the path :func:`grouped_mlp` takes for these tensors and backend."""
+    aligned = all(n % 8 == 0 for n in (w_up_LDW.shape[1], w_up_LDW.shape[2], w_down_LFD.shape[1]))
+    if not (x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and aligned and x_ND.shape[0] > 0):
+        return "loop"
+    if backend == "reference" or act._get_op(x_ND.device, backend) is None:
+        return "grouped"
+    return "fused"
+
+
+def _loop_mlp(x_ND, w_up, w_down, counts_L, activation):
+    counts = counts_L.tolist()
+    rows_in = x_ND[:sum(counts)]  # a bounded plan's tail rows may hold anything, NaN included: never read
+    outs = [activation_reference(rows @ w_u, activation) @ w_d
+            for rows, w_u, w_d, n in zip(torch.split(rows_in, counts), w_up.unbind(0), w_down.unbind(0), counts)
+            if n > 0]
+    # the anchor keeps x and every weight on the graph: each rank's gradient hooks fire, also with no rows
+    anchor = 0 * (w_up.sum() + w_down.sum() + rows_in.sum())
+    tail = x_ND.new_zeros(x_ND.shape[0] - sum(counts), w_down.shape[-1])
+    return torch.cat(outs + [tail]) + anchor if outs else tail + anchor
+
+
+def grouped_mlp(x_ND: torch.Tensor, w_up_LDW: torch.Tensor, w_down_LFD: torch.Tensor, counts_L: torch.Tensor,
+                offsets_L: Optional[torch.Tensor] = None, activation: str = "swiglu",
+                backend: str = "auto") -> torch.Tensor:
+    """Rows of x grouped by local expert (``counts_L`` rows each, in order) through their expert's MLP: [N, D].
+
+    x_ND [N, D]; w_up_LDW [L, D, W] (SwiGLU: gate in [..., :F], up in [..., F:]); w_down_LFD [L, F, D];
+    counts_L int64 [L]; offsets_L int32 [L] = cumsum(counts_L) (built from the counts when not given).
+    Differentiable in x and both weights; output in x's dtype (weights of another dtype are cast).
+    """
+    if activation not in act.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {act.ACTIVATIONS}, got {activation!r}")
+    L, D, W = w_up_LDW.shape
+    F = W // 2 if activation == "swiglu" else W
+    if tuple(w_down_LFD.shape) != (L, F, D) or x_ND.dim() != 2 or x_ND.shape[1] != D:
+        raise ValueError(f"shapes do not fit: x {tuple(x_ND.shape)}, w_up {tuple(w_up_LDW.shape)}, w_down "
+                         f"{tuple(w_down_LFD.shape)} ({activation}: w_up [L, D, {'2F' if F != W else 'F'}], "
+                         "w_down [L, F, D])")
+    if tuple(counts_L.shape) != (L,):
+        raise ValueError(f"counts_L must have shape ({L},), got {tuple(counts_L.shape)}")
+    w_up = w_up_LDW if w_up_LDW.dtype == x_ND.dtype else w_up_LDW.to(x_ND.dtype)
+    w_down = w_down_LFD if w_down_LFD.dtype == x_ND.dtype else w_down_LFD.to(x_ND.dtype)
+    path = grouped_path(x_ND, w_up, w_down, backend)
+    if path == "loop":
+        return _loop_mlp(x_ND, w_up, w_down, counts_L, activation)
+    offsets = offsets_L if offsets_L is not None else torch.cumsum(counts_L, 0, dtype=torch.int32)
+    if path == "fused":
+        return _FusedGroupedMLP.apply(x_ND, w_up, w_down, offsets, activation, backend)
+    h = activation_reference(torch._grouped_mm(x_ND, w_up, offs=offsets), activation)
+    return torch._grouped_mm(h, w_down, offs=offsets)

@@ -1,0 +1,143 @@
+"""The fused activation and the grouped expert MLP against the references (tier 2 on the CPU; the CUDA op and the
+fused grouped-GEMM path on a GPU machine, marked ``gpu``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from piper_ds.ops import activation_backward, activation_forward, grouped_mlp
+from piper_ds.ops.experts import grouped_path
+from piper_ds.ops.reference import activation_reference
+from test_ops_build import cpu_ops
+from test_ops_permute import DEVICES, backend_of
+
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    cpu_ops()
+
+
+def tol(dtype):
+    return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("N,F", [(0, 8), (1, 1), (37, 13), (300, 1408), (64, 96)])
+def test_activation_equals_reference(device, activation, dtype, N, F):
+    W = 2 * F if activation == "swiglu" else F
+    h = (torch.randn(N, W, dtype=dtype, device=device) * 3).requires_grad_(True)
+    grad_a = torch.randn(N, F, dtype=dtype, device=device)
+    ref = activation_reference(h, activation)
+    (ref_grad, ) = torch.autograd.grad(ref, h, grad_a)
+    be = backend_of(device)
+    a = activation_forward(h.detach(), activation, be)
+    torch.testing.assert_close(a, ref.detach(), **tol(dtype))
+    for recompute in (False, True):
+        grad_h, again = activation_backward(grad_a, h.detach(), activation, recompute, be)
+        torch.testing.assert_close(grad_h, ref_grad, **tol(dtype))
+        assert (again is None) != recompute
+        if recompute:
+            assert torch.equal(again, a)  # the recomputed activation is the forward's, bit for bit
+
+
+def test_activation_errors_name_the_values():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        activation_forward(torch.randn(2, 4), "relu")
+    with pytest.raises(ValueError, match="even width"):
+        activation_forward(torch.randn(2, 5), "swiglu")
+    with pytest.raises(ValueError, match=r"grad_a_NF must have shape \(2, 2\)"):
+        activation_backward(torch.randn(2, 3), torch.randn(2, 4), "swiglu")
+
+
+def loop_reference(x, w_up, w_down, counts, activation):
+    """fp32 per-expert loop: what every path must compute."""
+    out, start = torch.zeros(x.shape[0], w_down.shape[-1]), 0
+    for e, n in enumerate(counts.tolist()):
+        rows = x[start:start + n].float().cpu()
+        out[start:start + n] = activation_reference(rows @ w_up[e].float().cpu(), activation) @ w_down[e].float().cpu()
+        start += n
+    return out
+
+
+def expert_case(L, D, F, counts, activation, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = 2 * F if activation == "swiglu" else F
+    counts = torch.tensor(counts, dtype=torch.int64)
+    N = int(counts.sum())
+    x = torch.randn(N, D, generator=g).to(device, dtype).requires_grad_(True)
+    w_up = (torch.randn(L, D, W, generator=g) * D ** -0.5).to(device, dtype).requires_grad_(True)
+    w_down = (torch.randn(L, F, D, generator=g) * F ** -0.5).to(device, dtype).requires_grad_(True)
+    return x, w_up, w_down, counts.to(device)
+
+
+CASES = [  # L, D, F, rows per expert (zeros and odd sizes included)
+    (4, 16, 24, [3, 0, 5, 1]),
+    (3, 8, 8, [0, 0, 0]),
+    (5, 12, 7, [2, 9, 0, 0, 4]),
+    (8, 64, 96, [40, 0, 17, 33, 1, 0, 64, 5]),
+]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("L,D,F,counts", CASES)
+def test_grouped_mlp_loop_path_equals_reference(activation, L, D, F, counts):
+    x, w_up, w_down, c = expert_case(L, D, F, counts, activation, torch.float64, "cpu")
+    assert grouped_path(x, w_up, w_down, "auto") == "loop"
+    y = grouped_mlp(x, w_up, w_down, c, activation=activation)
+    torch.testing.assert_close(y.float(), loop_reference(x.detach(), w_up.detach(), w_down.detach(), c, activation))
+    y.square().sum().backward()
+    for name, t in (("x", x), ("w_up", w_up), ("w_down", w_down)):  # every rank's gradient hooks must fire
+        assert t.grad is not None and t.grad.shape == t.shape, name
+    if L * D * F > 5000:  # gradcheck perturbs every element: small cases only
+        return
+    assert torch.autograd.gradcheck(lambda a, b, d: grouped_mlp(a, b, d, c, activation=activation),
+                                    (x.detach().requires_grad_(), w_up.detach().requires_grad_(),
+                                     w_down.detach().requires_grad_()))
+
+
+def test_grouped_mlp_ignores_rows_past_the_counts():
+    """A bounded plan's tail rows take part in nothing and come out zero on the loop path."""
+    x, w_up, w_down, c = expert_case(3, 8, 8, [2, 0, 3], "swiglu", torch.float32, "cpu")
+    tail = torch.full((4, 8), float("nan"))
+    y = grouped_mlp(torch.cat([x.detach(), tail]), w_up, w_down, c)
+    torch.testing.assert_close(y[:5], grouped_mlp(x.detach(), w_up, w_down, c))
+    assert not y[5:].any()
+
+
+def test_grouped_mlp_errors_name_the_values():
+    x, w_up, w_down, c = expert_case(2, 8, 8, [1, 1], "swiglu", torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"w_down \(2, 16, 8\)"):
+        grouped_mlp(x, w_up, w_down.repeat(1, 2, 1), c)
+    with pytest.raises(ValueError, match=r"counts_L must have shape \(2,\)"):
+        grouped_mlp(x, w_up, w_down, c[:1])
+    with pytest.raises(ValueError, match="activation must be one of"):
+        grouped_mlp(x, w_up, w_down, c, activation="relu")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("auto", marks=GPU), pytest.param("reference", marks=GPU)])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("L,D,F,counts", [(8, 64, 96, [40, 0, 17, 33, 1, 0, 64, 5]),
+                                          (16, 256, 176, [0] * 8 + [300, 1, 0, 77, 5, 0, 0, 20]),
+                                          (4, 128, 64, [0, 0, 0, 2])])
+def test_grouped_mlp_cuda_paths_equal_reference(backend, activation, L, D, F, counts):
+    x, w_up, w_down, c = expert_case(L, D, F, counts, activation, torch.bfloat16, "cuda", seed=L)
+    assert grouped_path(x, w_up, w_down, backend) == ("fused" if backend == "auto" else "grouped")
+    y = grouped_mlp(x, w_up, w_down, c, torch.cumsum(c, 0, dtype=torch.int32), activation, backend)
+    ref = loop_reference(x.detach(), w_up.detach(), w_down.detach(), c, activation)
+    assert ((y.float().cpu() - ref).norm() / ref.norm()).item() < 1e-2
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w_up, w_down), g)
+    x32, u32, d32 = (t.detach().float().requires_grad_(True) for t in (x, w_up, w_down))
+    want = torch.autograd.grad(grouped_mlp(x32.cpu(), u32.cpu(), d32.cpu(), c.cpu(), activation=activation),
+                               (x32, u32, d32), g.float().cpu())
+    for name, a, b in zip(("x", "w_up", "w_down"), grads, want):
+        b = b.cpu()
+        err = ((a.float().cpu() - b).norm() / b.norm().clamp_min(1e-12)).item()
+        assert err < 2e-2, (name, err)
+        assert torch.isfinite(a).all(), name
+    empty = c == 0  # experts without rows: exactly zero weight gradients
+    assert not grads[1][empty].any() and not grads[2][empty].any()
