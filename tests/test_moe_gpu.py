@@ -29,7 +29,7 @@ def test_cuda_bf16_layer_matches_reference(tokens, E, k, d, f, activation):
         assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2
     (y.float().square().sum() + l_aux).backward()
     assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
-    assert torch.isfinite(e.w1.grad).all() and (tokens == 0 or e.w1.grad.abs().sum() > 0)
+    assert torch.isfinite(e.w_up.grad).all() and (tokens == 0 or e.w_up.grad.abs().sum() > 0)
 
 
 def _layer_and_input(tokens=2048, d=256, E=16, k=4, f=128, **cfg):

@@ -319,11 +319,12 @@ at::Tensor reduce_rows(const at::Tensor& y_in, const at::Tensor& pos_in, const c
     return out;
 }
 
-// Gradients of reduce_rows: grad_y[pos[r, k]] = w[r, k] * g[r] (rows no pair points at are left unwritten on the
-// GPU, zero on the CPU), grad_w[r, k] = <y[pos[r, k]], g[r]> in the weight's dtype. One pass for both.
+// Gradients of reduce_rows: grad_y[pos[r, k]] = w[r, k] * g[r], grad_w[r, k] = <y[pos[r, k]], g[r]> in the weight's
+// dtype. One pass for both. Rows of y no pair points at get zero gradient, except on the GPU when the caller vouches
+// that every row is some pair's (``all_covered``: the plan's exact row count), which skips zeroing grad_y first.
 std::vector<at::Tensor> reduce_rows_backward(const at::Tensor& g_in, const c10::optional<at::Tensor>& y_in,
                                              const at::Tensor& pos_in, const c10::optional<at::Tensor>& w_in,
-                                             int64_t num_rows, bool need_y, bool need_w) {
+                                             int64_t num_rows, bool need_y, bool need_w, bool all_covered) {
     check_rows(g_in, "grad_out");
     check_pos(pos_in, g_in, "grad_out");
     PIPER_CHECK_VALUE(pos_in.size(0) == g_in.size(0), "pos_RK has ", pos_in.size(0), " rows but grad_out has ",
@@ -339,13 +340,15 @@ std::vector<at::Tensor> reduce_rows_backward(const at::Tensor& g_in, const c10::
         g = g.to(y->scalar_type());
     }
     const auto w = prep_weight(w_in, g, pos);
-    at::Tensor grad_y = need_y ? at::empty({num_rows, g.size(1)}, g.options()) : at::Tensor();
+    at::Tensor grad_y;
+    if (need_y)
+        grad_y = all_covered && g.is_cuda() ? at::empty({num_rows, g.size(1)}, g.options())
+                                            : at::zeros({num_rows, g.size(1)}, g.options());
     at::Tensor grad_w = need_w ? at::empty(pos.sizes(), g.options().dtype(acc_dtype(g))) : at::Tensor();
     if (g.is_cuda()) {
         PIPER_CUDA_OR_FAIL(reduce_rows_grad_cuda(g, y, pos, w, grad_y, grad_w));
     } else {
         check_fan(pos, num_rows, "reduce_rows backward");
-        if (need_y) grad_y.zero_();
         PIPER_DISPATCH_FLOATS(g.scalar_type(), "reduce_rows_grad_cpu", [&] {
             using acc_t = typename OpMath<scalar_t>::type;
             reduce_rows_grad_cpu<scalar_t, acc_t>(g, y ? y->data_ptr<scalar_t>() : nullptr, pos,
@@ -376,6 +379,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("y"), py::arg("pos"), py::arg("weight"));
     m.def("reduce_rows_backward", &piper::reduce_rows_backward, "[grad_y, grad_w] of reduce_rows (None where not "
           "needed), one pass", py::arg("grad_out"), py::arg("y"), py::arg("pos"), py::arg("weight"),
-          py::arg("num_rows"), py::arg("need_y"), py::arg("need_w"));
+          py::arg("num_rows"), py::arg("need_y"), py::arg("need_w"), py::arg("all_covered") = false);
     m.def("has_cuda", &piper::has_cuda, "whether CUDA kernels are compiled in");
 }

@@ -76,7 +76,8 @@ def expert_stage(x_RD: torch.Tensor, slots_RK: torch.Tensor, weights_RK: torch.T
     plan = permute.route_plan(slots_RK, num_local, slot_map, backend, num_rows=num_rows, bounded=bounded)
     h_ND = permute.expand_rows(x_RD, plan.pos_RK, plan.row_N.numel(), backend)
     y_ND = experts(h_ND, plan.counts_L, plan.offsets_L)
-    return permute.reduce_rows(y_ND, plan.pos_RK, weights_RK, backend)
+    # an exact plan's rows are all some pair's; a bounded plan's tail is nobody's and gets zero gradient
+    return permute.reduce_rows(y_ND, plan.pos_RK, weights_RK, backend, all_covered=not bounded)
 
 
 class LocalDispatcher(Dispatcher):
@@ -179,7 +180,9 @@ class FlatDispatcher(Dispatcher):
             pos_TR, x_ex, meta_ex = sent[c]
             sent[c] = None
             back.append((pos_TR, self._experts_and_return(x_ex, meta_ex, pairs[c], s_c, r_c, L, experts)))
-        outs = [permute.reduce_rows(y_ex.wait(), pos_TR, None, self.backend) for pos_TR, y_ex in back]
+        # every returned row is one (token, rank)'s
+        outs = [permute.reduce_rows(y_ex.wait(), pos_TR, None, self.backend, all_covered=True)
+                for pos_TR, y_ex in back]
         out = outs[0] if C == 1 else torch.cat(outs)
         return DispatchResult(out, [sum(send[r][c][0] for c in range(C)) for r in range(ep)])
 
@@ -227,7 +230,8 @@ class PlannedDispatcher(Dispatcher):
         slots, weights = _split_meta(meta_recv)
         y_recv = expert_stage(x_recv, slots, weights, self.placement.num_local, experts, self.backend)
         y_back = self._send(y_recv, recv, send, exchange.reversed())
-        return DispatchResult(permute.reduce_rows(y_back, plan.pos_TR, None, self.backend), send)
+        out = permute.reduce_rows(y_back, plan.pos_TR, None, self.backend, all_covered=True)
+        return DispatchResult(out, send)
 
 
 def make_dispatcher(placement: ExpertPlacement, backend: str, transport=None, chunks: int = 1) -> Dispatcher:

@@ -155,10 +155,10 @@ class _ReduceRows(torch.autograd.Function):
     and grad_w[r, k] = <y[pos[r, k]], grad_out[r]>. y is kept for backward only when the weight needs a gradient."""
 
     @staticmethod
-    def forward(ctx, y, pos, weight, op):
+    def forward(ctx, y, pos, weight, op, all_covered):
         ctx.need_w = weight is not None and ctx.needs_input_grad[2]
         ctx.save_for_backward(y if ctx.need_w else None, pos, weight)
-        ctx.num_rows, ctx.op = y.shape[0], op
+        ctx.num_rows, ctx.op, ctx.all_covered = y.shape[0], op, all_covered
         return op.reduce_rows(y, pos, weight)
 
     @staticmethod
@@ -166,8 +166,8 @@ class _ReduceRows(torch.autograd.Function):
     def backward(ctx, grad_out):
         y, pos, weight = ctx.saved_tensors
         grad_y, grad_w = ctx.op.reduce_rows_backward(grad_out.contiguous(), y, pos, weight, ctx.num_rows,
-                                                     ctx.needs_input_grad[0], ctx.need_w)
-        return grad_y, None, grad_w, None
+                                                     ctx.needs_input_grad[0], ctx.need_w, ctx.all_covered)
+        return grad_y, None, grad_w, None, None
 
 
 def _differentiable(*tensors) -> bool:
@@ -192,11 +192,13 @@ def expand_rows(x_RD: torch.Tensor, pos_RK: torch.Tensor, num_rows: int, backend
 
 
 def reduce_rows(y_ND: torch.Tensor, pos_RK: torch.Tensor, weight_RK: Optional[torch.Tensor] = None,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", all_covered: bool = False) -> torch.Tensor:
     """Sums rows back along a fan index: out[r] = sum_k weight[r, k] * y[pos[r, k]] (pos >= 0; k in order).
 
     y [N, D], pos_RK int64 [R, K], weight_RK [R, K] or None -> [R, D] in y's dtype, accumulated in fp32 (fp64
-    for fp64 rows). Differentiable in y and the weight.
+    for fp64 rows). Differentiable in y and the weight; rows of y no pair points at get zero gradient.
+    ``all_covered``: the caller vouches that every row of y is some pair's (an exact plan), so the CUDA backward
+    skips zeroing the gradient first.
     """
     _check_rows(y_ND, "y_ND")
     _check_pos(pos_RK, pos_RK.shape[0], "pos_RK")
@@ -207,4 +209,4 @@ def reduce_rows(y_ND: torch.Tensor, pos_RK: torch.Tensor, weight_RK: Optional[to
         return reduce_rows_reference(y_ND, pos_RK, weight_RK)
     if not _differentiable(y_ND, weight_RK):
         return op.reduce_rows(y_ND, pos_RK, weight_RK)
-    return _ReduceRows.apply(y_ND, pos_RK, weight_RK, op)
+    return _ReduceRows.apply(y_ND, pos_RK, weight_RK, op, bool(all_covered))
