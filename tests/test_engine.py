@@ -1,6 +1,7 @@
 """PiperEngine through piper_ds.initialize: config validation, param groups, ep=1 vs ep=2 parity with
 ZeRO-0/1/2, bad configs as ValueErrors naming the values (multi-process on gloo, 2 ranks)."""
 import copy
+import os
 
 import pytest
 import torch
@@ -241,3 +242,13 @@ def test_throughput_rates_and_mfu():
     t.step_times = [9.0, 0.5, 0.4, 0.6]
     s = t.summary(warmup=1)
     assert s["median_step_time_s"] == 0.5 and s["steps_timed"] == 3 and s["mfu_pct"] == 1.0
+
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ds_configs")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(CONFIGS) if n.endswith(".json")))
+def test_shipped_ds_configs_have_a_valid_piper_block(name):
+    import json
+    with open(os.path.join(CONFIGS, name)) as f:
+        parse_piper_config(json.load(f))
