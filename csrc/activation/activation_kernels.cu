@@ -100,14 +100,6 @@ act_backward_kernel(const scalar_t* __restrict__ da, const scalar_t* __restrict_
     }
 }
 
-template <typename scalar_t>
-bool vectorizable(int64_t F, std::initializer_list<const void*> ptrs) {
-    if (F % vec16<scalar_t>() != 0) return false;
-    for (const void* p : ptrs)
-        if (p != nullptr && !aligned16(p)) return false;
-    return true;
-}
-
 int64_t grid_for(int64_t work) { return fill_grid((work + kThreads - 1) / kThreads, 8); }
 
 template <typename scalar_t, int V, bool SWIGLU>
@@ -137,7 +129,7 @@ void act_forward_cuda(const at::Tensor& h, bool swiglu, at::Tensor& a) {
         constexpr int V = vec16<scalar_t>();
         const scalar_t* hp = h.data_ptr<scalar_t>();
         scalar_t* ap = a.data_ptr<scalar_t>();
-        const bool vec = vectorizable<scalar_t>(F, {hp, ap});
+        const bool vec = can_vectorize<scalar_t>(F, {hp, ap});
         if (vec && swiglu) launch_forward<scalar_t, V, true>(hp, N, F, ap, stream);
         else if (vec) launch_forward<scalar_t, V, false>(hp, N, F, ap, stream);
         else if (swiglu) launch_forward<scalar_t, 1, true>(hp, N, F, ap, stream);
@@ -155,7 +147,7 @@ void act_backward_cuda(const at::Tensor& da, const at::Tensor& h, bool swiglu, a
         const scalar_t *dp = da.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>();
         scalar_t* dhp = dh.data_ptr<scalar_t>();
         scalar_t* ap = a.defined() ? a.data_ptr<scalar_t>() : nullptr;
-        const bool vec = vectorizable<scalar_t>(F, {dp, hp, dhp, ap});
+        const bool vec = can_vectorize<scalar_t>(F, {dp, hp, dhp, ap});
         if (vec && swiglu) launch_backward<scalar_t, V, true>(dp, hp, N, F, dhp, ap, stream);
         else if (vec) launch_backward<scalar_t, V, false>(dp, hp, N, F, dhp, ap, stream);
         else if (swiglu) launch_backward<scalar_t, 1, true>(dp, hp, N, F, dhp, ap, stream);

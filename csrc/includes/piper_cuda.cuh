@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include <atomic>
+#include <initializer_list>
 
 #include "piper_common.h"
 
@@ -48,6 +49,15 @@ constexpr int vec16() {
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// 16-byte vectors of T along rows of n elements when n and every (non-null) pointer allow it.
+template <typename T>
+bool can_vectorize(int64_t n, std::initializer_list<const void*> ptrs) {
+    if (n % vec16<T>() != 0) return false;
+    for (const void* p : ptrs)
+        if (p != nullptr && !aligned16(p)) return false;
+    return true;
+}
 
 // Multiprocessors of the current device, asked once per device (a kernel launch path runs this every call).
 inline int sm_count() {

@@ -128,15 +128,6 @@ reduce_rows_grad_kernel(const scalar_t* __restrict__ g, const scalar_t* __restri
 
 int64_t blocks_for(int64_t rows) { return (rows + kRowsPerBlock - 1) / kRowsPerBlock; }
 
-// 16-byte vectors when the row length and every pointer allow it, else one element at a time.
-template <typename scalar_t>
-bool can_vectorize(int64_t D, std::initializer_list<const void*> ptrs) {
-    if (D % vec16<scalar_t>() != 0) return false;
-    for (const void* p : ptrs)
-        if (p != nullptr && !aligned16(p)) return false;
-    return true;
-}
-
 }  // namespace
 
 void expand_rows_cuda(const at::Tensor& x, const at::Tensor& pos, at::Tensor& out) {
