@@ -19,6 +19,7 @@ timeline); the timer sees every exchange and never changes what is sent.
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable, List, NamedTuple, Optional, Protocol, Tuple
 
 import torch
@@ -51,18 +52,18 @@ class ExchangeTimer(Protocol):
         """Starts the exchange ``start(x)``; returns an object whose ``wait()`` gives its rows."""
 
 
-class Dispatcher:
+class Dispatcher(abc.ABC):
     """Base of the dispatchers: the placement, the experts' backend and the optional exchange timer."""
 
     def __init__(self, placement: ExpertPlacement, backend: str):
         self.placement, self.backend = placement, backend
         self.timer: Optional[ExchangeTimer] = None
 
+    @abc.abstractmethod
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                  experts: Experts, bounded: bool) -> DispatchResult:
         """x_TD [T, D], topk_idx_TK int64 [T, K] (-1 = dropped), topk_weights_TK fp32 [T, K] -> DispatchResult.
         ``bounded``: assignments may be dropped (a capacity), so the local row count is not T * K."""
-        raise NotImplementedError
 
 
 def expert_stage(x_RD: torch.Tensor, slots_RK: torch.Tensor, weights_RK: torch.Tensor, num_local: int,
