@@ -16,7 +16,7 @@ import torch
 
 from piper_ds.ops.reference import activation_reference
 
-__all__ = ["activation_forward", "activation_backward", "ACTIVATIONS"]
+__all__ = ["activation_forward", "activation_backward", "compiled_available", "ACTIVATIONS"]
 
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -27,6 +27,11 @@ def _get_op(device: torch.device, backend: str):
     except ImportError:  # a source checkout that is not pip-installed: op_builder/ is top level
         from op_builder import loader
     return loader.get_op("activation", device.type, backend)
+
+
+def compiled_available(device: torch.device, backend: str = "auto") -> bool:
+    """Whether ``backend`` runs the compiled op (not the reference) for tensors on ``device``."""
+    return _get_op(device, backend) is not None
 
 
 def _check(h_NW: torch.Tensor, activation: str) -> None:

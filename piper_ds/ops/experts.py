@@ -59,7 +59,7 @@ def grouped_path(x_ND: torch.Tensor, w_up_LDW: torch.Tensor, w_down_LFD: torch.T
     aligned = all(n % 8 == 0 for n in (w_up_LDW.shape[1], w_up_LDW.shape[2], w_down_LFD.shape[1]))
     if not (x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and aligned and x_ND.shape[0] > 0):
         return "loop"
-    if backend == "reference" or act._get_op(x_ND.device, backend) is None:
+    if backend == "reference" or not act.compiled_available(x_ND.device, backend):
         return "grouped"
     return "fused"
 
