@@ -1,6 +1,6 @@
 """PiperEngine: DeepSpeed's engine with MoE-aware setup checks, parameter groups, balancing and metrics.
 
-What it adds to ``DeepSpeedEngine`` (see DESIGN.md, "Contracts with DeepSpeed 0.19.x"):
+What it adds to ``DeepSpeedEngine`` (DeepSpeed 0.19.x):
 
 * validates the setup once, before DeepSpeed builds anything: ``"piper"`` block, ep vs world size, ZeRO
   stage with MoE (ZeRO-3 is refused with a pointer to ZeRO-1/2), pipeline size, batch sizes;

@@ -1,5 +1,5 @@
 """Communication and time model: dedup factor, alpha-beta tiers vs our H200 measurements, hierarchical
-all-to-all, collectives, and the end-to-end figures of REFERENCES.md."""
+all-to-all, collectives, and our end-to-end figures."""
 import math
 
 import pytest
@@ -25,13 +25,13 @@ def test_distinct_ranks_per_token():
 
 @pytest.mark.parametrize("mib,ms", [(64, 0.190), (256, 0.666), (1024, 2.406)])
 def test_intra_tier_matches_measured_nccl_alltoall(mib, ms):
-    # REFERENCES.md: all_to_all_single on 4 H200s; each rank sends 3/4 of its buffer to 3 peers
+    # measured: all_to_all_single on 4 H200s; each rank sends 3/4 of its buffer to 3 peers
     got = H200.intra_node.seconds(mib * MIB * 3 / 4, peers=3)
     assert got * 1e3 == pytest.approx(ms, rel=0.10)
 
 
 def test_four_alltoalls_of_fine_grained_layer_about_1_1_ms():
-    # REFERENCES.md: d 2048, top-6, 8192 tokens/GPU, ep=4, sent once per destination rank: ~1.1 ms
+    # measured: d 2048, top-6, 8192 tokens/GPU, ep=4, sent once per destination rank: ~1.1 ms
     prof = PlatformProfile(load_imbalance=1.0)
     lay = Layout(dp=4, ep=4)
     disp = comm.alltoall_seconds(H200, prof, lay, 8192, 6, 2 * 2048 + 8 * 6)["seconds"]
@@ -89,7 +89,7 @@ def test_link_tier_and_profile_rates():
     assert interp_log(pts, 2) == pytest.approx(2.0)
     assert interp_log(pts, 8) == 3.0 and interp_log(pts, 0.5) == 0.5
     prof = PlatformProfile()
-    # REFERENCES.md grouped GEMM: 768 rows/expert ~546, 8192 rows ~618 TFLOP/s on one H200
+    # measured grouped GEMM: 768 rows/expert ~546, 8192 rows ~618 TFLOP/s on one H200
     assert prof.grouped_rate(H200, 768) / 1e12 == pytest.approx(546, rel=0.05)
     assert prof.grouped_rate(H200, 8192) / 1e12 == pytest.approx(618, rel=0.05)
     with pytest.raises(ValueError, match=r"rows_per_expert \(0\)"):

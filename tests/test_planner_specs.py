@@ -57,7 +57,7 @@ def test_hand_counts_gelu_tied_headdim():
 
 
 def test_mfu_formula_reproduces_peer_table():
-    # REFERENCES.md: 6,516 tok/s -> 82.5 TFLOP/s; 10,840 tok/s -> 137.2 TFLOP/s
+    # our 4x H200 peer runs: 6,516 tok/s -> 82.5 TFLOP/s; 10,840 tok/s -> 137.2 TFLOP/s
     f = ModelSpec.preset("xmoe-small-swiglu").mfu_flops_per_token()
     assert round(f * 6516 / 1e12, 1) == 82.5
     assert round(f * 10840 / 1e12, 1) == 137.2

@@ -5,7 +5,7 @@ Model predictions, not measurements. Inputs:
 * intra-node tier: :func:`piper_ds.comm.cost_model.fit_alpha_beta` through our NCCL ``all_to_all_single``
   on 2 H200s (NV18; :data:`piper_ds.planner.validation.MEASURED_A2A_FLAT_S`). With 2 ranks the cost model's
   flat time is one message of half the bytes per rank, so the points are (bytes per rank / 2, seconds);
-* inter-node tier: one 400 Gb/s NIC per GPU (8 per node), 46 GB/s per NIC (the low end of REFERENCES.md's
+* inter-node tier: one 400 Gb/s NIC per GPU (8 per node), 46 GB/s per NIC (the low end of the
   46-49 GB/s achievable); the per-message cost α_e is an ASSUMPTION (default 5 µs: the marginal cost of one
   more message in a batch of NCCL sends over InfiniBand), bracketed by 2 and 20 µs in the CSV and the figure.
 

@@ -1,4 +1,4 @@
-"""The MoE layer: router, dispatch phases, grouped experts (see DESIGN.md, "One MoE layer, as data flows")."""
+"""The MoE layer: router, dispatcher, grouped experts (the data flow: ``piper_ds/moe/dispatcher.py``)."""
 from piper_ds.moe.config import MoEConfig
 from piper_ds.moe.layer import FeedForward, PiperMoE
 from piper_ds.moe.placement import ExpertPlacement

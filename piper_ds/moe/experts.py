@@ -31,7 +31,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_local, self.hidden_size, self.d_ffn = num_local, hidden_size, d_ffn
         self.activation = config.activation
-        self.backend = "reference" if config.kernels == "reference" else config.kernels
+        self.backend = config.kernels  # auto | cuda | reference: the ops take the same names
         width = 2 * d_ffn if self.swiglu else d_ffn
         for name, shape in (("w_up", (num_local, hidden_size, width)), ("w_down", (num_local, d_ffn, hidden_size))):
             param = nn.Parameter(torch.empty(shape))

@@ -45,7 +45,7 @@ class ClusterSpec(BaseModel):
     hbm_gib: float = Field(..., gt=0, description="Device memory per GPU as the framework sees it, GiB.")
     peak_tflops: float = Field(..., gt=0, description="Dense bf16 peak per GPU, TFLOP/s (the MFU denominator).")
     gemm_efficiency: float = Field(
-        0.68, gt=0, le=1, description="Large dense bf16 GEMM rate achieved / peak (REFERENCES: 673/989.5).")
+        0.68, gt=0, le=1, description="Large dense bf16 GEMM rate achieved / peak (measured: 673/989.5 on one H200).")
     hbm_tbps: float = Field(..., gt=0, description="Achievable HBM bandwidth per GPU, TB/s (read + write).")
     intra_node: LinkTier = Field(..., description="GPU-to-GPU links inside a node (NVLink, Infinity Fabric).")
     inter_node: LinkTier = Field(..., description="Between nodes of one switch group: NIC bandwidth per GPU.")
@@ -90,7 +90,7 @@ def _tier(bw: float, lat: float, peer: float = 0.0) -> LinkTier:
     return LinkTier(bw_gbps=bw, latency_us=lat, per_peer_us=peer)
 
 
-#: Cluster presets. Numbers from REFERENCES.md (datasheets and our own 4x H200 measurements); the latencies
+#: Cluster presets. Numbers from datasheets and our own 4x H200 measurements; the latencies
 #: are fitted to the measured NCCL all-to-all curve (50 us at 1 MiB per rank on 4 H200s) or assumed.
 CLUSTERS: Dict[str, ClusterSpec] = {
     "h200-nvlink-ib400": ClusterSpec(

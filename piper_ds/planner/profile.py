@@ -1,8 +1,8 @@
 """Platform profile: achieved rates the resource model uses, measured by ``python -m piper_ds.calibrate``.
 
 Every field is optional: what is missing falls back to defaults derived from the :class:`ClusterSpec` and the
-measurements in REFERENCES.md. The grouped-GEMM default curve is expressed as a fraction of the dense GEMM rate
-against rows (tokens) per expert: the points at 768 and 8192 rows are REFERENCES.md measurements on one H200
+measurements (ours, on H200s). The grouped-GEMM default curve is expressed as a fraction of the dense GEMM rate
+against rows (tokens) per expert: the points at 768 and 8192 rows are our measurements on one H200
 (546/673 and 618/677); the points below 768 are an assumed fall-off until calibrated.
 """
 from __future__ import annotations

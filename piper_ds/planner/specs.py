@@ -19,7 +19,7 @@ embedding, counted in binary billions (2^30). The ratio to that formula is 1.000
 models, while every decimal/SwiGLU reading is off by 5-60%. So the xmoe-* presets here are the models X-MoE
 actually ran (Megatron-DeepSpeed GPT: GELU experts, GPT-2 vocabulary padded to 50304, tied embeddings, every
 layer MoE), and :data:`REPORTED` marks their figures with unit ``2**30``. ``xmoe-small-swiglu`` is the
-SwiGLU variant our own end-to-end peer runs use (REFERENCES.md: 15.6 B, 1 dense layer, vocab 32000).
+SwiGLU variant our own end-to-end peer runs use (15.6 B, 1 dense layer, vocab 32000).
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ class ModelSpec(BaseModel):
     def mfu_flops_per_token(self) -> float:
         """FLOPs per token used for MFU everywhere in piper_ds, in FLOP: ``6*N + 6*L*seq*d``.
 
-        This is REFERENCES.md's ``(6*active params + 6*L*seq*d)``, with N = ``active_compute`` (active
+        This is the MFU convention ``(6*active params + 6*L*seq*d)``, with N = ``active_compute`` (active
         parameters without the embedding lookup; this is the reading that reproduces the peers' TFLOP/s
         figures there) and ``d = d_model``. It equals :meth:`train_flops_per_token` whenever H*hd = d.
         """
@@ -195,7 +195,7 @@ def _spec(**kw: Any) -> ModelSpec:
     return ModelSpec(**kw)
 
 
-#: Model presets. See the module docstring for the X-MoE counting and REFERENCES.md for the sources.
+#: Model presets. See the module docstring for the X-MoE counting and X-MoE's Table 3 for the sources.
 PRESETS: Dict[str, ModelSpec] = {
     "xmoe-small": _spec(name="xmoe-small", vocab_size=50304, d_model=2048, n_layers=28, n_heads=16,
                         seq_len=2048, num_experts=64, top_k=6, d_ffn_expert=1408, activation="gelu",
@@ -209,7 +209,7 @@ PRESETS: Dict[str, ModelSpec] = {
     "xmoe-super": _spec(name="xmoe-super", vocab_size=50304, d_model=7168, n_layers=61, n_heads=56,
                         seq_len=4096, num_experts=256, top_k=8, d_ffn_expert=2560, activation="gelu",
                         tie_embeddings=True),
-    # our end-to-end peer runs (REFERENCES.md): xmoe-small dimensions, SwiGLU, first layer dense
+    # our end-to-end peer runs (README, Performance): xmoe-small dimensions, SwiGLU, first layer dense
     "xmoe-small-swiglu": _spec(name="xmoe-small-swiglu", vocab_size=32000, d_model=2048, n_layers=28,
                                n_heads=16, seq_len=2048, n_dense_layers=1, num_experts=64, top_k=6,
                                d_ffn_expert=1408),
