@@ -190,8 +190,9 @@ class PiperMoE(MoE):
                                  bounded=self.config.capacity_factor is not None)
         self._rows_sent = result.rows_sent_R  # rows sent to each EP rank (host ints, [] at ep_size 1)
         out = result.out_TD if shared is None else result.out_TD + self._join_shared(shared)
+        aux, z = core.gate.losses(route)  # after the experts are launched: these kernels must not delay them
         dropped = (topk_idx < 0).sum()
-        return out, route.aux_loss + route.z_loss, route.tokens_per_expert_E, dropped, route.aux_loss, route.z_loss
+        return out, aux + z, route.tokens_per_expert_E, dropped, aux, z
 
     def _start_shared(self, x_TD: torch.Tensor):
         """The shared experts' output, started on a side stream on CUDA (so they run beside the routed path)."""

@@ -1,7 +1,7 @@
 """Top-k router: scores, group-limited selection, aux and z losses, aux-loss-free selection bias."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -12,14 +12,15 @@ from piper_ds.ops import reference
 
 
 class RouterOutput(NamedTuple):
-    """topk_idx_TK int64 (-1 = dropped), topk_weights_TK fp32, aux_loss and z_loss fp32 scalars (already
-    multiplied by their coefficients), tokens_per_expert_E int64 (assignments asked for, before dropping)."""
+    """The routing of T tokens: topk_idx_TK int64 [T, K] (-1 = dropped), topk_weights_TK fp32 [T, K],
+    tokens_per_expert_E int64 [E] (assignments asked for, before dropping), and what the losses need: scores_TE
+    fp32 [T, E] and the router's logits_TE fp32 [T, E]."""
 
     topk_idx_TK: torch.Tensor
     topk_weights_TK: torch.Tensor
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
     tokens_per_expert_E: torch.Tensor
+    scores_TE: torch.Tensor
+    logits_TE: torch.Tensor
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -66,6 +67,8 @@ class TopKGateFP32(nn.Module):
         self.gating_fn = None  # set by the layer to a fused kernel wrapper when one is used
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        """Routes x_TD [T, D]. The losses are a separate call (:meth:`losses`) so that a layer can launch its
+        experts first: the loss kernels are tiny, and launched before the experts they would only delay them."""
         cfg = self.config
         logits = router_logits(x_TD, self.wg.weight)
         use_bias = cfg.bias_update_rate > 0
@@ -73,23 +76,32 @@ class TopKGateFP32(nn.Module):
         gate = (self.gating_fn or reference.gating_reference)(
             logits, cfg.top_k, cfg.score_func, self.selection_bias if use_bias else None, cfg.n_groups,
             cfg.topk_groups, cfg.normalize_weights, cfg.routed_scaling_factor)
-        zero = logits.sum() * 0.0
-        aux = zero
-        if cfg.aux_loss_coef > 0 and self.training:
-            aux = cfg.aux_loss_coef * self._aux_loss(gate)
-        z = cfg.z_loss_coef * reference.z_loss_reference(logits) if cfg.z_loss_coef > 0 and self.training else zero
         if use_bias and self.training:
             self.pending_load += gate.tokens_per_expert_E.float()
-        return RouterOutput(gate.topk_idx_TK, gate.topk_weights_TK, aux, z, gate.tokens_per_expert_E)
+        return RouterOutput(gate.topk_idx_TK, gate.topk_weights_TK, gate.tokens_per_expert_E, gate.scores_TE,
+                            logits)
 
-    def _aux_loss(self, gate) -> torch.Tensor:
-        """The load-balancing loss (``aux_loss_reference``); 'switch' from the router's own counts (a dot product
-        of the mean scores and the counts: four launches instead of the reference's nine)."""
-        T, K = gate.topk_idx_TK.shape
+    def losses(self, route: RouterOutput) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(aux loss, z loss) of a routing, fp32 scalars already multiplied by their coefficients; each is a zero
+        still attached to the router's graph when its coefficient is 0 or the router is in eval mode."""
+        cfg = self.config
+        want_aux = cfg.aux_loss_coef > 0 and self.training
+        want_z = cfg.z_loss_coef > 0 and self.training
+        zero = route.logits_TE.sum() * 0.0 if not (want_aux and want_z) else None
+        aux = self._aux_loss(route, cfg.aux_loss_coef) if want_aux else zero
+        z = cfg.z_loss_coef * reference.z_loss_reference(route.logits_TE) if want_z else zero
+        return aux, z
+
+    def _aux_loss(self, route: RouterOutput, coef: float) -> torch.Tensor:
+        """``coef`` times the load-balancing loss (``aux_loss_reference``); 'switch' from the router's own counts
+        (a dot product of the summed scores and the counts, the coefficient folded into one scale: four launches
+        instead of the reference's nine)."""
+        T, K = route.topk_idx_TK.shape
         if self.config.aux_loss_type != "switch" or T == 0:
-            return reference.aux_loss_reference(gate.scores_TE, gate.topk_idx_TK, self.config.aux_loss_type)
-        mean_scores = gate.scores_TE.float().mean(dim=0)
-        return torch.dot(mean_scores, gate.tokens_per_expert_E.to(mean_scores.dtype)) * (self.num_experts / (T * K))
+            return coef * reference.aux_loss_reference(route.scores_TE, route.topk_idx_TK, self.config.aux_loss_type)
+        summed_scores = route.scores_TE.float().sum(dim=0)
+        return torch.dot(summed_scores, route.tokens_per_expert_E.to(summed_scores.dtype)) * (
+            coef * self.num_experts / (T * T * K))
 
     @torch.no_grad()
     def update_selection_bias(self, group: Optional[dist.ProcessGroup] = None) -> None:
