@@ -53,7 +53,8 @@ class TopKGateFP32(nn.Module):
 
     Named like DeepSpeed's gate (``gate.wg.weight``) so DeepSpeed's MoE checkpoint code keeps it in the
     dense (non-expert) state. ``selection_bias`` is the aux-loss-free balancing bias; it is a buffer, the same
-    on every rank, changed only by :meth:`update_selection_bias`.
+    on every rank, changed only by :meth:`update_selection_bias` (or loaded with the weights: a fixed bias used
+    with ``use_selection_bias``).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, config: MoEConfig):
@@ -68,17 +69,19 @@ class TopKGateFP32(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.config
         logits = router_logits(x_TD, self.wg.weight)
-        use_bias = cfg.bias_update_rate > 0
-        # positional: the fused kernel and the reference share this argument order
-        gate = (self.gating_fn or reference.gating_reference)(
-            logits, cfg.top_k, cfg.score_func, self.selection_bias if use_bias else None, cfg.n_groups,
-            cfg.topk_groups, cfg.normalize_weights, cfg.routed_scaling_factor)
+        use_bias = cfg.bias_update_rate > 0 or cfg.use_selection_bias
+        # positional: the fused kernel and the reference share this argument order (the kernel scores groups
+        # 'top2_sum' only; the layer gives it no other)
+        args = (logits, cfg.top_k, cfg.score_func, self.selection_bias if use_bias else None, cfg.n_groups,
+                cfg.topk_groups, cfg.normalize_weights, cfg.routed_scaling_factor)
+        gate = self.gating_fn(*args) if self.gating_fn is not None else \
+            reference.gating_reference(*args, group_score=cfg.group_score)
         zero = logits.sum() * 0.0
         aux = zero
         if cfg.aux_loss_coef > 0 and self.training:
             aux = cfg.aux_loss_coef * self._aux_loss(gate)
         z = cfg.z_loss_coef * reference.z_loss_reference(logits) if cfg.z_loss_coef > 0 and self.training else zero
-        if use_bias and self.training:
+        if cfg.bias_update_rate > 0 and self.training:
             self.pending_load += gate.tokens_per_expert_E.float()
         return RouterOutput(gate.topk_idx_TK, gate.topk_weights_TK, aux, z, gate.tokens_per_expert_E)
 
