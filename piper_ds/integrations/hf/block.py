@@ -1,0 +1,100 @@
+"""The module that takes a Hugging Face MoE block's place, and the load-balancing loss as transformers defines it.
+
+transformers computes its MoE aux loss in the causal LM's forward from every layer's router logits together
+(``load_balancing_loss_func``): with ``c_e`` the number of (token, layer) rows whose top-k (of a plain softmax
+of the logits) holds expert e, ``p_e`` the sum of e's softmax probability over those rows and ``N`` the rows
+(tokens not masked out by the attention mask, times layers),
+
+    aux = E * sum_e (c_e / N) * (p_e / N)
+
+The product is taken after summing over the layers, so it is not a sum of per-layer losses: each block adds its
+``c`` and ``p`` to an :class:`AuxCollector` that the model's forward opens, and the model multiplies at the end.
+A block run outside that forward (generation, or recomputed by activation checkpointing in backward) adds
+nothing, as transformers' recorder, which is only listening during the forward, does.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from piper_ds.moe import PiperMoE
+from piper_ds.moe.router import router_logits
+
+
+class ForwardLosses:
+    """What the converted blocks of one forward add up: ``moe_loss`` (the PiperMoE layers' own ``l_aux``, zero
+    unless a z-loss or PiperMoE aux loss was asked for) and the sums of the load-balancing loss above."""
+
+    def __init__(self, token_mask_T: Optional[torch.Tensor], load_balancing: bool):
+        self.token_mask_T, self.load_balancing = token_mask_T, load_balancing
+        self.moe_loss: Optional[torch.Tensor] = None
+        self.counts_E: Optional[torch.Tensor] = None  # c_e, float
+        self.probs_E: Optional[torch.Tensor] = None  # p_e, differentiable
+        self.rows: Optional[torch.Tensor] = None  # N
+
+    def add(self, x_TD: torch.Tensor, layer: PiperMoE, l_aux: torch.Tensor) -> None:
+        """Adds one block's ``l_aux`` and, when the load-balancing loss is wanted, its router statistics for the
+        rows ``x_TD`` [T, D] the block routed."""
+        self.moe_loss = l_aux if self.moe_loss is None else self.moe_loss + l_aux
+        if not self.load_balancing:
+            return
+        # the router's own logits function: the same fp32 logits the layer routed with
+        probs_TE = router_logits(x_TD, layer.deepspeed_moe.gate.wg.weight).softmax(dim=-1)
+        picked_TK = probs_TE.detach().topk(layer.config.top_k, dim=-1).indices
+        weight_T = torch.ones(x_TD.shape[0], device=x_TD.device) if self.token_mask_T is None \
+            else self.token_mask_T.to(device=x_TD.device, dtype=torch.float32)
+        if weight_T.shape[0] != x_TD.shape[0]:
+            raise ValueError(f"attention_mask covers {weight_T.shape[0]} tokens, the MoE block routed "
+                             f"{x_TD.shape[0]}")
+        counts = torch.zeros(probs_TE.shape[1], device=x_TD.device).scatter_add_(
+            0, picked_TK.flatten(), weight_T.repeat_interleave(picked_TK.shape[1]))
+        probs = (probs_TE * weight_T[:, None]).sum(dim=0)
+        rows = weight_T.sum()
+        if self.counts_E is None:
+            self.counts_E, self.probs_E, self.rows = counts, probs, rows
+        else:
+            self.counts_E, self.probs_E, self.rows = self.counts_E + counts, self.probs_E + probs, self.rows + rows
+
+    def load_balancing_loss(self) -> Optional[torch.Tensor]:
+        """``E * sum_e (c_e / N) * (p_e / N)`` (fp32 scalar, not multiplied by its coefficient); None when no
+        block added statistics."""
+        if self.counts_E is None:
+            return None
+        return self.counts_E.numel() * torch.sum((self.counts_E / self.rows) * (self.probs_E / self.rows))
+
+
+class AuxCollector:
+    """Shared by the converted blocks of one model; :meth:`collect` opens a :class:`ForwardLosses` for one
+    forward (not re-entrant)."""
+
+    def __init__(self):
+        self.active: Optional[ForwardLosses] = None
+
+    @contextlib.contextmanager
+    def collect(self, token_mask_T: Optional[torch.Tensor], load_balancing: bool) -> Iterator[ForwardLosses]:
+        if self.active is not None:
+            raise RuntimeError("AuxCollector.collect is already open: a forward of the model inside its own forward")
+        self.active = ForwardLosses(token_mask_T, load_balancing)
+        try:
+            yield self.active
+        finally:
+            self.active = None
+
+
+class HFMoEBlock(nn.Module):
+    """Stands where a Hugging Face MoE block stood (``decoder_layer.mlp``): ``forward(hidden [..., D]) -> [..., D]``
+    through the :class:`PiperMoE` ``moe``, which holds the router, this rank's experts and the shared experts."""
+
+    def __init__(self, moe: PiperMoE, collector: AuxCollector):
+        super().__init__()
+        self.moe = moe
+        self.collector = collector  # a plain object shared by the blocks, not a submodule
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        y, l_aux, _ = self.moe(hidden_states)
+        if self.collector.active is not None:
+            self.collector.active.add(hidden_states.reshape(-1, hidden_states.shape[-1]), self.moe, l_aux)
+        return y
