@@ -24,23 +24,17 @@ from piper_ds.moe import PiperMoE
 from piper_ds.moe.router import router_logits
 
 
-class ForwardLosses:
-    """What the converted blocks of one forward add up: ``moe_loss`` (the PiperMoE layers' own ``l_aux``, zero
-    unless a z-loss or PiperMoE aux loss was asked for) and the sums of the load-balancing loss above."""
+class RouterStats:
+    """The sums of the load-balancing loss above over the converted blocks of one forward."""
 
-    def __init__(self, token_mask_T: Optional[torch.Tensor], load_balancing: bool):
-        self.token_mask_T, self.load_balancing = token_mask_T, load_balancing
-        self.moe_loss: Optional[torch.Tensor] = None
+    def __init__(self, token_mask_T: Optional[torch.Tensor]):
+        self.token_mask_T = token_mask_T
         self.counts_E: Optional[torch.Tensor] = None  # c_e, float
         self.probs_E: Optional[torch.Tensor] = None  # p_e, differentiable
         self.rows: Optional[torch.Tensor] = None  # N
 
-    def add(self, x_TD: torch.Tensor, layer: PiperMoE, l_aux: torch.Tensor) -> None:
-        """Adds one block's ``l_aux`` and, when the load-balancing loss is wanted, its router statistics for the
-        rows ``x_TD`` [T, D] the block routed."""
-        self.moe_loss = l_aux if self.moe_loss is None else self.moe_loss + l_aux
-        if not self.load_balancing:
-            return
+    def add(self, x_TD: torch.Tensor, layer: PiperMoE) -> None:
+        """Adds one block's statistics for the rows ``x_TD`` [T, D] it routed."""
         # the router's own logits function: the same fp32 logits the layer routed with
         probs_TE = router_logits(x_TD, layer.deepspeed_moe.gate.wg.weight).softmax(dim=-1)
         picked_TK = probs_TE.detach().topk(layer.config.top_k, dim=-1).indices
@@ -67,17 +61,17 @@ class ForwardLosses:
 
 
 class AuxCollector:
-    """Shared by the converted blocks of one model; :meth:`collect` opens a :class:`ForwardLosses` for one
-    forward (not re-entrant)."""
+    """Shared by the converted blocks of one model; :meth:`collect` opens the :class:`RouterStats` of one forward
+    (not re-entrant)."""
 
     def __init__(self):
-        self.active: Optional[ForwardLosses] = None
+        self.active: Optional[RouterStats] = None
 
     @contextlib.contextmanager
-    def collect(self, token_mask_T: Optional[torch.Tensor], load_balancing: bool) -> Iterator[ForwardLosses]:
+    def collect(self, token_mask_T: Optional[torch.Tensor]) -> Iterator[RouterStats]:
         if self.active is not None:
             raise RuntimeError("AuxCollector.collect is already open: a forward of the model inside its own forward")
-        self.active = ForwardLosses(token_mask_T, load_balancing)
+        self.active = RouterStats(token_mask_T)
         try:
             yield self.active
         finally:
@@ -86,7 +80,8 @@ class AuxCollector:
 
 class HFMoEBlock(nn.Module):
     """Stands where a Hugging Face MoE block stood (``decoder_layer.mlp``): ``forward(hidden [..., D]) -> [..., D]``
-    through the :class:`PiperMoE` ``moe``, which holds the router, this rank's experts and the shared experts."""
+    through the :class:`PiperMoE` ``moe``, which holds the router, this rank's experts and the shared experts.
+    The layer's own ``l_aux`` is zero (a converted model's layers have no PiperMoE aux or z-loss)."""
 
     def __init__(self, moe: PiperMoE, collector: AuxCollector):
         super().__init__()
@@ -94,7 +89,7 @@ class HFMoEBlock(nn.Module):
         self.collector = collector  # a plain object shared by the blocks, not a submodule
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        y, l_aux, _ = self.moe(hidden_states)
+        y, _, _ = self.moe(hidden_states)
         if self.collector.active is not None:
-            self.collector.active.add(hidden_states.reshape(-1, hidden_states.shape[-1]), self.moe, l_aux)
+            self.collector.active.add(hidden_states.reshape(-1, hidden_states.shape[-1]), self.moe)
         return y

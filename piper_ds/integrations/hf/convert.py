@@ -20,11 +20,12 @@ from piper_ds.integrations.hf.block import AuxCollector, HFMoEBlock
 from piper_ds.integrations.hf.model import HFMoEModel
 from piper_ds.moe import MoEConfig, PiperMoE
 
-#: MoEConfig fields that a converted model takes from the Hugging Face model: its routing function and experts.
-#: ``aux_loss_coef`` is 0 in the layers: the model's load-balancing loss is transformers' (HFMoEModel adds it).
+#: MoEConfig fields that a converted model takes from the Hugging Face model: its routing function, experts and
+#: losses. ``aux_loss_coef`` and ``z_loss_coef`` are 0 in the layers: the model's loss is transformers' (its
+#: load-balancing loss is added by HFMoEModel).
 MODEL_FIELDS = ("top_k", "score_func", "n_groups", "topk_groups", "group_score", "normalize_weights",
                 "routed_scaling_factor", "use_selection_bias", "activation", "n_shared_experts", "shared_d_ffn",
-                "shared_gate", "aux_loss_coef", "aux_loss_type")
+                "shared_gate", "aux_loss_coef", "aux_loss_type", "z_loss_coef")
 
 
 class ExpertSource(abc.ABC):
@@ -61,7 +62,7 @@ def moe_config_for(architecture: Architecture, spec: BlockSpec,
     options. A routing field the caller set to another value than the model's is a ValueError."""
     user = config if isinstance(config, MoEConfig) else MoEConfig(**dict(config or {}))
     model = {name: MoEConfig.model_fields[name].default for name in MODEL_FIELDS}
-    model.update(spec.moe, aux_loss_coef=0.0)
+    model.update(spec.moe, aux_loss_coef=0.0, z_loss_coef=0.0)
     for name in sorted(user.model_fields_set & set(MODEL_FIELDS)):
         if getattr(user, name) != model[name]:
             raise ValueError(f"MoE option {name} ({getattr(user, name)!r}) contradicts the {architecture.model_type} "
@@ -77,11 +78,13 @@ def convert(model: PreTrainedModel, config: Union[MoEConfig, Dict[str, Any], Non
 
     Args:
         model: a transformers ``...ForCausalLM`` (weights on any device, any dtype; the layers take them).
-        config: PiperMoE options (``MoEConfig`` or dict): dispatch, kernels, capacity, z-loss... The routing
-            fields (``MODEL_FIELDS``) come from the model; setting one to another value is a ValueError.
+        config: PiperMoE options (``MoEConfig`` or dict): dispatch, kernels, capacity, aux-loss-free bias
+            updates... The routing and loss fields (``MODEL_FIELDS``) come from the model; setting one to another
+            value is a ValueError. ``capacity_factor`` (dropping tokens) changes the model's function.
         ep_size: expert-parallel size; must divide the number of experts.
         ep_rank: the EP rank whose experts this process keeps (default: ``rank % ep_size`` of the initialised
-            process group, else 0); with a process group it must be that value.
+            process group; at ep_size > 1 without a process group it must be given); with a process group it must
+            be that value.
 
     The layers hold only the experts of ``ep_rank``; the model's full expert tensors are dropped with the
     replaced blocks. ValueError for an unsupported architecture (naming the supported ones), a model without
@@ -121,6 +124,9 @@ def _check_ep_rank(ep_size: int, ep_rank: Optional[int]) -> int:
     # PiperMoE binds the EP rank that DeepSpeed's consecutive EP groups give this process
     expected = dist.get_rank() % ep_size if dist.is_initialized() else None
     if ep_rank is None:
+        if expected is None and ep_size > 1:
+            raise ValueError(f"ep_size {ep_size} > 1 and no process group: initialise it first "
+                             "(deepspeed.init_distributed()) so that each rank loads its own experts, or pass ep_rank")
         return 0 if expected is None else expected
     if not isinstance(ep_rank, int) or not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank ({ep_rank!r}) must be an int in [0, ep_size ({ep_size}))")

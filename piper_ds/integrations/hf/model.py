@@ -18,9 +18,9 @@ class HFMoEModel(nn.Module):
     (attention, norms, embeddings and dense layers are its own). ``forward`` takes the causal LM's arguments
     (``input_ids`` [B, S], ``attention_mask`` [B, S], ``labels`` [B, S], ...) and returns its output: ``logits``
     [B, S, V] and, with ``labels``, ``loss`` = cross-entropy + ``router_aux_loss_coef`` x ``aux_loss`` when the
-    load-balancing loss is on (``output_router_logits``, argument or config, as in transformers) + the PiperMoE
-    layers' own losses (zero unless a z-loss was configured). ``aux_loss`` is transformers' load-balancing loss
-    (unscaled); ``router_logits`` are not returned. For generation call ``model.hf.generate``.
+    load-balancing loss is on (``output_router_logits``, argument or config, as in transformers). ``aux_loss`` is
+    transformers' load-balancing loss (unscaled; architectures without one have no such field);
+    ``router_logits`` are not returned. For generation call ``model.hf.generate``.
 
     Under ``piper_ds.initialize`` train it as the Hugging Face model: ``engine(input_ids=ids, labels=ids).loss``.
     """
@@ -59,21 +59,17 @@ class HFMoEModel(nn.Module):
         if output_router_logits is None:
             output_router_logits = arch.has_aux_loss and self.hf.config.output_router_logits
         wanted = arch.has_aux_loss and bool(output_router_logits)
-        mask = attention_mask.reshape(-1) if wanted and attention_mask is not None else None
         # transformers records router logits from its own router modules, gone here: the blocks collect instead
         extra = {"output_router_logits": False} if arch.has_aux_loss else {}
-        with self.collector.collect(mask, wanted) as losses:
+        if not wanted:
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra, **kwargs)
+        mask = attention_mask.reshape(-1) if attention_mask is not None else None
+        with self.collector.collect(mask) as stats:
             out = self.hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra, **kwargs)
-        aux = losses.load_balancing_loss() if wanted else None
-        if out.loss is not None:
-            loss = out.loss
-            if losses.moe_loss is not None:
-                loss = loss + losses.moe_loss
-            if aux is not None:
-                loss = loss + self.spec.aux_loss_coef * aux.to(loss.device)
-            out.loss = loss
-        if arch.has_aux_loss:
-            out.aux_loss = aux
+        aux = stats.load_balancing_loss()
+        if out.loss is not None and aux is not None:
+            out.loss = out.loss + self.spec.aux_loss_coef * aux.to(out.loss.device)
+        out.aux_loss = aux
         return out
 
     def flops_per_token(self, seq_len: int) -> float:
