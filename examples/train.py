@@ -189,7 +189,7 @@ class Trainer:
             return self.model.loss(logits, y), aux_loss
         from piper_ds.models import MoETransformer
         has_aux = aux and self.model.architecture.has_aux_loss
-        out = self.engine(input_ids=x, output_router_logits=has_aux)
+        out = self.engine(input_ids=x, output_router_logits=has_aux, use_cache=False)  # training: no KV cache
         return MoETransformer.loss(out.logits, y), self.model.aux_loss_coef * out.aux_loss if has_aux else None
 
     def data_index(self, rank: int) -> int:

@@ -113,10 +113,12 @@ def convert_blocks(model: PreTrainedModel, architecture: Architecture, spec: Blo
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no MoE blocks ({architecture.block_class}) to convert")
     collector = AuxCollector()
-    for name, block in blocks.items():
+    for name in list(blocks):
+        block = blocks.pop(name)  # the last reference once replaced: its full expert tensors go block by block
         layer = _build_layer(name, block, architecture, spec, cfg, ep_size, ep_rank, source)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, HFMoEBlock(layer, collector))
+        del block
     return HFMoEModel(model, architecture, spec, ep_size, collector)
 
 

@@ -5,8 +5,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from piper_ds.integrations.hf.architectures import Architecture, BlockSpec
+from piper_ds.integrations.hf.architectures import Architecture, BlockSpec, architecture_of, find_blocks
 from piper_ds.integrations.hf.block import AuxCollector, HFMoEBlock
 from piper_ds.moe import PiperMoE
 
@@ -73,14 +74,21 @@ class HFMoEModel(nn.Module):
         return out
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token for MFU, ``6 * N + 6 * L * seq_len * d`` as everywhere in piper_ds: N the
-        active parameters without the embedding lookup (top_k of the routed experts per MoE layer), L the
-        decoder layers, d the hidden size."""
-        spec = self.spec
-        expert_ids = {id(p) for layer in self.moe_layers() for p in layer.deepspeed_moe.experts.parameters()}
-        dense = sum(p.numel() for p in self.parameters() if id(p) not in expert_ids)
-        per_expert = 3 * spec.hidden_size * spec.d_ffn
-        active = dense + len(self.moe_layers()) * self.spec.moe["top_k"] * per_expert
-        if not self.hf.config.tie_word_embeddings:
-            active -= self.hf.get_input_embeddings().weight.numel()
-        return 6.0 * active + 6.0 * self.hf.config.num_hidden_layers * seq_len * spec.hidden_size
+        """Training FLOPs per token for MFU (:func:`flops_per_token` of this model's config)."""
+        return flops_per_token(self.hf.config, seq_len)
+
+
+def flops_per_token(config: Any, seq_len: int) -> float:
+    """Training FLOPs per token of the Hugging Face MoE model of ``config`` for MFU, ``6 * N + 6 * L * seq_len * d``
+    as everywhere in piper_ds: N the active parameters without the embedding lookup (top_k of the E routed
+    experts per MoE layer), L the decoder layers, d the hidden size. Counted on a meta-device copy of the model
+    (no memory), so it holds for the model however it is run."""
+    architecture = architecture_of(config)
+    spec = architecture.block_spec(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    routed = sum(p.numel() for block in find_blocks(model, architecture).values() for p in block.experts.parameters())
+    active = sum(p.numel() for p in model.parameters()) - routed + routed * spec.moe["top_k"] / spec.num_experts
+    if not config.tie_word_embeddings:
+        active -= model.get_input_embeddings().weight.numel()
+    return 6.0 * active + 6.0 * config.num_hidden_layers * seq_len * spec.hidden_size
