@@ -102,10 +102,14 @@ def converted_grads(ours, arch):
     return grads
 
 
-def compare(arch, ep_size, seed):
-    """(original's, converted's) logits, loss, aux loss and gradients on this rank's batch ``seed``."""
+def compare(arch, ep_size, seed, checkpointing=False):
+    """(original's, converted's) logits, loss, aux loss and gradients on this rank's batch ``seed``; with
+    ``checkpointing`` both recompute their decoder layers in backward."""
     hf = build_hf(arch)
     ours = convert(copy.deepcopy(hf), ep_size=ep_size)
+    if checkpointing:
+        for model in (hf, ours.hf):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in ours.moe_layers():
         if ep_size > 1:
             layer.bind_ep_group(dist.group.WORLD)
@@ -141,6 +145,12 @@ def test_converted_model_computes_the_same_function_and_round_trips(arch, tmp_pa
     ids, _ = batch(2)
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_recomputes_the_same_function():
+    """transformers' gradient checkpointing recomputes a converted block in backward, load-balancing loss on."""
+    want, got = compare("qwen2_moe", 1, seed=5, checkpointing=True)
+    assert_same(want, got, "qwen2_moe, gradient checkpointing")
 
 
 def ep2_worker(rank, world_size, hf_dirs, export_root):

@@ -62,11 +62,11 @@ class HFMoEModel(nn.Module):
         wanted = arch.has_aux_loss and bool(output_router_logits)
         # transformers records router logits from its own router modules, gone here: the blocks collect instead
         extra = {"output_router_logits": False} if arch.has_aux_loss else {}
-        if not wanted:
-            return self.hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra, **kwargs)
-        mask = attention_mask.reshape(-1) if attention_mask is not None else None
-        with self.collector.collect(mask) as stats:
+        mask = attention_mask.reshape(-1) if wanted and attention_mask is not None else None
+        with self.collector.forward(wanted, mask) as stats:
             out = self.hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra, **kwargs)
+        if not wanted:
+            return out
         aux = stats.load_balancing_loss()
         if out.loss is not None and aux is not None:
             out.loss = out.loss + self.spec.aux_loss_coef * aux.to(out.loss.device)
