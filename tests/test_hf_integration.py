@@ -247,6 +247,22 @@ def test_loads_fused_expert_checkpoints(tmp_path):
         torch.testing.assert_close(full(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
 
 
+def test_a_rank_reads_only_its_own_experts(tmp_path):
+    """A checkpoint without experts 0-3 loads at ep_size 2 as EP rank 1 (it never reads them); as EP rank 0 the
+    missing tensor is named."""
+    hf = build_hf("qwen2_moe")
+    hf.save_pretrained(str(tmp_path))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not any(f".experts.{e}." in k for e in range(4))},
+              str(tmp_path / "model.safetensors"))
+    rank1 = load(str(tmp_path), ep_size=2, ep_rank=1)
+    for layer, name in zip(rank1.moe_layers(), ("model.layers.0.mlp", "model.layers.1.mlp")):
+        torch.testing.assert_close(layer.deepspeed_moe.experts.w_up.transpose(1, 2),
+                                   hf.get_submodule(name).experts.gate_up_proj.detach()[4:])
+    with pytest.raises(ValueError, match=r"has no tensor 'model.layers.0.mlp.experts.0.gate_proj.weight'"):
+        load(str(tmp_path), ep_size=2, ep_rank=0)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_unknown_or_dense_models_are_refused():
     dense = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in COMMON.items()

@@ -2,7 +2,7 @@
 
 transformers computes its MoE aux loss in the causal LM's forward from every layer's router logits together
 (``load_balancing_loss_func``): with ``c_e`` the number of (token, layer) rows whose top-k (of a plain softmax
-of the logits) holds expert e, ``p_e`` the sum of e's softmax probability over those rows and ``N`` the rows
+of the logits) holds expert e, ``p_e`` the sum of e's softmax probability over all rows and ``N`` the rows
 (tokens not masked out by the attention mask, times layers),
 
     aux = E * sum_e (c_e / N) * (p_e / N)

@@ -88,7 +88,7 @@ class CheckpointExperts(ExpertSource):
         s, arch = self.spec, self.architecture
         prefix = arch.checkpoint_key(f"{block_name}.experts.")
         gate, up, down = arch.expert_weights
-        if f"{prefix}0.{gate}.weight" in self.reader.file_of:
+        if any(key.startswith(prefix) and key[len(prefix)].isdigit() for key in self.reader.file_of):
             w_up, w_down = [], []
             for e in global_ids:
                 g, u, d = (self._get(f"{prefix}{e}.{w}.weight", shape) for w, shape in (
