@@ -9,6 +9,14 @@ The model comes from the ds_config's "piper.model" block; data defaults to byte-
 standard library's sources (no download). Rank 0 shows a progress bar and, every steps_per_print optimizer
 steps, one line of metrics; every metric also goes through engine.monitor (W&B / CSV / TensorBoard blocks).
 
+With ``--hf-model DIR`` it trains a local Hugging Face MoE model instead (config, safetensors and tokenizer in DIR;
+Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, DeepSeek-V2/V3), its MoE blocks converted to PiperMoE with each rank
+loading only its experts (``piper_ds.integrations.hf.load``; the ds_config then has no "piper.model" block and
+its "piper.moe" block holds dispatch options only). The text is tokenized with the model's tokenizer; the loss
+is next-token cross-entropy plus the model's own load-balancing loss (its ``router_aux_loss_coef``, logged as
+``aux``; n/a for DeepSeek models, which define none). ``--hf-export DIR2`` writes the trained model back as a
+Hugging Face checkpoint with its tokenizer.
+
 With ``"piper": {"parallel": {"pp_size": N}}`` (N > 1) the model is built as a pipeline
 (``PiperPipelineModule``, or ``PiperDualPipeVModule`` for ``"pipeline": {"piper_schedule": "dualpipev"}``) and
 trained with ``engine.train_batch`` under the schedule the ds_config names; its loss is the pipeline's loss
@@ -50,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-interval", type=int, default=None, help="steps between validation passes "
                    "(default: piper.data.val_interval; 0 = never)")
     p.add_argument("--seed", type=int, default=1234, help="model init seed (the data seed is piper.data.seed)")
+    p.add_argument("--hf-model", default=None, help="train this local Hugging Face MoE model directory (config, "
+                   "safetensors, tokenizer) converted to PiperMoE instead of the ds_config's piper.model")
+    p.add_argument("--seq-len", type=int, default=None, help="with --hf-model: tokens per sequence (default "
+                   "min(1024, the model's max_position_embeddings))")
+    p.add_argument("--hf-export", default=None, help="with --hf-model: write the trained model (and its tokenizer) "
+                   "here as a Hugging Face checkpoint at the end")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     deepspeed.add_config_arguments(p)
@@ -78,19 +92,6 @@ def all_max(value: float, device) -> float:
     return float(t.item())
 
 
-@torch.no_grad()
-def validate(engine, model, data, step: int, rank: int, batches: int) -> float:
-    """Mean validation loss (LM loss, no aux) over ``batches`` micro-batches per rank and all ranks."""
-    engine.eval()
-    total = torch.zeros((), dtype=torch.float64, device=engine.device)
-    for i in range(batches):
-        x, y = (t.to(engine.device) for t in data.get("val", step, i, rank))
-        logits, _ = engine(x)
-        total += model.loss(logits, y).double()
-    engine.train()
-    return all_mean([float(total) / batches], engine.device)[0]
-
-
 def format_line(step: int, m: Dict[str, float]) -> str:
     """The one-line metrics summary printed every steps_per_print."""
     def f(key, fmt, unit=""):
@@ -105,12 +106,32 @@ def format_line(step: int, m: Dict[str, float]) -> str:
 
 class Trainer:
     """One optimizer step and one validation pass of the engine ``piper_ds.initialize`` built: a PiperEngine
-    (pp 1: forward / backward / step per micro-batch) or the pipeline engine (pp > 1: ``train_batch``)."""
+    (pp 1: forward / backward / step per micro-batch) or the pipeline engine (pp > 1: ``train_batch``), for the
+    reference model of the ds_config or a Hugging Face model (``--hf-model``). ``seq_len``, ``vocab_size`` and
+    ``flops_per_token`` describe the model trained."""
 
     def __init__(self, args, ds_config, piper):
-        from piper_ds.models import build_model
-        spec, ckpt = piper.model, "activation_checkpointing" in ds_config
+        ckpt = "activation_checkpointing" in ds_config  # DeepSpeed's block is our recompute switch
         self.pipelined = piper.parallel.pp_size > 1
+        self.hf_dir = args.hf_model
+        if self.hf_dir is not None:
+            self._build_hf(args, piper, ckpt)
+        elif piper.model is None:
+            raise SystemExit(f'{args.deepspeed_config}: examples/train.py needs a "piper": {{"model": ...}} block '
+                             "(or --hf-model DIR)")
+        else:
+            self._build_reference(args, ds_config, piper, ckpt)
+        self.engine, _, _, _ = piper_ds.initialize(args=args, model=self.model)
+        self.optimizer_marks: List = []  # (start, end) of every engine.step() of the current optimizer step
+        # the rank whose data this rank trains on: stages of one pipeline read the same micro-batches
+        self.data_rank = self.engine.grid.get_data_parallel_rank() if self.pipelined else None
+
+    def _build_reference(self, args, ds_config, piper, ckpt: bool) -> None:
+        """The reference model of the ds_config's "piper.model" block (a pipeline module under pp > 1)."""
+        from piper_ds.models import build_model
+        spec = piper.model
+        self.seq_len, self.vocab_size = spec.seq_len, spec.vocab_size
+        self.flops_per_token = spec.mfu_flops_per_token()
         if self.pipelined:
             from piper_ds.pipeline.engine import configured_schedule
             from piper_ds.pipeline.model import PiperDualPipeVModule, PiperPipelineModule
@@ -120,18 +141,56 @@ class Trainer:
             from deepspeed.accelerator import get_accelerator
             deepspeed.init_distributed(get_accelerator().communication_backend_name())  # the module needs it
             cls = PiperDualPipeVModule if configured_schedule(ds_config) == "dualpipev" else PiperPipelineModule
-            # DeepSpeed's "activation_checkpointing" block is our switch: every layer recomputes in backward
+            # every layer recomputes in backward under activation checkpointing
             self.model = cls(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size,
                              num_stages=piper.parallel.pp_size,
                              micro_batch=ds_config["train_micro_batch_size_per_gpu"],
                              seed=args.seed, activation_checkpoint_interval=1 if ckpt else 0)
-        else:  # the same switch: the model recomputes each block in backward
+        else:  # the model recomputes each block in backward under activation checkpointing
             self.model = build_model(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size,
                                      stock_moe=args.stock_moe, seed=args.seed, activation_checkpointing=ckpt)
-        self.engine, _, _, _ = piper_ds.initialize(args=args, model=self.model)
-        self.optimizer_marks: List = []  # (start, end) of every engine.step() of the current optimizer step
-        # the rank whose data this rank trains on: stages of one pipeline read the same micro-batches
-        self.data_rank = self.engine.grid.get_data_parallel_rank() if self.pipelined else None
+
+    def _build_hf(self, args, piper, activation_checkpointing: bool) -> None:
+        """The Hugging Face model of ``--hf-model``, each rank holding its experts only (fp32: DeepSpeed casts it
+        as the ds_config says)."""
+        if self.pipelined or args.stock_moe:
+            raise SystemExit("--hf-model trains pp = 1 layouts on PiperMoE only (no pp_size > 1, no --stock-moe)")
+        if piper.model is not None:
+            raise SystemExit(f'--hf-model: the model comes from {args.hf_model}; remove the "piper.model" block of '
+                             f"{args.deepspeed_config}")
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from piper_ds.integrations.hf import load
+        deepspeed.init_distributed(get_accelerator().communication_backend_name())  # each rank loads its experts
+        self.model = load(args.hf_model, ep_size=piper.parallel.ep_size, config=piper.moe, dtype=torch.float32)
+        if activation_checkpointing:
+            self.model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        limit = self.model.config.max_position_embeddings
+        self.seq_len = args.seq_len or min(1024, limit)
+        if self.seq_len > limit:
+            raise SystemExit(f"--seq-len {self.seq_len} exceeds the model's max_position_embeddings ({limit})")
+        self.vocab_size = self.model.config.vocab_size
+        self.flops_per_token = self.model.flops_per_token(self.seq_len)
+
+    def make_data(self, path, micro: int, dc):
+        """The batch source: bytes for the reference model, the model's tokenizer for a Hugging Face model."""
+        from piper_ds.data import make_batches, make_text_batches
+        if self.hf_dir is None:
+            return make_batches(path, self.vocab_size, self.seq_len, micro, dc.seed, dc.val_fraction, dc.max_bytes)
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
+        return make_text_batches(path, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                                 self.vocab_size, self.seq_len, micro, dc.seed, dc.val_fraction, dc.max_bytes)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, aux: bool = True):
+        """(LM loss, aux loss with its coefficient or None) of one micro-batch through the engine."""
+        if self.hf_dir is None:
+            logits, aux_loss = self.engine(x)
+            return self.model.loss(logits, y), aux_loss
+        from piper_ds.models import MoETransformer
+        has_aux = aux and self.model.architecture.has_aux_loss
+        out = self.engine(input_ids=x, output_router_logits=has_aux, use_cache=False)  # training: no KV cache
+        return MoETransformer.loss(out.logits, y), self.model.aux_loss_coef * out.aux_loss if has_aux else None
 
     def data_index(self, rank: int) -> int:
         return rank if self.data_rank is None else self.data_rank
@@ -145,17 +204,19 @@ class Trainer:
             return engine.train_batch(batches).detach().double(), None
         lm_sum = torch.zeros((), dtype=torch.float64, device=dev)
         aux_sum = torch.zeros_like(lm_sum)
+        has_aux = False
         for i in range(gas):
             x, y = (t.to(dev) for t in data.get("train", step, i, r))
-            logits, aux = engine(x)
-            lm = self.model.loss(logits, y)
-            engine.backward(lm + aux)
+            lm, aux = self.losses(x, y)
+            engine.backward(lm if aux is None else lm + aux)
             start = self._mark()
             engine.step()
             self.optimizer_marks.append((start, self._mark()))
             lm_sum += lm.detach().double()
-            aux_sum += aux.detach().double()
-        return lm_sum / gas, aux_sum / gas
+            if aux is not None:
+                aux_sum += aux.detach().double()
+                has_aux = True
+        return lm_sum / gas, aux_sum / gas if has_aux else None
 
     def _mark(self):
         if self.engine.device.type != "cuda":
@@ -182,7 +243,22 @@ class Trainer:
         if self.pipelined:
             it = ((x.to(dev), y.to(dev)) for x, y in (data.get("val", step, i, r) for i in range(batches)))
             return all_mean([float(engine.eval_batch(it, num_micro_batches=batches))], dev)[0]
-        return validate(engine, self.model, data, step, rank, batches)
+        engine.eval()
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        for i in range(batches):
+            x, y = (t.to(dev) for t in data.get("val", step, i, r))
+            total += self.losses(x, y, aux=False)[0].double()
+        engine.train()
+        return all_mean([float(total) / batches], dev)[0]
+
+    def export(self, path: str) -> None:
+        """--hf-export: the trained Hugging Face model and its tokenizer (collective; rank 0 writes)."""
+        import deepspeed.comm as dist
+        from piper_ds.integrations.hf import export
+        export(self.engine.module, path)
+        if dist.get_rank() == 0:
+            from transformers import AutoTokenizer
+            AutoTokenizer.from_pretrained(self.hf_dir).save_pretrained(path)
 
     def metrics(self, histograms: bool) -> Dict[str, float]:
         """Expert-load metrics (PiperEngine only; {} under pp > 1)."""
@@ -202,23 +278,20 @@ def main(argv=None) -> Dict[str, float]:
     from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine
 
     from piper_ds.config import load_ds_config, parse_piper_config
-    from piper_ds.data import make_batches
     from piper_ds.tracking import Throughput, peak_memory_gb
 
     if args.deepspeed_config is None:
         raise SystemExit("--deepspeed_config <path> is required")
+    if args.hf_model is None and (args.hf_export or args.seq_len):
+        raise SystemExit("--hf-export and --seq-len go with --hf-model")
     ds_config = load_ds_config(args.deepspeed_config)
     piper = parse_piper_config(ds_config)
-    if piper.model is None:
-        raise SystemExit(f'{args.deepspeed_config}: examples/train.py needs a "piper": {{"model": ...}} block')
-    spec = piper.model
     trainer = Trainer(args, ds_config, piper)
     engine = trainer.engine
     rank, world = dist.get_rank(), dist.get_world_size()
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     dc = piper.data
-    data = make_batches(args.data if args.data is not None else dc.path, spec.vocab_size, spec.seq_len, micro,
-                        dc.seed, dc.val_fraction, dc.max_bytes)
+    data = trainer.make_data(args.data if args.data is not None else dc.path, micro, dc)
     if args.resume:
         if not args.save_dir:
             raise SystemExit("--resume needs --save-dir")
@@ -231,7 +304,7 @@ def main(argv=None) -> Dict[str, float]:
         raise SystemExit(f"DualPipeV evaluates at least 2 x pp ({least}) micro-batches per validation pass, "
                          f"piper.data.val_batches is {dc.val_batches}: raise it or pass --val-interval 0")
     print_every, hist_every = engine.steps_per_print(), piper.tracking.expert_load_interval
-    tput = Throughput(engine.train_batch_size() * spec.seq_len, spec.mfu_flops_per_token(), world,
+    tput = Throughput(engine.train_batch_size() * trainer.seq_len, trainer.flops_per_token, world,
                       piper.tracking.peak_tflops)
     history: List[Dict[str, float]] = []
     optimizer_s: List[Optional[float]] = []  # seconds in engine.step() per optimizer step
@@ -275,6 +348,8 @@ def main(argv=None) -> Dict[str, float]:
     bar.close()
     if args.save_dir and (not args.save_interval or engine.global_steps % args.save_interval):
         engine.save_checkpoint(args.save_dir)
+    if args.hf_export:
+        trainer.export(args.hf_export)
     summary = summarize(tput, history, args, engine, optimizer_s)
     if rank == 0 and args.metrics_out:
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics_out)), exist_ok=True)
@@ -300,7 +375,8 @@ def summarize(tput, history, args, engine, optimizer_s) -> Dict[str, float]:
               "final_val_loss": vals[-1] if vals else None, "steps": engine.global_steps,
               "world_size": tput.world_size, "tokens_per_step": tput.tokens_per_step,
               "flops_per_token": tput.flops_per_token, "peak_tflops": tput.peak_tflops,
-              "stock_moe": args.stock_moe, "deepspeed_config": args.deepspeed_config, "history": history})
+              "stock_moe": args.stock_moe, "hf_model": args.hf_model, "deepspeed_config": args.deepspeed_config,
+              "history": history})
     return s
 
 

@@ -2,7 +2,8 @@
 
 The default corpus is the Python standard library's own ``.py`` sources (the folder of ``os.__file__``,
 without site-packages), read in sorted path order. ``path`` may instead name a text file or a folder of
-files. Tokens are bytes (vocabulary 256), so any model with ``vocab_size >= 256`` trains on it.
+files. Tokens are bytes (vocabulary 256), so any model with ``vocab_size >= 256`` trains on it; a model with
+its own tokenizer (a Hugging Face model) gets the same text as its tokenizer's ids (:func:`make_text_batches`).
 
 The split is fixed: with several files, every n-th file in sorted order (n = round(1 / val_fraction)) is
 validation; a single file keeps its last ``val_fraction`` of bytes for validation.
@@ -13,7 +14,7 @@ resumed run sees exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -83,18 +84,20 @@ def load_corpus(path: Optional[str] = None, val_fraction: float = 0.05,
             torch.frombuffer(bytearray(val), dtype=torch.uint8))
 
 
-class ByteBatches:
-    """Random windows of a byte stream as (inputs [B, S] int64, targets [B, S] int64), targets = inputs
-    shifted by one token; which windows is a pure function of the arguments of :meth:`get`."""
+class TokenBatches:
+    """Random windows of a token stream as (inputs [B, S] int64, targets [B, S] int64), targets = inputs
+    shifted by one token; which windows is a pure function of the arguments of :meth:`get`. The streams are
+    1-D integer tensors of token ids below ``vocab_size``."""
 
-    def __init__(self, train_U8: torch.Tensor, val_U8: torch.Tensor, seq_len: int, micro_batch: int, seed: int):
-        for name, stream in (("training", train_U8), ("validation", val_U8)):
+    def __init__(self, train_T: torch.Tensor, val_T: torch.Tensor, seq_len: int, micro_batch: int, seed: int,
+                 vocab_size: int):
+        for name, stream in (("training", train_T), ("validation", val_T)):
             if stream.numel() <= seq_len + 1:
                 raise ValueError(f"{name} stream has {stream.numel()} tokens, fewer than seq_len + 2 "
                                  f"({seq_len + 2})")
-        self.streams = {"train": train_U8, "val": val_U8}
+        self.streams = {"train": train_T, "val": val_T}
         self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
-        self.vocab_size = BYTE_VOCAB
+        self.vocab_size = vocab_size
 
     def get(self, split: str, step: int, micro: int, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Micro-batch ``micro`` of optimizer step ``step`` for data-parallel rank ``rank``."""
@@ -103,6 +106,13 @@ class ByteBatches:
         starts = torch.randint(0, stream.numel() - self.seq_len - 1, (self.micro_batch, ), generator=gen)
         windows = torch.stack([stream[s:s + self.seq_len + 1] for s in starts.tolist()]).long()
         return windows[:, :-1], windows[:, 1:]
+
+
+class ByteBatches(TokenBatches):
+    """:class:`TokenBatches` of byte streams (uint8, vocabulary 256)."""
+
+    def __init__(self, train_U8: torch.Tensor, val_U8: torch.Tensor, seq_len: int, micro_batch: int, seed: int):
+        super().__init__(train_U8, val_U8, seq_len, micro_batch, seed, BYTE_VOCAB)
 
 
 class RandomTokens:
@@ -136,3 +146,31 @@ def make_batches(path: Optional[str], vocab_size: int, seq_len: int, micro_batch
         raise ValueError(f"byte-level data needs vocab_size >= {BYTE_VOCAB}, the model has {vocab_size}")
     train, val = load_corpus(path, val_fraction, max_bytes)
     return ByteBatches(train, val, seq_len, micro_batch, seed)
+
+
+_ENCODE_CHARS = 1 << 20  # text is tokenized in pieces of this many characters (bounded memory per call)
+
+
+def encode_stream(stream_U8: torch.Tensor, encode: Callable[[str], List[int]]) -> torch.Tensor:
+    """Token ids (int32) of a UTF-8 byte stream (undecodable bytes become U+FFFD), tokenized by ``encode`` one
+    piece of text at a time (tokens may differ from one call on the whole text at the piece boundaries)."""
+    text = bytes(stream_U8.numpy()).decode("utf-8", errors="replace")
+    ids: List[int] = []
+    for start in range(0, len(text), _ENCODE_CHARS):
+        ids.extend(encode(text[start:start + _ENCODE_CHARS]))
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def make_text_batches(path: Optional[str], encode: Callable[[str], List[int]], vocab_size: int, seq_len: int,
+                      micro_batch: int, seed: int, val_fraction: float = 0.05, max_bytes: int = 64 * 2**20):
+    """The batch source of a model with its own tokenizer: 'random' -> :class:`RandomTokens`, else
+    :class:`TokenBatches` of the corpus at ``path`` (standard library when None, split as :func:`load_corpus`
+    splits it) tokenized by ``encode`` (text -> token ids below ``vocab_size``)."""
+    if path == "random":
+        return RandomTokens(vocab_size, seq_len, micro_batch, seed)
+    train, val = (encode_stream(s, encode) for s in load_corpus(path, val_fraction, max_bytes))
+    for name, ids in (("training", train), ("validation", val)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"the tokenizer gave {name} token ids in [{int(ids.min())}, {int(ids.max())}], "
+                             f"outside the model's vocabulary of {vocab_size}")
+    return TokenBatches(train, val, seq_len, micro_batch, seed, vocab_size)

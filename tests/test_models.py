@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from piper_ds.config import merge_moe_with_model, parse_piper_config
-from piper_ds.data import ByteBatches, RandomTokens, list_files, load_corpus, make_batches, stdlib_root
+from piper_ds.data import (ByteBatches, RandomTokens, TokenBatches, list_files, load_corpus, make_batches,
+                           make_text_batches, stdlib_root)
 from piper_ds.models import build_model
 from piper_ds.planner.specs import ModelSpec
 
@@ -166,6 +167,20 @@ def test_batches_are_a_function_of_step_micro_rank():
     assert isinstance(rnd, RandomTokens) and rnd.get("train", 0, 0, 0)[0].max() < 1000
     with pytest.raises(ValueError, match=r"vocab_size >= 256.*100"):
         make_batches(None, 100, 16, 2, seed=1)
+
+
+def test_text_batches_use_the_models_tokenizer(tmp_path):
+    """make_text_batches: the corpus through a tokenizer (here: one token per word, by length), windows of its ids;
+    ids outside the model's vocabulary are an error."""
+    f = tmp_path / "text.txt"
+    f.write_text("alpha beta gamma delta epsilon " * 400)
+    encode = lambda text: [len(word) for word in text.split()]  # noqa: E731
+    data = make_text_batches(str(f), encode, vocab_size=8, seq_len=16, micro_batch=2, seed=3)
+    x, y = data.get("train", 0, 0, 0)
+    assert isinstance(data, TokenBatches) and data.vocab_size == 8 and x.shape == (2, 16)
+    assert set(x.flatten().tolist()) <= {4, 5, 7} and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ValueError, match=r"token ids in \[4, 7\], outside the model's vocabulary of 6"):
+        make_text_batches(str(f), encode, vocab_size=6, seq_len=16, micro_batch=2, seed=3)
 
 
 # ------------------------------------------------------------------------------------------------ SLURM

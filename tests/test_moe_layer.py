@@ -32,6 +32,44 @@ def test_layer_matches_dense_reference(cfg, dtype):
     torch.testing.assert_close(y, _reference_forward(layer, x.view(-1, 24)).view_as(y), **tol)
 
 
+def test_gated_shared_expert_of_its_own_width():
+    """Qwen2-MoE's shared expert: its own hidden size, scaled per token by sigmoid(x . w_gate); group_score
+    'max' runs the PyTorch router."""
+    torch.manual_seed(0)
+    layer = PiperMoE(16, 8, 12, top_k=2, n_shared_experts=1, shared_d_ffn=20, shared_gate=True, n_groups=4,
+                     topk_groups=2, group_score="max")
+    assert layer.shared_mlp.w1.weight.shape == (20, 16) and layer.shared_gate.weight.shape == (1, 16)
+    assert layer.deepspeed_moe.gate.gating_fn is None
+    x = torch.randn(9, 16)
+    g = R.gating_reference(x @ layer.deepspeed_moe.gate.wg.weight.t(), 2, n_groups=4, topk_groups=2,
+                           group_score="max")
+    e = layer.deepspeed_moe.experts
+    want = R.moe_reference(x, g.topk_idx_TK, g.topk_weights_TK, e.w1, e.w2, e.w3) + \
+        torch.sigmoid(x @ layer.shared_gate.weight.t()) * layer.shared_mlp(x)
+    torch.testing.assert_close(layer(x)[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_loaded_experts_belong_to_their_ep_rank():
+    """load_local_experts copies given weights of a rank's experts; binding the layer as another rank is then an
+    error (a random layer would draw that rank's experts instead)."""
+    layer = PiperMoE(8, 4, 6, ep_size=2, top_k=2)
+    w_up, w_down = torch.randn(2, 8, 12), torch.randn(2, 6, 8)
+    layer.load_local_experts(w_up, w_down, ep_rank=1)
+    assert torch.equal(layer.deepspeed_moe.experts.w_up, w_up) and layer.ep_rank == 1
+    with pytest.raises(ValueError, match=r"w_down: got shape \(2, 8, 6\), the layer's local experts need \(2, 6, 8\)"):
+        layer.load_local_experts(w_up, w_down.transpose(1, 2))
+    with pytest.raises(RuntimeError, match=r"holds the loaded experts of EP rank 1 \(\[2, 3\]\) but is bound as "
+                                           r"EP rank 0"):
+        run_distributed(_bind_other_rank_worker, 2)
+
+
+def _bind_other_rank_worker(rank, world_size):
+    import torch.distributed as dist
+    layer = PiperMoE(8, 4, 6, ep_size=2, top_k=2)
+    layer.load_local_experts(torch.zeros(2, 8, 12), torch.zeros(2, 6, 8), ep_rank=1)  # right on rank 1 only
+    layer.bind_ep_group(dist.group.WORLD)
+
+
 def test_zero_tokens():
     layer = PiperMoE(8, 4, 16, top_k=2, n_shared_experts=1)
     x = torch.randn(0, 8, requires_grad=True)

@@ -9,7 +9,8 @@ from piper_ds.moe.router import TopKGateFP32
 from piper_ds.ops import reference as R
 
 
-def naive_route(logits, k, score_func, bias=None, n_groups=1, topk_groups=1, normalize=True, scaling=1.0):
+def naive_route(logits, k, score_func, bias=None, n_groups=1, topk_groups=1, normalize=True, scaling=1.0,
+                group_score="top2_sum"):
     """One token at a time, plain Python sorting: the slow, obvious definition."""
     T, E = logits.shape
     idx_out, w_out = [], []
@@ -20,7 +21,8 @@ def naive_route(logits, k, score_func, bias=None, n_groups=1, topk_groups=1, nor
         allowed = set(range(E))
         if n_groups > 1:
             per = E // n_groups
-            gscore = [sum(sorted(sel[g * per:(g + 1) * per], reverse=True)[:min(2, per)]) for g in range(n_groups)]
+            best_n = min(2, per) if group_score == "top2_sum" else 1
+            gscore = [sum(sorted(sel[g * per:(g + 1) * per], reverse=True)[:best_n]) for g in range(n_groups)]
             best = sorted(range(n_groups), key=lambda g: -gscore[g])[:topk_groups]
             allowed = {e for g in best for e in range(g * per, (g + 1) * per)}
         chosen = sorted(allowed, key=lambda e: -sel[e])[:k]
@@ -40,6 +42,8 @@ CASES = [
     dict(k=8, score_func="sigmoid", n_groups=8, topk_groups=4, scaling=2.5, bias=True),
     dict(k=3, score_func="sigmoid", n_groups=4, topk_groups=2, normalize=False),
     dict(k=16, score_func="softmax"),  # k == E
+    # DeepSeek-V2's group_limited_greedy: a group scores its best expert, no renormalisation
+    dict(k=3, score_func="softmax", n_groups=4, topk_groups=2, normalize=False, scaling=1.5, group_score="max"),
 ]
 
 
@@ -51,9 +55,11 @@ def test_gating_reference_matches_naive(case):
     bias = torch.randn(E) * 0.3 if case.pop("bias", False) else None
     out = R.gating_reference(logits, case["k"], case["score_func"], bias_E=bias,
                              n_groups=case.get("n_groups", 1), topk_groups=case.get("topk_groups", 1),
-                             normalize=case.get("normalize", True), scaling=case.get("scaling", 1.0))
+                             normalize=case.get("normalize", True), scaling=case.get("scaling", 1.0),
+                             group_score=case.get("group_score", "top2_sum"))
     idx, w = naive_route(logits, case["k"], case["score_func"], bias, case.get("n_groups", 1),
-                         case.get("topk_groups", 1), case.get("normalize", True), case.get("scaling", 1.0))
+                         case.get("topk_groups", 1), case.get("normalize", True), case.get("scaling", 1.0),
+                         case.get("group_score", "top2_sum"))
     assert torch.equal(out.topk_idx_TK, idx)
     torch.testing.assert_close(out.topk_weights_TK, w.float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(out.tokens_per_expert_E, torch.bincount(idx.flatten(), minlength=E))
@@ -131,7 +137,20 @@ def test_capacity_drop_keeps_earliest_tokens():
     assert dropped.tolist() == [[0, 1], [0, 2], [-1, 1], [2, -1]]
 
 
-@pytest.mark.parametrize("bad", [dict(topk_groups=3, n_groups=2), dict(top_k=0), dict(bogus=1)])
+def test_fixed_selection_bias_routes_without_updates():
+    """use_selection_bias: the loaded bias selects (DeepSeek-V3's e_score_correction_bias) and never moves."""
+    torch.manual_seed(3)
+    cfg = MoEConfig(top_k=2, score_func="sigmoid", use_selection_bias=True, normalize_weights=False)
+    gate = TopKGateFP32(8, 4, cfg)
+    gate.selection_bias[1] = 10.0
+    out = gate(torch.randn(16, 8))
+    assert (out.topk_idx_TK == 1).any(dim=1).all()
+    gate.update_selection_bias()
+    assert gate.selection_bias.tolist() == [0.0, 10.0, 0.0, 0.0] and gate.pending_load.sum() == 0
+
+
+@pytest.mark.parametrize("bad", [dict(topk_groups=3, n_groups=2), dict(top_k=0), dict(bogus=1),
+                                 dict(group_score="mean"), dict(shared_gate=True), dict(shared_d_ffn=8)])
 def test_bad_router_config(bad):
     with pytest.raises(ValueError):
         MoEConfig(**bad)

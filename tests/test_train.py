@@ -1,6 +1,7 @@
 """Launcher smoke test: the README's main command, ``deepspeed --num_gpus 2 examples/train.py --deepspeed_config
 ds_configs/cpu_tiny.json`` (2 CPU ranks, ep=2, ZeRO-2), trains with a falling loss, writes its metrics JSON and
-a checkpoint; ``--resume`` continues from that checkpoint at the right step."""
+a checkpoint; ``--resume`` continues from that checkpoint at the right step. The pipeline config and ``--hf-model``
+(a Hugging Face model with its tokenizer) train too."""
 import json
 import os
 import subprocess
@@ -59,3 +60,54 @@ def test_pipeline_config_trains_with_falling_loss(tmp_path):
     assert m["final_val_loss"] < m["first_loss"] - 1.5
     assert "aux n/a" in out and "validation loss" in out  # the pipeline's loss already holds the aux loss
     assert (ckpt / "latest").read_text().strip() == "global_step30"
+
+
+def _tiny_hf_model(folder):
+    """A tiny Qwen2-MoE (gated shared expert, load-balancing loss) with its own byte-level BPE tokenizer trained
+    on two standard library modules, saved as a Hugging Face model directory; returns (model dir, corpus file)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2MoeConfig
+    text = "".join(open(os.path.join(os.path.dirname(os.__file__), name)).read()
+                   for name in ("argparse.py", "textwrap.py"))
+    corpus = folder / "corpus.txt"
+    corpus.write_text(text)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=512,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    config = Qwen2MoeConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                            shared_expert_intermediate_size=64, intermediate_size=128, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model_dir = folder / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(model_dir))
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(str(model_dir))
+    return model_dir, corpus
+
+
+def test_hf_model_trains_with_its_tokenizer_and_exports(tmp_path):
+    """``--hf-model``: ds_configs/cpu_tiny_hf.json (ep = 2, ZeRO-2) trains a Hugging Face model on a text file with
+    its own tokenizer, with the reference model's metrics, DeepSpeed checkpoint (experts per file) and validation,
+    and ``--hf-export`` writes a model and tokenizer that transformers loads."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir, corpus = _tiny_hf_model(tmp_path)
+    metrics, ckpt, export = tmp_path / "metrics.json", tmp_path / "ckpt", tmp_path / "export"
+    out, _ = _launch("--hf-model", str(model_dir), "--data", str(corpus), "--seq-len", "64", "--steps", "30",
+                     "--metrics-out", str(metrics), "--save-dir", str(ckpt), "--hf-export", str(export),
+                     config="ds_configs/cpu_tiny_hf.json")
+    m = json.loads(metrics.read_text())
+    assert m["steps"] == 30 and m["world_size"] == 2 and m["hf_model"] == str(model_dir)
+    assert m["final_loss"] < m["first_loss"] - 0.5, (m["first_loss"], m["final_loss"])
+    for key in ("median_step_time_s", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu_pct", "peak_memory_gb"):
+        assert m[key] > 0, key
+    assert all(h["aux_loss"] > 0 for h in m["history"] if "loss" in h)  # the model's own load-balancing loss
+    assert "validation loss" in out
+    assert len(list((ckpt / "global_step30").glob("layer_*_expert_*_model_states.pt"))) == 2 * 4
+    tokenizer = AutoTokenizer.from_pretrained(str(export))
+    model = AutoModelForCausalLM.from_pretrained(str(export))
+    ids = tokenizer("def main():\n    return 0\n", return_tensors="pt")["input_ids"]
+    before = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    trained, initial = model(input_ids=ids).logits, before(input_ids=ids).logits
+    assert trained.shape == (1, ids.shape[1], 512) and not torch.allclose(trained, initial)  # the trained weights

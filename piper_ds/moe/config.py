@@ -21,6 +21,10 @@ class MoEConfig(BaseModel):
         "softmax", description="Router scores: softmax over experts (Mixtral) or per-expert sigmoid (DeepSeek-V3).")
     n_groups: int = Field(1, ge=1, description="Expert groups for group-limited routing (DeepSeek-V3: 8); 1 = off.")
     topk_groups: int = Field(1, ge=1, description="Groups a token may route into when n_groups > 1.")
+    group_score: Literal["top2_sum", "max"] = Field(
+        "top2_sum", description="How a group is scored for group-limited routing: the sum of its two best "
+        "selection scores (DeepSeek-V3) or its best one (DeepSeek-V2's group_limited_greedy). 'max' runs the "
+        "PyTorch router (the fused gating kernel computes 'top2_sum').")
     normalize_weights: bool = Field(
         True, description="Renormalise the top-k weights of a token to sum to 1 (before routed_scaling_factor).")
     routed_scaling_factor: float = Field(1.0, gt=0, description="Multiplies the routed weights (DeepSeek-V3: 2.5).")
@@ -34,6 +38,10 @@ class MoEConfig(BaseModel):
         0.0, ge=0,
         description="Aux-loss-free balancing: per-expert selection bias moved by this rate towards equal load "
         "after every training forward (DeepSeek-V3: 1e-3); 0 = off. The bias only selects, never weights.")
+    use_selection_bias: bool = Field(
+        False,
+        description="Route with the selection bias also when bias_update_rate is 0: a fixed bias that comes with "
+        "the weights (DeepSeek-V3's e_score_correction_bias). bias_update_rate > 0 implies it.")
 
     # ---- dispatch -----------------------------------------------------------------------------------
     capacity_factor: Optional[float] = Field(
@@ -71,6 +79,12 @@ class MoEConfig(BaseModel):
         "swiglu", description="SwiGLU experts (3 matrices) or GELU experts (2 matrices).")
     n_shared_experts: int = Field(0, ge=0, description="Always-on shared experts (DeepSeek style), fused as one "
                                   "dense FFN of n_shared_experts * d_ffn hidden units.")
+    shared_d_ffn: Optional[int] = Field(
+        None, ge=1, description="Hidden size of the fused shared FFN when it is not n_shared_experts * d_ffn "
+        "(Qwen2-MoE's shared_expert_intermediate_size); needs n_shared_experts >= 1.")
+    shared_gate: bool = Field(
+        False, description="Scale the shared experts' output per token by sigmoid(x . w_gate), w_gate [D] a "
+        "learned weight (Qwen2-MoE's shared_expert_gate); needs n_shared_experts >= 1.")
 
     @model_validator(mode="after")
     def _check_groups(self) -> "MoEConfig":
@@ -82,6 +96,9 @@ class MoEConfig(BaseModel):
         if self.cuda_graph and self.kernels == "reference":
             raise ValueError("cuda_graph needs the fused kernels (kernels 'auto' or 'cuda'): the PyTorch reference "
                              "plans wait for the device, which a CUDA graph cannot capture")
+        if (self.shared_d_ffn is not None or self.shared_gate) and self.n_shared_experts == 0:
+            raise ValueError(f"shared_d_ffn ({self.shared_d_ffn}) and shared_gate ({self.shared_gate}) need "
+                             f"n_shared_experts >= 1, got n_shared_experts {self.n_shared_experts}")
         if self.node_dedup and self.transport == "flat":
             raise ValueError(f"node_dedup ({self.node_dedup}) needs transport 'hierarchical' or 'auto', got "
                              f"transport {self.transport!r}")

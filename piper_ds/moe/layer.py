@@ -112,9 +112,10 @@ class PiperMoE(MoE):
         self.deepspeed_moe = _MoECore(gate, experts, dispatcher)
         self._init_seed = init_seed
         self.dp_group = None
-        self.shared_mlp = FeedForward(hidden_size, cfg.n_shared_experts * d_ffn, cfg.activation) \
-            if cfg.n_shared_experts else None
-        if cfg.kernels != "reference":
+        shared_width = cfg.shared_d_ffn or cfg.n_shared_experts * d_ffn
+        self.shared_mlp = FeedForward(hidden_size, shared_width, cfg.activation) if cfg.n_shared_experts else None
+        self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if cfg.shared_gate else None
+        if cfg.kernels != "reference" and cfg.group_score == "top2_sum":  # the kernel's only group score
             from piper_ds.ops import gating
             gate.gating_fn = functools.partial(gating.fused_gating, backend=cfg.kernels)
         self._graphed = GraphedLayer(self) if cfg.cuda_graph else None
@@ -151,8 +152,33 @@ class PiperMoE(MoE):
         self.deepspeed_moe.dispatcher = make_dispatcher(self.placement, cfg.kernels, transport, cfg.overlap_chunks)
         self.deepspeed_moe.dispatcher.timer = timer
         if ep_rank != self.ep_rank:  # built for another EP rank: hold the experts the placement gives this one
+            if self._init_seed is None:
+                raise ValueError(f"this PiperMoE holds the loaded experts of EP rank {self.ep_rank} "
+                                 f"({self.placement.local_experts(self.ep_rank)}) but is bound as EP rank {ep_rank}: "
+                                 "load the experts of that rank instead")
             self.ep_rank = ep_rank
             self.deepspeed_moe.experts.init_experts(self.placement.local_experts(ep_rank), self._init_seed)
+
+    @torch.no_grad()
+    def load_local_experts(self, w_up_LDW: torch.Tensor, w_down_LFD: torch.Tensor,
+                           ep_rank: Optional[int] = None) -> None:
+        """Copies given (e.g. pretrained) weights of this rank's experts into the stacked parameters.
+
+        ``w_up_LDW`` [E_local, D, W] (SwiGLU: gate | up side by side, W = 2F; GELU: W = F) and ``w_down_LFD``
+        [E_local, F, D] hold the experts ``placement.local_experts(ep_rank)`` in slot order; ``ep_rank`` defaults
+        to the layer's. Afterwards the layer belongs to that EP rank: binding it as another one is a ValueError
+        (its experts would be other weights), where a randomly initialised layer would draw them again.
+        """
+        experts = self.deepspeed_moe.experts
+        rank = self.ep_rank if ep_rank is None else ep_rank
+        if not 0 <= rank < self.ep_size:
+            raise ValueError(f"ep_rank ({rank}) must be in [0, ep_size ({self.ep_size}))")
+        for name, given, param in (("w_up", w_up_LDW, experts.w_up), ("w_down", w_down_LFD, experts.w_down)):
+            if tuple(given.shape) != tuple(param.shape):
+                raise ValueError(f"{name}: got shape {tuple(given.shape)}, the layer's local experts need "
+                                 f"{tuple(param.shape)} (E_local {self.num_local_experts} of {self.num_experts})")
+            param.copy_(given)
+        self.ep_rank, self._init_seed = rank, None
 
     @torch.no_grad()
     def update_selection_bias(self) -> None:
@@ -199,14 +225,19 @@ class PiperMoE(MoE):
         if self.shared_mlp is None:
             return None
         if not x_TD.is_cuda:
-            return self.shared_mlp(x_TD)
+            return self._shared(x_TD)
         main, side = torch.cuda.current_stream(x_TD.device), _side_stream(x_TD.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            y = self.shared_mlp(x_TD)
+            y = self._shared(x_TD)
         if not torch.cuda.is_current_stream_capturing():  # a captured graph keeps its memory anyway
             x_TD.record_stream(side)  # x's memory must outlive the side stream's use of it
         return y
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output [T, D], scaled per token by sigmoid(x . w_gate) with ``shared_gate``."""
+        y = self.shared_mlp(x_TD)
+        return y if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)) * y
 
     @staticmethod
     def _join_shared(y: torch.Tensor) -> torch.Tensor:

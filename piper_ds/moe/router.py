@@ -54,7 +54,8 @@ class TopKGateFP32(nn.Module):
 
     Named like DeepSpeed's gate (``gate.wg.weight``) so DeepSpeed's MoE checkpoint code keeps it in the
     dense (non-expert) state. ``selection_bias`` is the aux-loss-free balancing bias; it is a buffer, the same
-    on every rank, changed only by :meth:`update_selection_bias`.
+    on every rank, changed only by :meth:`update_selection_bias` (or loaded with the weights: a fixed bias used
+    with ``use_selection_bias``).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, config: MoEConfig):
@@ -71,12 +72,14 @@ class TopKGateFP32(nn.Module):
         experts first: the loss kernels are tiny, and launched before the experts they would only delay them."""
         cfg = self.config
         logits = router_logits(x_TD, self.wg.weight)
-        use_bias = cfg.bias_update_rate > 0
-        # positional: the fused kernel and the reference share this argument order
-        gate = (self.gating_fn or reference.gating_reference)(
-            logits, cfg.top_k, cfg.score_func, self.selection_bias if use_bias else None, cfg.n_groups,
-            cfg.topk_groups, cfg.normalize_weights, cfg.routed_scaling_factor)
-        if use_bias and self.training:
+        use_bias = cfg.bias_update_rate > 0 or cfg.use_selection_bias
+        # positional: the fused kernel and the reference share this argument order (the kernel scores groups
+        # 'top2_sum' only; the layer gives it no other)
+        args = (logits, cfg.top_k, cfg.score_func, self.selection_bias if use_bias else None, cfg.n_groups,
+                cfg.topk_groups, cfg.normalize_weights, cfg.routed_scaling_factor)
+        gate = self.gating_fn(*args) if self.gating_fn is not None else \
+            reference.gating_reference(*args, group_score=cfg.group_score)
+        if cfg.bias_update_rate > 0 and self.training:
             self.pending_load += gate.tokens_per_expert_E.float()
         return RouterOutput(gate.topk_idx_TK, gate.topk_weights_TK, gate.tokens_per_expert_E, gate.scores_TE,
                             logits)

@@ -39,12 +39,14 @@ def gating_reference(logits_TE: torch.Tensor,
                      n_groups: int = 1,
                      topk_groups: int = 1,
                      normalize: bool = True,
-                     scaling: float = 1.0) -> GatingOutput:
+                     scaling: float = 1.0,
+                     group_score: str = "top2_sum") -> GatingOutput:
     """Scores, optional selection bias, group-limited top-k, normalisation and scaling; all math in fp32.
 
     The bias (aux-loss-free balancing) changes which experts are selected, never the weights. With groups, a
-    group's score is the sum of its two best biased scores (DeepSeek-V3; the best one if a group has a single
-    expert); only the experts of the ``topk_groups`` best groups may be selected.
+    group's score is the sum of its two best biased scores (``group_score`` 'top2_sum', DeepSeek-V3; the best
+    one if a group has a single expert) or its best score ('max', DeepSeek-V2); only the experts of the
+    ``topk_groups`` best groups may be selected.
     """
     logits = logits_TE.float()
     T, E = logits.shape
@@ -58,8 +60,13 @@ def gating_reference(logits_TE: torch.Tensor,
     if n_groups > 1:
         per_group = E // n_groups
         grouped = select.view(T, n_groups, per_group)
-        group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # [T, G]
-        keep_groups = group_score.topk(topk_groups, dim=-1).indices
+        if group_score == "top2_sum":
+            score_TG = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)
+        elif group_score == "max":
+            score_TG = grouped.amax(dim=-1)
+        else:
+            raise ValueError(f"group_score must be 'top2_sum' or 'max', got {group_score!r}")
+        keep_groups = score_TG.topk(topk_groups, dim=-1).indices
         group_mask = torch.zeros(T, n_groups, dtype=torch.bool, device=logits.device)
         group_mask.scatter_(1, keep_groups, True)
         select = select.masked_fill(~group_mask.repeat_interleave(per_group, dim=1), float("-inf"))
