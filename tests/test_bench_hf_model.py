@@ -36,3 +36,16 @@ def test_deepspeed_settings_are_those_of_the_h200_config():
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "bf16",
                 "optimizer", "scheduler", "zero_optimization"):
         assert ours[key] == shipped[key], key
+
+
+def test_isolated_peers_run_in_their_own_processes_and_a_failure_is_reported(tmp_path, monkeypatch):
+    """What a GPU run does: each peer in a fresh process, records gathered; a peer whose process fails leaves a
+    record with its error and does not stop the others."""
+    from piper_ds.bench import hf_model
+    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    records = hf_model._run_isolated(["piper", "hf"], ["--tiny", "--steps", "2", "--warmup", "1",
+                                                       "--peers", "x", "--out", "ignored.json"], "cmd")
+    assert [r["peer"] for r in records] == ["piper", "hf"]
+    assert all(r["command"] == "cmd" and r["tokens_per_s"] > 0 for r in records), records
+    failed = hf_model._run_isolated(["piper"], ["--tiny", "--steps", "1", "--warmup", "1"], "cmd")  # a ValueError
+    assert failed[0]["peer"] == "piper" and "exit status" in failed[0]["error"]

@@ -17,10 +17,10 @@ All three get the DeepSpeed settings of ``ds_configs/h200_x1.json`` (ZeRO-2, bf1
 micro-batch 4, gradient clipping 1.0; on CPU fp32 and unfused) and train ``--steps`` steps on the same random
 tokens (seq 2048) with the model's own loss, ``engine(input_ids=x, labels=x).loss``. Reported per peer: the
 median step time after ``--warmup`` steps, tokens/s, MFU (``6 * active params + 6 * L * seq * d`` FLOPs per token
-over ``--peak-tflops``), peak memory (CUDA max allocated from the model's construction on, with what earlier peers
-left allocated as ``resident_before_gb``; on CPU the process's peak resident set, which only grows) and the first
-and last losses (the same weights and tokens: the first loss
-agrees across peers). ``--out`` writes one JSON record per peer with the command, commit and GPU.
+over ``--peak-tflops``), peak memory (CUDA max allocated from the model's construction on; on CPU the process's
+peak resident set, which only grows) and the first and last losses (the same weights and tokens: the first loss
+agrees across peers). On a GPU each peer runs in a fresh process (a destroyed DeepSpeed engine keeps part of its
+memory), so none starts with another's memory; a peer that fails is reported with its error and the others run. ``--out`` writes one JSON record per peer with the command, commit and GPU.
 """
 from __future__ import annotations
 
@@ -142,28 +142,75 @@ def main(argv=None) -> List[Dict[str, Any]]:
     ap.add_argument("--peak-tflops", type=float, default=989.5, help="peak dense TFLOP/s of the GPU, for MFU")
     ap.add_argument("--out", default=None, help="JSON file for the records")
     args = ap.parse_args(argv)
+    if args.steps <= args.warmup:
+        raise ValueError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): the median needs timed steps")
+    peers = args.peers.split(",")
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peers {unknown}; peers: {list(PEERS)}")
+    command = "python -m piper_ds.bench.hf_model " + " ".join(argv if argv is not None else sys.argv[1:])
+    if len(peers) > 1 and torch.cuda.is_available():
+        records = _run_isolated(peers, argv if argv is not None else sys.argv[1:], command)
+    else:
+        records = _run_here(args, peers, command)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+    _report(records)
+    return records
+
+
+def _run_here(args, peers: List[str], command: str) -> List[Dict[str, Any]]:
+    """The peers one after the other in this process (CPU, or one peer)."""
     from piper_ds.bench.moe_layer import _commit
     from piper_ds.integrations.hf.model import flops_per_token
     device = _init()
     shape = "tiny" if args.tiny else "xmoe-small"
     config, seq = model_config(shape), SHAPES[shape]["seq"]
     flops = flops_per_token(config, seq)
-    meta = dict(command="python -m piper_ds.bench.hf_model " + " ".join(argv if argv is not None else sys.argv[1:]),
-                commit=_commit(), gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    meta = dict(command=command, commit=_commit(), gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 torch=torch.__version__, model=f"qwen3_moe {shape}", seq=seq, micro_batch=args.micro_batch,
                 flops_per_token=flops)
-    records = [{**run_peer(peer, args, config, seq, flops, device), **meta} for peer in args.peers.split(",")]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-    _report(records)
+    records = [{**run_peer(peer, args, config, seq, flops, device), **meta} for peer in peers]
     import deepspeed.comm as dist
     dist.destroy_process_group()
     return records
 
 
+def _run_isolated(peers: List[str], argv: List[str], command: str) -> List[Dict[str, Any]]:
+    """Each peer in a fresh process: a DeepSpeed engine does not give all its GPU memory back when destroyed, so a
+    later peer in the same process would start with an earlier one's memory (and run out of it). A peer that
+    fails leaves a record naming its error; the others still run."""
+    import subprocess
+    import tempfile
+    rest, skip = [], False
+    for a in argv:  # the same arguments without --peers / --out
+        if skip:
+            skip = False
+        elif a in ("--peers", "--out"):
+            skip = True
+        elif not a.startswith(("--peers=", "--out=")):
+            rest.append(a)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for peer in peers:
+            out = os.path.join(tmp, f"{peer}.json")
+            proc = subprocess.run([sys.executable, "-m", "piper_ds.bench.hf_model", "--peers", peer, "--out", out,
+                                   *rest])
+            if proc.returncode == 0:
+                with open(out) as f:
+                    records += [{**r, "command": command} for r in json.load(f)]
+            else:
+                records.append(dict(peer=peer, command=command, error=f"exit status {proc.returncode}"))
+    return records
+
+
 def _report(records: List[Dict[str, Any]]) -> None:
     """The table, last: one row per peer, speed relative to the AutoEP peer when it ran."""
+    failed = [r for r in records if "error" in r]
+    records = [r for r in records if "error" not in r]
+    for r in failed:
+        print(f"{r['peer']}: failed ({r['error']})")
     base = {r["peer"]: r["tokens_per_s"] for r in records}.get("autoep")
     print(f"{'peer':<8} {'step s':>8} {'tokens/s':>10} {'MFU %':>6} {'peak GB':>8} {'first loss':>10} "
           f"{'last loss':>10} {'vs AutoEP':>9}")
