@@ -52,7 +52,7 @@ setup(
         "rich",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout", "hypothesis"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "hypothesis", "import-linter>=2.17"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["piper-plan=piper_ds.plan:main"]},

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from piper_ds.planner.cluster import ClusterSpec, LinkTier
 from piper_ds.planner.overheads import OverheadFit, apply_fits, block_prediction, block_rows, fit_overhead
 from piper_ds.planner.profile import PlatformProfile
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 
 
 def _sync(device: torch.device) -> None:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from piper_ds.comm.topology import TopologyConfig  # the all-to-all's own model: one definition
 from piper_ds.moe.config import MoEConfig
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 
 #: Fields that both the model spec and the MoE block can set; the model spec decides, a conflict is an error.
 _SHARED_WITH_MODEL = ("top_k", "activation", "n_shared_experts")

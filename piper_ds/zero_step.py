@@ -45,9 +45,9 @@ def _child(queue, device_type: str, device_index: int, tensors: int, numel: int,
     try:
         import deepspeed
 
-        from piper_ds.planner.cluster import Layout
         from piper_ds.planner.dsconfig import build_ds_config
-        from piper_ds.planner.specs import ModelSpec
+        from piper_ds.system.layout import Layout
+        from piper_ds.system.specs import ModelSpec
         cuda = device_type == "cuda"
         if cuda:
             torch.cuda.set_device(device_index)

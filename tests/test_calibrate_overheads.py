@@ -5,8 +5,9 @@ import json
 import pytest
 
 from piper_ds import calibrate
-from piper_ds.planner import ClusterSpec, ModelSpec, PlatformProfile, estimate
-from piper_ds.planner.cluster import Layout
+from piper_ds.planner import ClusterSpec, PlatformProfile, estimate
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
 from piper_ds.planner.overheads import (apply_fits, block_layout, block_prediction, block_rows, fit_overhead,
                                         without_overheads)
 from piper_ds.planner.resources import _block_time

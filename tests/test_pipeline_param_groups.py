@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from piper_ds.pipeline.engine import _chunks, moe_param_groups
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 from piper_ds.testing import run_distributed
 
 

@@ -1,11 +1,11 @@
 """Memory model: ZeRO model-state bytes vs DeepSpeed's estimators, Piper's migration sizes, stage accounting."""
 import pytest
 
-from piper_ds.planner.cluster import Layout
+from piper_ds.system.layout import Layout
 from piper_ds.planner.memory import (KINDS, STATE_BYTES, all_stages, in_flight, migration_bytes, model_state_bytes,
-                                     stage_blocks, stage_params)
+                                     phase_blocks, stage_params)
 from piper_ds.planner.profile import PlatformProfile
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 
 ds_zero12 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2", reason="DeepSpeed is a dependency")
 ds_zero3 = pytest.importorskip("deepspeed.runtime.zero.stage3", reason="DeepSpeed is a dependency")
@@ -60,11 +60,11 @@ def test_piper_migration_table(name, expected):
 
 
 def test_stage_blocks_and_in_flight():
-    assert [len(r) for r in stage_blocks(10, 4)] == [2, 2, 3, 3]
-    assert [r.start for r in stage_blocks(10, 4)] == [0, 2, 4, 7]
-    with pytest.raises(ValueError, match=r"pp \(5\) must be <= n_layers \(4\)"):
-        stage_blocks(4, 5)
+    # the pipeline's cut (piper_ds.system.stages): stage 0 also holds the embedding, the last the head
+    spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=10, n_dense_layers=1)
     lay = Layout(dp=1, pp=4, zero_stage=1, grad_accum=8)
+    blocks = [phase_blocks(spec, lay, s)[0] for s in range(4)]
+    assert [len(r) for r in blocks] == [3, 3, 2, 2] and [r.start for r in blocks] == [0, 3, 6, 8]
     assert [in_flight(lay, s) for s in range(4)] == [4, 3, 2, 1]
     assert in_flight(Layout(dp=1, pp=4, zero_stage=1, grad_accum=2), 0) == 2
     assert in_flight(Layout(dp=1, grad_accum=8), 0) == 1
@@ -236,7 +236,8 @@ def test_optimizer_term_uses_the_measured_step_rate():
 
 
 def test_moe_optimizer_groups_follow_deepspeeds_cap():
-    from piper_ds.planner.memory import MOE_GROUP_MAX_NUMEL, greedy_group_sizes, moe_group_sizes
+    from piper_ds.planner.memory import moe_group_sizes
+    from piper_ds.system.deepspeed_rules import MOE_GROUP_MAX_NUMEL, greedy_group_sizes
     assert greedy_group_sizes([3, 3, 3, 10, 1], max_numel=6) == [6, 3, 10, 1]
     assert greedy_group_sizes([], max_numel=6) == []
     spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=4, n_dense_layers=1)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from piper_ds.planner.cluster import CLUSTERS, ClusterSpec
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.search import NothingFits, SearchOptions, best, search
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 
 
 def independent_violations(model, cluster, est, gpus, batch, allow_cross):

@@ -37,11 +37,12 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from piper_ds.planner.cluster import ClusterSpec, Layout
+from piper_ds.planner.cluster import ClusterSpec
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.resources import Estimate, estimate
 from piper_ds.planner.search import SearchOptions, search
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
 
 GB = 1e9
 BOUNDS = (0.25, 0.10)  # relative-error verdicts reported for step time and peak memory

@@ -61,7 +61,7 @@ def _layouts(spec: str, world: int) -> List[tuple]:
 
 
 def _model_spec(args):
-    from piper_ds.planner.specs import ModelSpec
+    from piper_ds.system.specs import ModelSpec
     if args.tiny:
         return ModelSpec.preset("tiny", n_layers=4, n_dense_layers=1, n_shared_experts=1, seq_len=16)
     return ModelSpec.preset(args.preset, n_layers=args.n_layers, tie_embeddings=False)
@@ -79,8 +79,9 @@ def _ds_config(args, pp: int, ep: int, world: int) -> Dict[str, Any]:
 
 
 def _prediction(spec, args, pp: int, ep: int, world: int, schedule: str) -> Dict[str, Any]:
-    from piper_ds.planner.cluster import ClusterSpec, Layout
+    from piper_ds.planner.cluster import ClusterSpec
     from piper_ds.planner.resources import estimate
+    from piper_ds.system.layout import Layout
     layout = Layout(dp=world // pp, ep=ep, pp=pp, zero_stage=1, micro_batch=args.micro_batch,
                     grad_accum=args.grad_accum, precision="fp32" if args.tiny else "bf16",
                     overlap_a2a=schedule == "overlap", virtual_stages=2 if schedule == "dualpipev" else 1)

@@ -28,7 +28,7 @@ from deepspeed.runtime.pipe.module import PipelineModule
 
 from piper_ds.pipeline.groups import MeshLayout, check_groups
 from piper_ds.pipeline.schedules import SCHEDULES, OverlapBackwardPass, OverlapForwardPass, make_schedule
-from piper_ds.planner.memory import MOE_GROUP_MAX_NUMEL, greedy_groups
+from piper_ds.system.deepspeed_rules import MOE_GROUP_MAX_NUMEL, greedy_groups
 
 
 def _zero_stage(ds_config: Dict[str, Any]) -> int:
@@ -56,7 +56,7 @@ def configured_schedule(ds_config: Dict[str, Any]) -> str:
 
 
 def _greedy(params: List[torch.nn.Parameter], max_numel: int) -> List[List[torch.nn.Parameter]]:
-    """DeepSpeed's cut (:func:`piper_ds.planner.memory.greedy_groups`) applied to ``params``."""
+    """DeepSpeed's cut (:func:`piper_ds.system.deepspeed_rules.greedy_groups`) applied to ``params``."""
     return [[params[i] for i in group] for group in greedy_groups([p.numel() for p in params], max_numel)]
 
 

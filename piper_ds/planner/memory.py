@@ -52,7 +52,7 @@ and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
   contiguous 16-bit buffer they view is shared by all groups (``_release_ipg_buffers`` already dropped its
   own reference), so it is freed before the LAST group's update only. Piper's groups are the dense group,
   then the MoE groups of ``split_params_into_different_moe_groups_for_optimizer``: the expert tensors in
-  order, cut greedily at :data:`MOE_GROUP_MAX_NUMEL` elements (a larger tensor alone), sharded over dp and
+  order, cut greedily at :data:`piper_ds.system.deepspeed_rules.MOE_GROUP_MAX_NUMEL` elements (a larger tensor alone), sharded over dp and
   expert-dp (:func:`moe_group_sizes`). The cut bounds the step phase's per-group copies: one 185M-element
   expert stack, not all experts of the stage, is cast to fp32 at a time.
 
@@ -70,14 +70,13 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from piper_ds.planner.cluster import GIB, Layout
-from piper_ds.planner.comm import distinct_ranks_per_token
+from piper_ds.planner.cluster import GIB
 from piper_ds.planner.profile import PlatformProfile
-from piper_ds.planner.specs import ModelSpec
-
-#: DeepSpeed's cap on the elements of one MoE optimizer group
-#: (``split_params_into_different_moe_groups_for_optimizer``, ``max_group_size``).
-MOE_GROUP_MAX_NUMEL = 178956971
+from piper_ds.system.activations import block_activations
+from piper_ds.system.deepspeed_rules import greedy_groups
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
+from piper_ds.system.stages import rank_stages, stage_blocks
 
 KINDS = ("weights", "grads", "optimizer", "activations", "a2a_buffers", "workspace", "fragmentation")
 
@@ -118,26 +117,6 @@ def optimizer_temp_bytes(fused: bool) -> int:
     """Temporary bytes per updated element of one group: 0 for a fused kernel, 4 for torch's foreach AdamW
     (its fp32 ``exp_avg_sq_sqrt``; see the module docstring)."""
     return 0 if fused else 4
-
-
-def greedy_groups(tensor_numels: Sequence[int], max_numel: int = MOE_GROUP_MAX_NUMEL) -> List[List[int]]:
-    """DeepSpeed's cut of MoE optimizer groups: the indices of the tensors of each group, consecutive tensors up
-    to ``max_numel`` elements per group, a larger tensor alone."""
-    out: List[List[int]] = []
-    size = 0
-    for i, n in enumerate(tensor_numels):
-        if out and size + n <= max_numel:
-            out[-1].append(i)
-            size += n
-        else:
-            out.append([i])
-            size = n
-    return out
-
-
-def greedy_group_sizes(tensor_numels: Sequence[int], max_numel: int = MOE_GROUP_MAX_NUMEL) -> List[int]:
-    """Elements of each optimizer group of :func:`greedy_groups`."""
-    return [sum(tensor_numels[i] for i in group) for group in greedy_groups(tensor_numels, max_numel)]
 
 
 def partition_tensor_elements(tensor_numels: Sequence[int], dp: int, alignment: int = 2) -> List[int]:
@@ -184,7 +163,7 @@ def moe_group_tensors(model: ModelSpec, layout: Layout, stage: int) -> List[List
     """Elements of each tensor of each MoE optimizer group of one GPU of ``stage`` (before ZeRO's sharding):
     the stacked expert tensors of each MoE block, ``w_up`` [E/ep, d, 2f] (SwiGLU's gate and up side by side; f for
     GELU) then ``w_down`` [E/ep, f, d], cut by :func:`greedy_groups`."""
-    blocks = [b for b in rank_blocks(model.n_layers, layout, stage) if b >= model.n_dense_layers]
+    blocks = [b for b in rank_blocks(model, layout, stage) if b >= model.n_dense_layers]
     per_matrix = model.num_experts // layout.ep * model.d_model * model.d_ffn_expert
     tensors = [(model.n_mats - 1) * per_matrix, per_matrix] * len(blocks)
     return [[tensors[i] for i in group] for group in greedy_groups(tensors)]
@@ -263,48 +242,17 @@ def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
     return {"backward": backward, "step": step}
 
 
-def stage_blocks(n_layers: int, pp: int) -> List[range]:
-    """Transformer blocks of each stage: uniform, the remainder going to the LAST stages (stage 0 also
-    holds the embedding and the most in-flight activations)."""
-    if pp > n_layers:
-        raise ValueError(f"pp ({pp}) must be <= n_layers ({n_layers})")
-    base, extra = divmod(n_layers, pp)
-    sizes = [base + (1 if s >= pp - extra else 0) for s in range(pp)]
-    out, start = [], 0
-    for n in sizes:
-        out.append(range(start, start + n))
-        start += n
-    return out
+def phase_blocks(model: ModelSpec, layout: Layout, rank: int) -> List[range]:
+    """The blocks pipeline rank ``rank`` runs, per phase, under the pipeline's stage cut
+    (:func:`piper_ds.system.stages.stage_blocks`): ``[its stage]``, or under DualPipeV ``[virtual stage rank
+    (phase 0), virtual stage 2 pp - 1 - rank (phase 1)]``."""
+    parts = stage_blocks(model, layout.micro_batch, layout.ep, layout.pp * layout.virtual_stages)
+    return [parts[s] for s in rank_stages(layout.pp, layout.virtual_stages, rank)]
 
 
-def virtual_stage_blocks(n_layers: int, pp: int) -> List[range]:
-    """Transformer blocks of DualPipeV's 2 pp virtual stages (rank r holds r and 2 pp - 1 - r): uniform, the
-    remainder going to the stages of the LAST ranks (rank 0 also holds the embedding and the head)."""
-    n = 2 * pp
-    if n > n_layers:
-        raise ValueError(f"DualPipeV's 2 x pp ({n}) virtual stages must be <= n_layers ({n_layers})")
-    base, extra = divmod(n_layers, n)
-    favoured = set(sorted(range(n), key=lambda v: (-min(v, n - 1 - v), v))[:extra])
-    out, start = [], 0
-    for v in range(n):
-        size = base + (1 if v in favoured else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
-
-
-def phase_blocks(n_layers: int, layout: Layout, rank: int) -> List[range]:
-    """The blocks pipeline rank ``rank`` runs, per phase: ``[its stage]``, or under DualPipeV
-    ``[virtual stage rank (phase 0), virtual stage 2 pp - 1 - rank (phase 1)]``."""
-    if layout.virtual_stages == 1:
-        return [stage_blocks(n_layers, layout.pp)[rank]]
-    parts = virtual_stage_blocks(n_layers, layout.pp)
-    return [parts[rank], parts[2 * layout.pp - 1 - rank]]
-
-
-def rank_blocks(n_layers: int, layout: Layout, rank: int) -> List[int]:
+def rank_blocks(model: ModelSpec, layout: Layout, rank: int) -> List[int]:
     """Every block pipeline rank ``rank`` holds (:func:`phase_blocks`, in module order)."""
-    return [b for blocks in phase_blocks(n_layers, layout, rank) for b in blocks]
+    return [b for blocks in phase_blocks(model, layout, rank) for b in blocks]
 
 
 def holds_head(layout: Layout, rank: int) -> bool:
@@ -322,7 +270,7 @@ def dualpipev_in_flight(pp: int, rank: int) -> Tuple[int, int]:
 
 def stage_params(model: ModelSpec, layout: Layout, stage: int) -> Tuple[int, int]:
     """(dense, expert) parameters held by one GPU of pipeline rank ``stage`` (experts: E/ep per MoE block)."""
-    blocks = rank_blocks(model.n_layers, layout, stage)
+    blocks = rank_blocks(model, layout, stage)
     per_block = model.attention_params_per_layer() + 2 * model.d_model
     dense = expert = 0
     for b in blocks:
@@ -342,37 +290,6 @@ def stage_params(model: ModelSpec, layout: Layout, stage: int) -> Tuple[int, int
         if not model.tie_embeddings or (layout.pp > 1 and layout.virtual_stages == 1):
             dense += v
     return dense, expert
-
-
-def block_activations(model: ModelSpec, layout: Layout, profile: PlatformProfile, moe: bool) -> Dict[str, float]:
-    """Bytes one block keeps for backward for one micro-batch ('saved') and its per-layer 'a2a' send
-    buffers (alive only while the layer runs)."""
-    a = 2 if layout.precision == "bf16" else 4
-    b, s, d = layout.micro_batch, model.seq_len, model.d_model
-    t = b * s
-    hd, h, hkv = model.hd, model.n_heads, model.kv_heads
-    saved = a * t * (2 * d + 2 * h * hd + 2 * hkv * hd) + 4 * b * h * s  # norm in/out, q k v, attn out, lse
-    if profile.attention_saves_scores:
-        saved += 2 * a * b * h * s * s
-    hid = model.n_mats  # hidden tensors kept per FFN row: SwiGLU gate, up, product; GELU pre, post
-    if not moe:
-        return {"saved": saved + a * t * (2 * d + hid * model.ffn_dense), "a2a": 0.0}
-    k, e, imb = model.top_k, model.num_experts, profile.imbalance(layout.ep)
-    rows_send = t * distinct_ranks_per_token(layout.ep, k)  # one row per (token, destination rank)
-    rows_recv = rows_send * imb
-    rows_exp = t * k * imb  # expanded to (token, expert) rows at the busiest rank
-    saved += a * t * 2 * d + 8 * t * e + 12 * t * k  # norms; fp32 router logits + probs; top-k idx/weights
-    saved += 8 * rows_recv * k  # row positions and weights of the expansion and the combine
-    # expert input, the up projection's output (SwiGLU: gate | up; the activation is recomputed in backward,
-    # piper_ds.ops.experts) and the output (for the combine's weight gradient)
-    saved += a * rows_exp * (2 * d + (hid - 1) * model.d_ffn_expert)
-    # The received rows and the rows back at the source are not saved: the all-to-all saves nothing and the
-    # row expansions / the unweighted reduce save only their fan index (piper_ds.ops.permute); both buffers live
-    # only while the layer runs ('a2a' below).
-    if model.n_shared_experts:
-        saved += a * t * (d + hid * model.n_shared_experts * model.d_ffn_expert)
-    a2a = a * rows_send * d + 8 * rows_send * k + a * rows_recv * d  # dispatch send + combine send
-    return {"saved": saved, "a2a": a2a}
 
 
 @dataclass
@@ -406,7 +323,7 @@ def in_flight(layout: Layout, stage: int) -> int:
 
 def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, stage: int) -> StageMemory:
     """Memory of one GPU of ``stage`` at its peak phase, by kind (bytes); both phases in ``phases``."""
-    phases_blocks = phase_blocks(model.n_layers, layout, stage)
+    phases_blocks = phase_blocks(model, layout, stage)
     blocks = [b for part in phases_blocks for b in part]
     n_dense, n_expert = stage_params(model, layout, stage)
     states = phase_state_bytes(n_dense, n_expert, layout.dp, layout.edp, layout.zero_stage, layout.precision,
@@ -415,7 +332,9 @@ def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, sta
     kinds = dict(states["backward"])
     a = 2 if layout.precision == "bf16" else 4
     t = layout.micro_batch * model.seq_len
-    kinds_of = {moe: block_activations(model, layout, profile, moe) for moe in (False, True)}
+    kinds_of = {moe: block_activations(model, layout, moe, imbalance=profile.imbalance(layout.ep),
+                                      attention_saves_scores=profile.attention_saves_scores)
+                for moe in (False, True)}
     acts = [kinds_of[bl >= model.n_dense_layers] for bl in blocks]
     per_mb = []  # saved activations of one micro-batch, per phase
     for phase, part in enumerate(phases_blocks):
@@ -454,8 +373,3 @@ def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, sta
 def all_stages(model: ModelSpec, layout: Layout, profile: PlatformProfile) -> List[StageMemory]:
     """Memory of every stage (index = stage)."""
     return [stage_memory(model, layout, profile, s) for s in range(layout.pp)]
-
-
-def worst_stage(model: ModelSpec, layout: Layout, profile: PlatformProfile) -> StageMemory:
-    """The stage with the largest total (the one that must fit in HBM)."""
-    return max(all_stages(model, layout, profile), key=lambda m: m.total)

@@ -20,10 +20,11 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple
 
-from piper_ds.planner.cluster import ClusterSpec, Layout
+from piper_ds.planner.cluster import ClusterSpec
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.resources import STAGE_PARTS, _block_time
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
 
 OVERHEAD_FIELDS = {"moe_layer_overhead_us": 0.0, "moe_overhead_ns_per_row": 0.0, "dense_layer_overhead_us": 0.0}
 

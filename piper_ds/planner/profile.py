@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from piper_ds.planner.cluster import ClusterSpec, LinkTier
+from piper_ds.system.activations import DEFAULT_LOAD_IMBALANCE
 
 #: (rows per expert, grouped rate / dense rate) - see the module docstring.
 DEFAULT_GROUPED_SHAPE: Tuple[Tuple[float, float], ...] = (
@@ -68,7 +69,7 @@ class PlatformProfile(BaseModel):
         0.0, ge=0, description="Overhead of one MoE block per routed row (token x top_k) on the busiest EP rank, "
         "fwd+bwd, nanoseconds: routing plans and row permutations that scale with the rows (0 = fixed only).")
     load_imbalance: float = Field(
-        1.15, ge=1, description="Rows on the busiest EP rank / mean (routing skew; sizes buffers and time).")
+        DEFAULT_LOAD_IMBALANCE, ge=1, description="Rows on the busiest EP rank / mean (routing skew; sizes buffers and time).")
     overlap_efficiency: float = Field(
         0.8, ge=0, le=1, description="Share of a block's compute that can hide all-to-all with overlap_a2a.")
     grad_sync_overlap: float = Field(

@@ -29,11 +29,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from piper_ds.planner.cluster import ClusterSpec, Layout
-from piper_ds.planner.memory import block_activations
+from piper_ds.planner.cluster import ClusterSpec
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.resources import _block_time, estimate, optimizer_fused
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.activations import block_activations
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
 
 MIB = 2 ** 20
 
@@ -142,7 +143,8 @@ def moe_layer_seconds(shape: str, ep: int, profile: Optional[PlatformProfile] = 
     parts = _block_time(model, c, lay, prof, moe=True)
     t = lay.micro_batch * model.seq_len
     attn_dense = 6.0 * t * model.attention_params_per_layer() / prof.dense_rate(c)
-    dense_saved = block_activations(model, lay, prof, moe=False)["saved"]
+    dense_saved = block_activations(model, lay, moe=False,
+                                    attention_saves_scores=prof.attention_saves_scores)["saved"]
     attn_saved = dense_saved - 2 * t * (2 * model.d_model + model.n_mats * model.ffn_dense)
     out = {"router": parts["dense"] - attn_dense, "experts": parts["experts"],
            "elementwise": parts["elementwise"] - 2.0 * attn_saved / prof.hbm_rate(c),

@@ -15,7 +15,7 @@ rank for xmoe-small. The bytes per rank are held fixed as the group grows (a mod
 itself has 64 experts, so ep ≤ 64 = 8 nodes). Times are :func:`~piper_ds.comm.cost_model.alltoall_time` with
 everything it leaves out (congestion, incast, adaptive routing, NIC message rate) left out here too.
 
-``python -m piper_ds.comm.projection --out DIR`` writes ``alltoall_projection.csv`` and ``.png``.
+``python -m piper_ds.bench.projection --out DIR`` writes ``alltoall_projection.csv`` and ``.png``.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from piper_ds.comm.cost_model import AlphaBeta, alltoall_time, fit_alpha_beta
+from piper_ds.planner.validation import MEASURED_A2A_FLAT_S
 
 NODES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 GPUS_PER_NODE = 8
@@ -35,7 +36,6 @@ ALPHA_BAND_US = (2.0, 20.0)  # assumed range for α_e
 
 def intra_fit() -> AlphaBeta:
     """α-β of the intra-node tier, per message, from the 2-rank NCCL measurements (seconds, s/byte)."""
-    from piper_ds.planner.validation import MEASURED_A2A_FLAT_S
     return fit_alpha_beta([(nbytes / 2, secs) for nbytes, secs in MEASURED_A2A_FLAT_S.items()])
 
 
@@ -113,7 +113,7 @@ def plot(rows: List[Dict[str, float]], path: str, title: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m piper_ds.comm.projection", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m piper_ds.bench.projection", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for alltoall_projection.csv and .png")
     p.add_argument("--tokens", type=int, default=8192, help="tokens per GPU (8192)")
     p.add_argument("--top-k", type=int, default=6, help="distinct destination ranks per token (6)")

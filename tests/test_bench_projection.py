@@ -1,10 +1,10 @@
-"""All-to-all projection (piper_ds.comm.projection): runs, writes its files, and the curves behave."""
+"""All-to-all projection (piper_ds.bench.projection): runs, writes its files, and the curves behave."""
 import csv
 import os
 
 import pytest
 
-from piper_ds.comm import projection as P
+from piper_ds.bench import projection as P
 from piper_ds.comm.cost_model import alltoall_time
 
 
