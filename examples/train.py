@@ -10,7 +10,7 @@ standard library's sources (no download). Rank 0 shows a progress bar and, every
 steps, one line of metrics; every metric also goes through engine.monitor (W&B / CSV / TensorBoard blocks).
 
 With ``"piper": {"parallel": {"pp_size": N}}`` (N > 1) the model is built as a pipeline
-(``PiperPipelineModule``, or ``PiperDualPipeVModule`` for ``"pipeline": {"piper_schedule": "dualpipev"}``) and
+(``PiperPipelineModule``, or ``PiperDualPipeVModule`` for ``"piper": {"pipeline": {"schedule": "dualpipev"}}``) and
 trained with ``engine.train_batch`` under the schedule the ds_config names; its loss is the pipeline's loss
 (cross-entropy + aux loss, logged as ``loss``; ``aux`` is then n/a), and expert-load metrics are not collected.
 """
@@ -112,14 +112,13 @@ class Trainer:
         spec, ckpt = piper.model, "activation_checkpointing" in ds_config
         self.pipelined = piper.parallel.pp_size > 1
         if self.pipelined:
-            from piper_ds.pipeline.engine import configured_schedule
             from piper_ds.pipeline.model import PiperDualPipeVModule, PiperPipelineModule
             if args.stock_moe:
                 raise SystemExit("--stock-moe runs pp = 1 layouts only")
             import deepspeed
             from deepspeed.accelerator import get_accelerator
             deepspeed.init_distributed(get_accelerator().communication_backend_name())  # the module needs it
-            cls = PiperDualPipeVModule if configured_schedule(ds_config) == "dualpipev" else PiperPipelineModule
+            cls = PiperDualPipeVModule if piper.pipeline.stages_per_rank == 2 else PiperPipelineModule
             # DeepSpeed's "activation_checkpointing" block is our switch: every layer recomputes in backward
             self.model = cls(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size,
                              num_stages=piper.parallel.pp_size,

@@ -94,5 +94,5 @@ def test_search_and_ds_config():
     assert dual and all(lay.grad_accum >= 2 * lay.pp for lay in dual)
     assert len(on.ranked) > len(off.ranked)
     cfg = build_ds_config(spec, dual[0])
-    assert cfg["pipeline"]["piper_schedule"] == "dualpipev"
-    assert build_ds_config(spec, _lay(1, overlap_a2a=True))["pipeline"]["piper_schedule"] == "overlap"
+    assert cfg["piper"]["pipeline"] == {"schedule": "dualpipev", "virtual_stages": 2}
+    assert build_ds_config(spec, _lay(1, overlap_a2a=True))["piper"]["pipeline"]["schedule"] == "overlap"

@@ -27,7 +27,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 
 from piper_ds.pipeline.groups import MeshLayout, check_groups
-from piper_ds.pipeline.schedules import SCHEDULES, OverlapBackwardPass, OverlapForwardPass, make_schedule
+from piper_ds.pipeline.schedules import OverlapBackwardPass, OverlapForwardPass, make_schedule
 from piper_ds.system.deepspeed_rules import MOE_GROUP_MAX_NUMEL, greedy_groups
 
 
@@ -48,11 +48,6 @@ def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
                       n_blocks=spec.n_layers if spec is not None else None,
                       num_experts=spec.num_experts if spec is not None else None,
                       allow_cross_node_ep=allow_cross_node_ep)
-
-
-def configured_schedule(ds_config: Dict[str, Any]) -> str:
-    """The pipeline schedule a ds_config names: ``"pipeline": {"piper_schedule": ...}``, default '1f1b'."""
-    return (ds_config.get("pipeline") or {}).get("piper_schedule", "1f1b")
 
 
 def _greedy(params: List[torch.nn.Parameter], max_numel: int) -> List[List[torch.nn.Parameter]]:
@@ -155,8 +150,6 @@ class PiperPipelineEngine(PipelineEngine):
     def __init__(self, *args, schedule: str = "1f1b", gpus_per_node: Optional[int] = None,
                  allow_cross_node_ep: bool = False, timeline=None, **kwargs):
         import deepspeed.comm as dist
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown pipeline schedule {schedule!r}; known: {sorted(SCHEDULES)}")
         if (schedule == "dualpipev") != isinstance(self, DualPipeVEngine):
             raise ValueError(f"schedule {schedule!r} needs {'a' if schedule == 'dualpipev' else 'no'} DualPipeV "
                              f"engine, got {type(self).__name__} (initialize_pipeline picks the engine)")
@@ -269,17 +262,21 @@ PiperDualPipeVEngine._INSTRUCTION_MAP = {
 def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimizer=None, model_parameters=None,
                         training_data=None, lr_scheduler=None, config=None, collate_fn=None,
                         dist_init_required: Optional[bool] = None, schedule: Optional[str] = None,
-                        gpus_per_node: Optional[int] = None, allow_cross_node_ep: bool = False, timeline=None):
+                        gpus_per_node: Optional[int] = None, allow_cross_node_ep: bool = False, timeline=None,
+                        piper_config=None):
     """Like ``deepspeed.initialize`` for a ``PipelineModule``; returns ``(engine, optimizer, dataloader,
     lr_scheduler)`` with a :class:`PiperPipelineEngine` (a :class:`PiperDualPipeVEngine` for schedule 'dualpipev',
     which needs a :class:`~piper_ds.pipeline.model.PiperDualPipeVModule`). ``config``: dict or JSON path (or
-    ``args.deepspeed_config``). ``schedule`` None: ``"pipeline": {"piper_schedule": ...}`` of the ds_config,
-    else '1f1b'. The ``"piper"`` block's topology.gpus_per_node is used when ``gpus_per_node`` is None."""
+    ``args.deepspeed_config``). ``schedule`` None: the ds_config's ``"piper": {"pipeline": {"schedule": ...}}``
+    ('1f1b' by default). The ``"piper"`` block's topology.gpus_per_node is used when ``gpus_per_node`` is None.
+    ``piper_config``: the already validated ``"piper"`` block (a :class:`piper_ds.config.PiperConfig`; None:
+    parsed from the ds_config here)."""
     import deepspeed
     from deepspeed import comm as dist
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.config import DeepSpeedConfig
     from piper_ds.config import load_ds_config, parse_piper_config
+    from piper_ds.system.pipeline import PipelineConfig
     if not isinstance(model, PipelineModule):
         raise ValueError(f"the pipeline engine needs a deepspeed.pipe.PipelineModule (e.g. "
                          f"piper_ds.pipeline.model.PiperPipelineModule), got {type(model).__name__}")
@@ -291,15 +288,14 @@ def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimize
     if config is None:
         raise ValueError("no ds_config: pass config=<dict or path> or --deepspeed_config <path>")
     ds_config = load_ds_config(config)
-    piper = parse_piper_config(ds_config)
+    piper = parse_piper_config(ds_config) if piper_config is None else piper_config
     pp = piper.parallel.pp_size
     if "pp_size" in piper.parallel.model_fields_set and pp != pipe_ranks:
         raise ValueError(f"piper.parallel.pp_size ({pp}) differs from the PipelineModule's pipeline ranks "
                          f"({pipe_ranks})")
     if gpus_per_node is None:
         gpus_per_node = piper.topology.gpus_per_node
-    if schedule is None:
-        schedule = configured_schedule(ds_config)
+    schedule = (piper.pipeline if schedule is None else PipelineConfig(schedule=schedule)).schedule
     mpu = model.mpu()
     config_class = DeepSpeedConfig(ds_config, mpu)
     engine_class = _engine_class(model, schedule, config_class.gradient_accumulation_steps, pipe_ranks)

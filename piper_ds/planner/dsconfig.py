@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 from piper_ds.planner.cluster import GIB, ClusterSpec
 from piper_ds.planner.resources import Estimate
 from piper_ds.system.layout import Layout
+from piper_ds.system.pipeline import PipelineConfig
 from piper_ds.system.specs import ModelSpec
 
 #: Routing options that belong to a preset's published recipe (everything else: the MoE layer's defaults).
@@ -59,7 +60,7 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
     if not layout.fused_optimizer:  # torch AdamW, foreach (the planner's optimizer term for fused=False)
         cfg["optimizer"]["params"].update({"torch_adam": True, "fused": False})
     if layout.pp > 1:
-        cfg["pipeline"] = {"use_reentrant": False, "piper_schedule": layout.schedule}
+        cfg["pipeline"] = {"use_reentrant": False}
     if layout.activation_checkpointing:
         cfg["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": False,
                                            "contiguous_memory_optimization": False}
@@ -68,7 +69,9 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
         "moe": moe_block(model, layout),
         "parallel": {"ep_size": layout.ep, "pp_size": layout.pp},
     }
-
+    if layout.pp > 1:
+        cfg["piper"]["pipeline"] = PipelineConfig(schedule=layout.schedule,
+                                                  virtual_stages=layout.virtual_stages).model_dump()
     if cluster is not None:
         cfg["piper"]["topology"] = {"gpus_per_node": cluster.gpus_per_node}
         cfg["piper"]["tracking"] = {"peak_tflops": cluster.peak_tflops}
