@@ -27,6 +27,8 @@ def test_issue_command_writes_a_config_deepspeed_accepts(tmp_path):
     ds = plan.check_with_deepspeed(cfg, lay["dp"])  # DeepSpeed's own parser, as on rank 0 of the job
     assert ds.train_batch_size == 512 and ds.zero_optimization_stage == lay["zero_stage"]
     assert ds._param_dict["piper"]["parallel"] == {"ep_size": lay["ep"], "pp_size": lay["pp"]}
+    assert cfg["piper"]["topology"] == {"gpus_per_node": 4}  # 4 GPUs of an 8-GPU node: the job's own node
+    assert cfg["optimizer"]["params"]["torch_adam"] is True  # torch's AdamW: nothing to JIT-build
     from piper_ds.config import parse_piper_config  # the project's own validation of the "piper" block
     piper = parse_piper_config(cfg)
     assert piper.model.name == "xmoe-small" and piper.model.seq_len == 2048

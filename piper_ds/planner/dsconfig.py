@@ -41,7 +41,9 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
                     steps_per_print: int = 10, cluster: Optional[ClusterSpec] = None) -> Dict[str, Any]:
     """A ds_config dict for ``layout`` (batch sizes per DeepSpeed's rule train = micro * accum * dp).
 
-    ``cluster`` (default: the estimate's) fills ``piper.topology.gpus_per_node`` and the MFU peak.
+    ``cluster`` (default: the estimate's) fills ``piper.topology.gpus_per_node`` (the job's GPUs when they fit
+    in one node) and the MFU peak. The optimizer is torch's AdamW (``"torch_adam": true``), fused or foreach as
+    the layout's ``fused_optimizer`` says: no kernel to build at start-up.
     """
     cluster = cluster or (est.cluster if est is not None else None)
     cfg: Dict[str, Any] = {
@@ -51,14 +53,13 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
         "steps_per_print": steps_per_print,
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW",
-                      "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
+                      "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                                 "torch_adam": True, "fused": layout.fused_optimizer}},
         "bf16": {"enabled": layout.precision == "bf16"},
         "zero_optimization": {"stage": layout.zero_stage, "overlap_comm": layout.zero_stage > 0,
                               "contiguous_gradients": True, "reduce_scatter": True},
         "wall_clock_breakdown": False,
     }
-    if not layout.fused_optimizer:  # torch AdamW, foreach (the planner's optimizer term for fused=False)
-        cfg["optimizer"]["params"].update({"torch_adam": True, "fused": False})
     if layout.pp > 1:
         cfg["pipeline"] = {"use_reentrant": False}
     if layout.activation_checkpointing:
@@ -73,10 +74,15 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
         cfg["piper"]["pipeline"] = PipelineConfig(schedule=layout.schedule,
                                                   virtual_stages=layout.virtual_stages).model_dump()
     if cluster is not None:
-        cfg["piper"]["topology"] = {"gpus_per_node": cluster.gpus_per_node}
+        cfg["piper"]["topology"] = {"gpus_per_node": gpus_per_node(cluster, layout)}
         cfg["piper"]["tracking"] = {"peak_tflops": cluster.peak_tflops}
     cfg["piper_plan"] = plan_block(layout, est)
     return cfg
+
+
+def gpus_per_node(cluster: ClusterSpec, layout: Layout) -> int:
+    """Ranks per node of the job: the cluster's node, or the job's GPUs when they fit in one node."""
+    return min(cluster.gpus_per_node, layout.gpus)
 
 
 def plan_block(layout: Layout, est: Optional[Estimate]) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ Constraints (each has a short id used in messages and counts):
 - ``ep_divides_experts``: num_experts % ep == 0 (ep | dp holds by construction of a Layout);
 - ``pp_layers``: pp <= n_layers (2 pp virtual stages with DualPipeV);
 - ``pp_moe``: every pipeline rank holds an MoE block under the stage cut (:mod:`piper_ds.system.stages`);
+- ``whole_nodes``: a job larger than a node uses whole nodes (the launcher starts gpus_per_node ranks on each);
 - ``ep_in_node``: an EP group stays inside one node unless cross-node EP is allowed;
 - ``zero3_moe``: no ZeRO-3 (DeepSpeed's native MoE rejects it);
 - ``zero_pp``: ZeRO <= 1 when pp > 1 (DeepSpeed's PipelineEngine allows ZeRO 0/1 only);
@@ -103,6 +104,9 @@ def structural_violations(model: ModelSpec, cluster: ClusterSpec, layout: Layout
             out.append(Violation("pp_moe", f"the stage cut leaves pipeline ranks without MoE blocks (MoE blocks per "
                                  f"rank {moe}); the pipelined engine needs one on every rank", moe.count(0)))
     g = cluster.gpus_per_node
+    if layout.gpus > g and layout.gpus % g:
+        out.append(Violation("whole_nodes", f"gpus ({layout.gpus}) span nodes of {g} GPUs: a job across nodes "
+                             f"fills them (a multiple of {g})", layout.gpus % g))
     in_node = layout.ep <= g and g % layout.ep == 0 or layout.gpus <= g
     if not in_node and not allow_cross_node_ep:
         out.append(Violation("ep_in_node", f"ep ({layout.ep}) crosses nodes of {g} GPUs; allow it with "
