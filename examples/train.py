@@ -12,7 +12,7 @@ steps, one line of metrics; every metric also goes through engine.monitor (W&B /
 With ``"piper": {"parallel": {"pp_size": N}}`` (N > 1) the model is built as a pipeline
 (``PiperPipelineModule``, or ``PiperDualPipeVModule`` for ``"piper": {"pipeline": {"schedule": "dualpipev"}}``) and
 trained with ``engine.train_batch`` under the schedule the ds_config names; its loss is the pipeline's loss
-(cross-entropy + aux loss, logged as ``loss``; ``aux`` is then n/a), and expert-load metrics are not collected.
+(cross-entropy + aux loss, logged as ``loss``), and the engine reports the aux loss and the expert load.
 """
 from __future__ import annotations
 
@@ -184,8 +184,8 @@ class Trainer:
         return validate(engine, self.model, data, step, rank, batches)
 
     def metrics(self, histograms: bool) -> Dict[str, float]:
-        """Expert-load metrics (PiperEngine only; {} under pp > 1)."""
-        return {} if self.pipelined else self.engine.collect_expert_load(histograms=histograms)
+        """Expert-load and router-loss metrics of the engine (under pp > 1 the aux loss comes from here)."""
+        return self.engine.collect_expert_load(histograms=histograms)
 
     def write(self, metrics: Dict[str, float]) -> None:
         from piper_ds.tracking.monitor import write_scalars

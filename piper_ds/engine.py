@@ -21,7 +21,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from piper_ds.config import PiperConfig, parse_piper_config
 from piper_ds.moe import PiperMoE
-from piper_ds.tracking.expert_load import ExpertLoadCounter
+from piper_ds.tracking.expert_load import ExpertLoadCounter, mean_router_losses
 from piper_ds.tracking.monitor import log_config_to_wandb, log_expert_histograms, write_scalars
 
 
@@ -200,12 +200,16 @@ class PiperEngine(DeepSpeedEngine):
 
     def collect_expert_load(self, histograms: bool = False, step: Optional[int] = None) -> Dict[str, float]:
         """Expert-load summary since the last call, summed over all ranks (collective: every rank calls it):
-        ``load_max_over_mean`` (worst layer), ``load_max_over_mean_avg`` (mean over layers), ``dropped_pct``.
-        With ``histograms``, each layer's per-expert counts also go to W&B / TensorBoard."""
+        ``load_max_over_mean`` (worst layer), ``load_max_over_mean_avg`` (mean over layers), ``dropped_pct``,
+        and with PiperMoE layers the router losses of a micro-batch, ``aux_loss`` and ``z_loss`` (mean over
+        micro-batches and ranks). With ``histograms``, each layer's per-expert counts also go to W&B /
+        TensorBoard."""
+        import deepspeed.comm as dist
         counts_LE, dropped, assigned = self.expert_load.collect(None)  # all ranks: every token counted once
         if histograms and counts_LE is not None:
             log_expert_histograms(self.monitor, counts_LE, self.global_samples if step is None else step)
-        return ExpertLoadCounter.summary(counts_LE, dropped, assigned)
+        return {**ExpertLoadCounter.summary(counts_LE, dropped, assigned),
+                **mean_router_losses(self.expert_load, self.device, dist.get_world_size())}
 
     def destroy(self):
         """Releases the expert-load hooks, then DeepSpeed's resources."""

@@ -11,6 +11,8 @@ What it adds to ``PipelineEngine``:
   :class:`PiperDualPipeVEngine`, the same additions on DeepSpeed's ``DualPipeVEngine``. All by overriding
   ``_train_schedule`` and extending ``_INSTRUCTION_MAP`` (DeepSpeed's DualPipeVEngine pattern);
 * after each optimizer step, updates every PiperMoE's selection bias (aux-loss-free balancing);
+* counts expert load and router losses per MoE layer of the stage (forward hooks) and reports them for the
+  whole pipeline (:meth:`PiperPipelineEngine.collect_expert_load`), as PiperEngine does at pp = 1;
 * optionally records a timeline (:class:`~piper_ds.pipeline.timeline.TimelineRecorder`) of every instruction
   and every all-to-all.
 """
@@ -29,6 +31,8 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from piper_ds.pipeline.groups import MeshLayout, check_groups
 from piper_ds.pipeline.schedules import OverlapBackwardPass, OverlapForwardPass, make_schedule
 from piper_ds.system.deepspeed_rules import MOE_GROUP_MAX_NUMEL, greedy_groups
+from piper_ds.tracking.expert_load import ExpertLoadCounter, mean_router_losses
+from piper_ds.tracking.monitor import log_expert_histograms
 
 
 def _zero_stage(ds_config: Dict[str, Any]) -> int:
@@ -160,6 +164,7 @@ class PiperPipelineEngine(PipelineEngine):
             raise ValueError(f"PiperPipelineEngine needs a PipelineModule, got {type(model).__name__}")
         self.mesh = mesh_of(model, config, dist.get_world_size(), gpus_per_node, allow_cross_node_ep)
         self.piper_moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+        self.expert_load = ExpertLoadCounter(model)
         opt = kwargs.get("optimizer")
         if not isinstance(opt, torch.optim.Optimizer) and kwargs.get("model_parameters") is None:
             kwargs["model_parameters"] = moe_param_groups(model, model.mpu().get_pipe_parallel_group())
@@ -185,6 +190,26 @@ class PiperPipelineEngine(PipelineEngine):
             raise ValueError(f"pipeline stages have between {int(low)} and {int(high)} ZeRO parameter groups (stage "
                              f"{self.stage_id}: {len(groups)}); every stage needs the same number, as "
                              "piper_ds.pipeline.engine.moe_param_groups builds them")
+
+    def collect_expert_load(self, histograms: bool = False, step: Optional[int] = None) -> Dict[str, float]:
+        """:meth:`piper_ds.engine.PiperEngine.collect_expert_load` for the whole pipeline (collective: every rank
+        calls it): each stage's counts summed over its data-parallel ranks, the stages' layers joined in
+        pipeline-rank order, the router losses summed over the stages and averaged over the pipelines."""
+        import torch.distributed as dist
+        counts_LE, dropped, assigned = self.expert_load.collect(self.grid.get_data_parallel_group())
+        stages = [None] * self.grid.get_pipe_parallel_world_size()
+        dist.all_gather_object(stages, (counts_LE, dropped, assigned), group=self.grid.get_pipe_parallel_group())
+        parts = [c for c, _, _ in stages if c is not None]
+        counts_LE = torch.cat(parts) if parts else None
+        if histograms and counts_LE is not None:
+            log_expert_histograms(self.monitor, counts_LE, self.global_samples if step is None else step)
+        return {**ExpertLoadCounter.summary(counts_LE, sum(d for _, d, _ in stages), sum(a for _, _, a in stages)),
+                **mean_router_losses(self.expert_load, self.device, self.grid.get_data_parallel_world_size())}
+
+    def destroy(self):
+        """Releases the expert-load hooks, then DeepSpeed's resources."""
+        self.expert_load.remove()
+        super().destroy()
 
     def _train_schedule(self):
         return make_schedule(self.piper_schedule, self.micro_batches, self.num_stages, self.stage_id)
