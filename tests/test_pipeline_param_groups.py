@@ -1,6 +1,6 @@
 """Optimizer groups under pipeline parallelism: ZeRO all-reduces the gradient norm over the stages once per
 parameter group, so every stage must build the same number of groups even when its MoE layers differ in size
-(DeepSpeed cuts MoE groups at a fixed element count). Unequal counts used to hang the first optimizer step."""
+(DeepSpeed cuts MoE groups at a fixed element count). Unequal counts would hang the first optimizer step."""
 import pytest
 import torch
 

@@ -2,9 +2,10 @@
 
 The JSON holds DeepSpeed's own blocks (batch split, bf16, ZeRO, optimizer, pipeline), the ``"piper"`` block
 (``model``: every :class:`ModelSpec` field; ``moe``: the routing recipe and the all-to-all, validated with
-the rest of the block when the job starts; ``parallel``: ep_size and pp_size; ``topology``: gpus_per_node; ``tracking``: the MFU peak) and a
-``"piper_plan"`` block recording the layout and the prediction, so that a measured run can be set beside
-it. DeepSpeed keeps unknown top-level keys, so both ride along.
+the rest of the block when the job starts; ``parallel``: ep_size and pp_size; ``pipeline``: the schedule;
+``topology``: gpus_per_node; ``tracking``: the MFU peak) and a ``"piper_plan"`` block recording the layout
+and the prediction, so that a measured run can be set beside it. DeepSpeed keeps unknown top-level keys, so
+both ride along.
 """
 from __future__ import annotations
 

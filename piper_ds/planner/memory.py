@@ -53,8 +53,8 @@ and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
   contiguous 16-bit buffer they view is shared by all groups (``_release_ipg_buffers`` already dropped its
   own reference), so it is freed before the LAST group's update only. Piper's groups are the dense group,
   then the MoE groups of ``split_params_into_different_moe_groups_for_optimizer``: the expert tensors in
-  order, cut greedily at :data:`piper_ds.system.deepspeed_rules.MOE_GROUP_MAX_NUMEL` elements (a larger tensor alone), sharded over dp and
-  expert-dp (:func:`moe_group_sizes`). The cut bounds the step phase's per-group copies: one 185M-element
+  order, cut greedily at :data:`piper_ds.system.deepspeed_rules.MOE_GROUP_MAX_NUMEL` elements (a larger
+  tensor alone), sharded over dp and expert-dp (:func:`moe_group_sizes`). The cut bounds the step phase's per-group copies: one 185M-element
   expert stack, not all experts of the stage, is cast to fp32 at a time.
 
 Optimizer temporaries: torch's foreach AdamW (``torch/optim/adam.py`` ``_multi_tensor_adam``) allocates
@@ -269,7 +269,8 @@ def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
 
 
 def _zero0_phases(n: float, groups: Sequence[Tuple[float, float]], weights: float, opt: float, temp: int,
-                  precision: str, pp: int, grad_accum: int, first_grads: Optional[float]) -> Dict[str, Dict[str, float]]:
+                  precision: str, pp: int, grad_accum: int,
+                  first_grads: Optional[float]) -> Dict[str, Dict[str, float]]:
     """The phases of ZeRO-0 (module docstring): ``n`` parameters, ``groups`` (replicated, partition) elements."""
     g = 2 if precision == "bf16" else 4  # gradients in the model dtype
     accumulators = precision == "bf16" and pp > 1  # BF16_Optimizer's flat accumulators, 16-bit

@@ -69,7 +69,8 @@ class PlatformProfile(BaseModel):
         0.0, ge=0, description="Overhead of one MoE block per routed row (token x top_k) on the busiest EP rank, "
         "fwd+bwd, nanoseconds: routing plans and row permutations that scale with the rows (0 = fixed only).")
     load_imbalance: float = Field(
-        DEFAULT_LOAD_IMBALANCE, ge=1, description="Rows on the busiest EP rank / mean (routing skew; sizes buffers and time).")
+        DEFAULT_LOAD_IMBALANCE, ge=1,
+        description="Rows on the busiest EP rank / mean (routing skew; sizes buffers and time).")
     overlap_efficiency: float = Field(
         0.8, ge=0, le=1, description="Share of a block's compute that can hide all-to-all with overlap_a2a.")
     grad_sync_overlap: float = Field(
