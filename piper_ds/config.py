@@ -130,6 +130,12 @@ def load_ds_config(config: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
     raise TypeError(f"config must be a dict or a JSON path, got {type(config).__name__}")
 
 
+def zero_stage(ds_config: Mapping[str, Any]) -> int:
+    """The ZeRO stage a ds_config asks for (0 without a ``"zero_optimization"`` block)."""
+    zero = ds_config.get("zero_optimization") or {}
+    return int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
+
+
 def parse_piper_config(ds_config: Mapping[str, Any]) -> PiperConfig:
     """Validates the ``"piper"`` block of ``ds_config`` (an empty block when absent).
 

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
     p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
     p.add_argument("--out", default="ds_configs/plan.json", help="where to write the ds_config")
-    p.add_argument("--profile", help="platform profile JSON from python -m piper_ds.calibrate")
+    p.add_argument("--profile", help="platform profile JSON from python -m piper_ds.bench.calibrate")
     p.add_argument("--top", type=int, default=10, help="rows of the ranked table")
     p.add_argument("--pp", type=int, help="pin the pipeline stages")
     p.add_argument("--ep", type=int, help="pin the expert-parallel degree")

@@ -1,4 +1,4 @@
-"""`python -m piper_ds.plan` and `python -m piper_ds.calibrate` end to end (CPU)."""
+"""`python -m piper_ds.plan` and `python -m piper_ds.bench.calibrate` end to end (CPU)."""
 import json
 import os
 import subprocess
@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from piper_ds import calibrate, plan
+from piper_ds import plan
+from piper_ds.bench import calibrate
 from piper_ds.planner.profile import PlatformProfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

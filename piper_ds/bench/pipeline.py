@@ -28,7 +28,7 @@ import torch
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m piper_ds.bench.pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_pipeline.json", help="JSON results path (PNGs go beside it)")
     p.add_argument("--preset", default="xmoe-small-swiglu")
     p.add_argument("--n-layers", type=int, default=12, help="transformer blocks (first one dense)")
@@ -43,7 +43,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--kernel-profile", action="store_true",
                    help="GPU: profile one more step and report the share of NCCL kernel time under compute kernels")
     p.add_argument("--profile", default=None,
-                   help="platform profile JSON for the planner's predictions (python -m piper_ds.calibrate)")
+                   help="platform profile JSON for the planner's predictions (python -m piper_ds.bench.calibrate)")
     p.add_argument("--watchdog", type=float, default=900.0,
                    help="seconds after which every rank prints all thread stacks and exits non-zero (0: off)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher passes it

@@ -3,7 +3,7 @@
 Model predictions, not measurements. Inputs:
 
 * intra-node tier: :func:`piper_ds.comm.cost_model.fit_alpha_beta` through our NCCL ``all_to_all_single``
-  on 2 H200s (NV18; :data:`piper_ds.planner.validation.MEASURED_A2A_FLAT_S`). With 2 ranks the cost model's
+  on 2 H200s (NV18; :data:`piper_ds.bench.validation.MEASURED_A2A_FLAT_S`). With 2 ranks the cost model's
   flat time is one message of half the bytes per rank, so the points are (bytes per rank / 2, seconds);
 * inter-node tier: one 400 Gb/s NIC per GPU (8 per node), 46 GB/s per NIC (the low end of the
   46-49 GB/s achievable); the per-message cost α_e is an ASSUMPTION (default 5 µs: the marginal cost of one
@@ -24,8 +24,8 @@ import csv
 import os
 from typing import Dict, List, Optional, Sequence
 
+from piper_ds.bench.validation import MEASURED_A2A_FLAT_S
 from piper_ds.comm.cost_model import AlphaBeta, alltoall_time, fit_alpha_beta
-from piper_ds.planner.validation import MEASURED_A2A_FLAT_S
 
 NODES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 GPUS_PER_NODE = 8

@@ -28,16 +28,12 @@ from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine, DualPipeVModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 
+from piper_ds.config import zero_stage
 from piper_ds.pipeline.groups import MeshLayout, check_groups
 from piper_ds.pipeline.schedules import OverlapBackwardPass, OverlapForwardPass, make_schedule
 from piper_ds.system.deepspeed_rules import MOE_GROUP_MAX_NUMEL, greedy_groups
 from piper_ds.tracking.expert_load import ExpertLoadCounter, mean_router_losses
 from piper_ds.tracking.monitor import log_expert_histograms
-
-
-def _zero_stage(ds_config: Dict[str, Any]) -> int:
-    zero = ds_config.get("zero_optimization") or {}
-    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
 
 
 def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
@@ -48,7 +44,7 @@ def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
         raise ValueError(f"MoE layers of one pipeline use different ep_size values {eps}; use one")
     spec = getattr(model, "spec", None)
     return MeshLayout(world_size=world_size, pp=model.topology().get_dim("pipe"), ep=eps[0] if eps else 1,
-                      gpus_per_node=gpus_per_node, zero_stage=_zero_stage(ds_config),
+                      gpus_per_node=gpus_per_node, zero_stage=zero_stage(ds_config),
                       n_blocks=spec.n_layers if spec is not None else None,
                       num_experts=spec.num_experts if spec is not None else None,
                       allow_cross_node_ep=allow_cross_node_ep)

@@ -1,6 +1,6 @@
 """Resource model and layout planner: cluster specs, memory/compute/communication model, search.
 
-``python -m piper_ds.plan`` is the command-line front end; ``python -m piper_ds.calibrate`` measures a
+``python -m piper_ds.plan`` is the command-line front end; ``python -m piper_ds.bench.calibrate`` measures a
 platform profile for it. Pure Python: nothing here needs a GPU, and importing it does not import torch. The
 model spec and the layout it reasons about live in :mod:`piper_ds.system`, shared with the runtime.
 

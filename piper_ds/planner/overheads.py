@@ -9,7 +9,7 @@ costs (kernel launches, host synchronisations, routing plans, row permutations):
 * MoE block: ``moe_layer_overhead_us + moe_overhead_ns_per_row x rows``, with ``rows`` = tokens x top_k x the
   load imbalance of the busiest EP rank (at ep 1: tokens x top_k).
 
-``python -m piper_ds.calibrate`` times real blocks at several micro-batches and calls :func:`fit_overhead`
+``python -m piper_ds.bench.calibrate`` times real blocks at several micro-batches and calls :func:`fit_overhead`
 on the residuals (measured - :func:`block_prediction`), so the subtraction uses exactly the model that later
 predicts. A residual below zero means the rates alone already over-predict: it is recorded and the overhead
 set to 0 with a warning, never clamped silently.

@@ -9,7 +9,7 @@ Per micro-batch and stage (forward + backward), seconds:
 - elementwise: norms, activations, permutes: 2 x saved activation bytes / achieved HBM bandwidth;
 - overhead: launches, host syncs and row bookkeeping per block outside the terms above (dense block: a
   constant; MoE block: a constant + a per-routed-row part, see :meth:`PlatformProfile.moe_overhead_seconds`;
-  both measured by ``python -m piper_ds.calibrate``);
+  both measured by ``python -m piper_ds.bench.calibrate``);
 - a2a: 4 all-to-alls per MoE block (dispatch + combine, forward and backward; 6 with recomputation), less
   what hides under the shared experts (which run during the dispatch) or, with overlap_a2a, under
   overlap_efficiency x the block's compute; overlap_a2a (the two-half schedule) also pays the block overhead
@@ -249,7 +249,7 @@ def optimizer_seconds(model: ModelSpec, cluster: ClusterSpec, layout: Layout, pr
                       stage: int) -> float:
     """Optimizer step on the local shard, seconds.
 
-    With a measured ``prof.optimizer_ns_per_param`` (bf16 ZeRO-1/2, fused AdamW; :mod:`piper_ds.zero_step`):
+    With a measured ``prof.optimizer_ns_per_param`` (bf16 ZeRO-1/2, fused AdamW; :mod:`piper_ds.bench.zero_step`):
     that x the elements this rank updates, plus, for torch's foreach AdamW, the extra bytes of its passes
     over the fused kernel at the HBM rate. Otherwise, and for fp32 or ZeRO-0: (ZeRO ``step()`` bytes + AdamW
     bytes, fused or foreach, per updated element) x elements / the profile's HBM rate."""

@@ -3,7 +3,7 @@
 The measurements are data (:data:`MEASURED`, with their provenance); :func:`compare` runs the planner's own
 model (:func:`piper_ds.planner.resources.estimate`, the ``h200-nvlink-ib400`` preset, a given profile) for
 exactly those layouts and returns one :class:`Row` per quantity with the relative error
-``(predicted - measured) / measured``. ``python -m piper_ds.planner.validation`` prints the table.
+``(predicted - measured) / measured``. ``python -m piper_ds.bench.validation`` prints the table.
 
 What the model can express, and how each row is formed:
 
@@ -240,7 +240,7 @@ def _print(rows: List[Row], title: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m piper_ds.planner.validation", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m piper_ds.bench.validation", description=__doc__.split("\n")[0])
     p.add_argument("--calibrated", action="store_true",
                    help="also print the table under the profile with the fitted per-MoE-block overhead")
     args = p.parse_args(argv)
