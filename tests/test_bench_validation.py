@@ -1,4 +1,5 @@
-"""Predicted vs measured (piper_ds.bench.validation): the data is the run's, the fit is one constant, the table prints."""
+"""Predicted vs measured (piper_ds.bench.validation): the data is the run's, the fit is one constant, the
+table prints."""
 import json
 import math
 import os

@@ -54,8 +54,8 @@ and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
   own reference), so it is freed before the LAST group's update only. Piper's groups are the dense group,
   then the MoE groups of ``split_params_into_different_moe_groups_for_optimizer``: the expert tensors in
   order, cut greedily at :data:`piper_ds.system.deepspeed_rules.MOE_GROUP_MAX_NUMEL` elements (a larger
-  tensor alone), sharded over dp and expert-dp (:func:`moe_group_sizes`). The cut bounds the step phase's per-group copies: one 185M-element
-  expert stack, not all experts of the stage, is cast to fp32 at a time.
+  tensor alone), sharded over dp and expert-dp (:func:`moe_group_sizes`). The cut bounds the step phase's
+  per-group copies: one 185M-element expert stack, not all experts of the stage, is cast to fp32 at a time.
 
 Optimizer temporaries: torch's foreach AdamW (``torch/optim/adam.py`` ``_multi_tensor_adam``) allocates
 ``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)`` (4 bytes per element of the group); the fused kernels
