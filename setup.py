@@ -53,7 +53,8 @@ setup(
         "matplotlib",
     ],
     # hf: piper_ds.integrations.hf (Hugging Face models); the version DeepSpeed 0.19.8's AutoEP works with
-    extras_require={"dev": ["pytest>=8", "pytest-timeout", "hypothesis"], "hf": ["transformers==5.17.0"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "hypothesis", "import-linter>=2.17"],
+                    "hf": ["transformers==5.17.0"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["piper-plan=piper_ds.plan:main"]},

@@ -18,9 +18,9 @@ is next-token cross-entropy plus the model's own load-balancing loss (its ``rout
 Hugging Face checkpoint with its tokenizer.
 
 With ``"piper": {"parallel": {"pp_size": N}}`` (N > 1) the model is built as a pipeline
-(``PiperPipelineModule``, or ``PiperDualPipeVModule`` for ``"pipeline": {"piper_schedule": "dualpipev"}``) and
+(``PiperPipelineModule``, or ``PiperDualPipeVModule`` for ``"piper": {"pipeline": {"schedule": "dualpipev"}}``) and
 trained with ``engine.train_batch`` under the schedule the ds_config names; its loss is the pipeline's loss
-(cross-entropy + aux loss, logged as ``loss``; ``aux`` is then n/a), and expert-load metrics are not collected.
+(cross-entropy + aux loss, logged as ``loss``), and the engine reports the aux loss and the expert load.
 """
 from __future__ import annotations
 
@@ -133,15 +133,14 @@ class Trainer:
         self.seq_len, self.vocab_size = spec.seq_len, spec.vocab_size
         self.flops_per_token = spec.mfu_flops_per_token()
         if self.pipelined:
-            from piper_ds.pipeline.engine import configured_schedule
             from piper_ds.pipeline.model import PiperDualPipeVModule, PiperPipelineModule
             if args.stock_moe:
                 raise SystemExit("--stock-moe runs pp = 1 layouts only")
             import deepspeed
             from deepspeed.accelerator import get_accelerator
             deepspeed.init_distributed(get_accelerator().communication_backend_name())  # the module needs it
-            cls = PiperDualPipeVModule if configured_schedule(ds_config) == "dualpipev" else PiperPipelineModule
-            # every layer recomputes in backward under activation checkpointing
+            cls = PiperDualPipeVModule if piper.pipeline.stages_per_rank == 2 else PiperPipelineModule
+            # DeepSpeed's "activation_checkpointing" block is our switch: every layer recomputes in backward
             self.model = cls(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size,
                              num_stages=piper.parallel.pp_size,
                              micro_batch=ds_config["train_micro_batch_size_per_gpu"],
@@ -261,8 +260,8 @@ class Trainer:
             AutoTokenizer.from_pretrained(self.hf_dir).save_pretrained(path)
 
     def metrics(self, histograms: bool) -> Dict[str, float]:
-        """Expert-load metrics (PiperEngine only; {} under pp > 1)."""
-        return {} if self.pipelined else self.engine.collect_expert_load(histograms=histograms)
+        """Expert-load and router-loss metrics of the engine (under pp > 1 the aux loss comes from here)."""
+        return self.engine.collect_expert_load(histograms=histograms)
 
     def write(self, metrics: Dict[str, float]) -> None:
         from piper_ds.tracking.monitor import write_scalars

@@ -44,14 +44,16 @@ def initialize(args: Any = None,
 
     from piper_ds.engine import PiperEngine, check_batch_sizes, check_setup
 
-    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                          distributed_port=distributed_port, dist_init_required=dist_init_required)
+    # the config first: a bad one fails before any process group is made
     ds_config = load_ds_config(_resolve_config(args, config, config_params))
     piper = parse_piper_config(ds_config)
+    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                          distributed_port=distributed_port, dist_init_required=dist_init_required)
     if isinstance(model, PipelineModule) or piper.parallel.pp_size > 1:
         from piper_ds.pipeline.engine import initialize_pipeline  # pp > 1: PiperPipelineEngine
         return initialize_pipeline(args, model, optimizer, model_parameters, training_data, lr_scheduler,
-                                   config=ds_config, collate_fn=collate_fn, dist_init_required=dist_init_required)
+                                   config=ds_config, collate_fn=collate_fn, dist_init_required=dist_init_required,
+                                   piper_config=piper)
     _reject_unsupported(ds_config, mesh_param)
     world = dist.get_world_size()
     dp_world = mpu.get_data_parallel_world_size() if mpu is not None else world

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from piper_ds.comm.topology import TopologyConfig  # the all-to-all's own model: one definition
 from piper_ds.moe.config import MoEConfig
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.pipeline import PipelineConfig
+from piper_ds.system.specs import ModelSpec
 
 #: Fields that both the model spec and the MoE block can set; the model spec decides, a conflict is an error.
 _SHARED_WITH_MODEL = ("top_k", "activation", "n_shared_experts")
@@ -83,6 +84,8 @@ class PiperConfig(BaseModel):
         None, description="The reference model (piper_ds.models) to build: {'preset': name, ...} or all fields.")
     moe: MoEConfig = Field(default_factory=MoEConfig, description="Options of every PiperMoE layer.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Rank layout.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig,
+                                     description="Pipeline schedule and stages per rank (pp_size > 1).")
     topology: TopologyConfig = Field(default_factory=TopologyConfig,
                                      description="Cluster shape (ranks per node) for the hierarchical all-to-all.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Metrics options.")
@@ -127,12 +130,22 @@ def load_ds_config(config: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
     raise TypeError(f"config must be a dict or a JSON path, got {type(config).__name__}")
 
 
+def zero_stage(ds_config: Mapping[str, Any]) -> int:
+    """The ZeRO stage a ds_config asks for (0 without a ``"zero_optimization"`` block)."""
+    zero = ds_config.get("zero_optimization") or {}
+    return int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
+
+
 def parse_piper_config(ds_config: Mapping[str, Any]) -> PiperConfig:
     """Validates the ``"piper"`` block of ``ds_config`` (an empty block when absent).
 
     Raises ValueError (pydantic's message: field path, value and reason) on any bad or unknown key.
     """
     block = ds_config.get("piper", {})
+    schedule = (ds_config.get("pipeline") or {}).get("piper_schedule")
+    if schedule is not None:  # DeepSpeed would keep the key and train 1F1B without a word
+        raise ValueError(f'the pipeline schedule is set in "piper": {{"pipeline": {{"schedule": ...}}}}, not in '
+                         f'DeepSpeed\'s "pipeline" block (found "piper_schedule": {json.dumps(schedule)})')
     if not isinstance(block, Mapping):
         raise ValueError(f'the "piper" block must be a JSON object, got {type(block).__name__}: {block!r}')
     try:

@@ -19,9 +19,9 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from piper_ds.config import PiperConfig, parse_piper_config
+from piper_ds.config import PiperConfig, parse_piper_config, zero_stage
 from piper_ds.moe import PiperMoE
-from piper_ds.tracking.expert_load import ExpertLoadCounter
+from piper_ds.tracking.expert_load import ExpertLoadCounter, mean_router_losses
 from piper_ds.tracking.monitor import log_config_to_wandb, log_expert_histograms, write_scalars
 
 
@@ -46,11 +46,6 @@ def check_batch_sizes(ds_config: Mapping[str, Any], dp_world_size: int) -> None:
                          f"data-parallel world size ({dp_world_size})")
 
 
-def _zero_stage(ds_config: Mapping[str, Any]) -> int:
-    zero = ds_config.get("zero_optimization") or {}
-    return int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
-
-
 def check_setup(model: torch.nn.Module, ds_config: Mapping[str, Any], piper: PiperConfig, world_size: int) -> None:
     """Checks pipeline size, ZeRO stage with MoE, and every MoE layer's ep_size against the world size and the
     ``"piper.parallel"`` block. Raises ValueError naming the values."""
@@ -61,7 +56,7 @@ def check_setup(model: torch.nn.Module, ds_config: Mapping[str, Any], piper: Pip
     if world_size % par.ep_size:
         raise ValueError(f"piper.parallel.ep_size ({par.ep_size}) must divide the world size ({world_size})")
     moe_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
-    stage = _zero_stage(ds_config)
+    stage = zero_stage(ds_config)
     if moe_layers and stage >= 3:
         raise ValueError(f"ZeRO stage {stage} does not support MoE layers ({len(moe_layers)} found, e.g. "
                          f"{moe_layers[0][0]!r}): DeepSpeed's MoE parameters cannot be partitioned by ZeRO-3. "
@@ -200,12 +195,16 @@ class PiperEngine(DeepSpeedEngine):
 
     def collect_expert_load(self, histograms: bool = False, step: Optional[int] = None) -> Dict[str, float]:
         """Expert-load summary since the last call, summed over all ranks (collective: every rank calls it):
-        ``load_max_over_mean`` (worst layer), ``load_max_over_mean_avg`` (mean over layers), ``dropped_pct``.
-        With ``histograms``, each layer's per-expert counts also go to W&B / TensorBoard."""
+        ``load_max_over_mean`` (worst layer), ``load_max_over_mean_avg`` (mean over layers), ``dropped_pct``,
+        and with PiperMoE layers the router losses of a micro-batch, ``aux_loss`` and ``z_loss`` (mean over
+        micro-batches and ranks). With ``histograms``, each layer's per-expert counts also go to W&B /
+        TensorBoard."""
+        import deepspeed.comm as dist
         counts_LE, dropped, assigned = self.expert_load.collect(None)  # all ranks: every token counted once
         if histograms and counts_LE is not None:
             log_expert_histograms(self.monitor, counts_LE, self.global_samples if step is None else step)
-        return ExpertLoadCounter.summary(counts_LE, dropped, assigned)
+        return {**ExpertLoadCounter.summary(counts_LE, dropped, assigned),
+                **mean_router_losses(self.expert_load, self.device, dist.get_world_size())}
 
     def destroy(self):
         """Releases the expert-load hooks, then DeepSpeed's resources."""

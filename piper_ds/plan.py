@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 EXIT_BAD_INPUT = 2
 EXIT_NOTHING_FITS = 3
@@ -23,7 +23,7 @@ EXIT_NOTHING_FITS = 3
 
 def _parser() -> argparse.ArgumentParser:
     from piper_ds.planner.cluster import CLUSTERS
-    from piper_ds.planner.specs import PRESETS
+    from piper_ds.system.specs import PRESETS
 
     p = argparse.ArgumentParser(prog="python -m piper_ds.plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
     p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
     p.add_argument("--out", default="ds_configs/plan.json", help="where to write the ds_config")
-    p.add_argument("--profile", help="platform profile JSON from python -m piper_ds.calibrate")
+    p.add_argument("--profile", help="platform profile JSON from python -m piper_ds.bench.calibrate")
     p.add_argument("--top", type=int, default=10, help="rows of the ranked table")
     p.add_argument("--pp", type=int, help="pin the pipeline stages")
     p.add_argument("--ep", type=int, help="pin the expert-parallel degree")
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_model(arg: str, seq: Optional[int]):
-    from piper_ds.planner.specs import ModelSpec
+    from piper_ds.system.specs import ModelSpec
 
     if arg.endswith(".json") or os.path.isfile(arg):
         with open(arg) as f:
@@ -81,6 +81,29 @@ def _load_cluster(arg: str):
         with open(arg) as f:
             return ClusterSpec(**json.load(f))
     return ClusterSpec.preset(arg)
+
+
+class _DataParallelGrid:
+    """Minimal mpu for DeepSpeedConfig: only the data-parallel world size (the batch rule's divisor)."""
+
+    def __init__(self, dp: int):
+        self.dp = dp
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+
+def check_with_deepspeed(cfg: Dict[str, Any], dp: int):
+    """Parses ``cfg`` with ``deepspeed.runtime.config.DeepSpeedConfig`` as a job with ``dp`` data-parallel
+    ranks would; raises whatever DeepSpeed raises. Returns the DeepSpeedConfig."""
+    from unittest import mock
+
+    from deepspeed.runtime import config as ds_config  # heavy import, only when the check runs
+
+    # Outside a launched job DeepSpeedConfig falls back to world size 1 when it cannot read the rank; answer
+    # "rank 0" so that it takes the data-parallel size from the mpu, exactly as on rank 0 of the real job.
+    with mock.patch.object(ds_config.dist, "get_rank", return_value=0):
+        return ds_config.DeepSpeedConfig(json.loads(json.dumps(cfg)), mpu=_DataParallelGrid(dp))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -125,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         console.print("rejected: " + ", ".join(f"{k} {n}" for k, n in result.rejected.most_common()))
     cfg = dsconfig.build_ds_config(model, top.layout, top, lr=args.lr)
     if not args.no_ds_check:
-        dsconfig.check_with_deepspeed(cfg, top.layout.dp)
+        check_with_deepspeed(cfg, top.layout.dp)
     dsconfig.write_ds_config(cfg, args.out)
     console.print(f"wrote {args.out} ({top.layout.short()}: predicted {top.tokens_per_s:,.0f} tokens/s, "
                   f"MFU {100 * top.mfu:.1f}%, worst stage {top.worst.total / 2 ** 30:.1f} GiB)")

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from piper_ds.bench import layouts as L
-from piper_ds.planner import ClusterSpec, ModelSpec, PlatformProfile
+from piper_ds.planner import ClusterSpec, PlatformProfile
+from piper_ds.system.specs import ModelSpec
 from piper_ds.testing import run_distributed
 
 H200 = ClusterSpec.preset("h200-nvlink-ib400")
@@ -127,8 +128,8 @@ def test_only_runs_one_candidate_and_merge_gives_the_verdict(tmp_path, capsys):
 
 
 def test_rescore_sets_stored_measurements_against_the_current_planner(tmp_path, capsys):
-    from piper_ds.planner import Layout
     from piper_ds.planner.resources import estimate
+    from piper_ds.system.layout import Layout
     spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=14, n_dense_layers=1)
     lay = Layout(dp=4, ep=1, zero_stage=2, micro_batch=1, grad_accum=4, activation_checkpointing=True)
     old = {"step_s": 0.5, "peak_gb": 40.0, "peak_wo_fragmentation_gb": 40.0}

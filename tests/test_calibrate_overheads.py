@@ -1,12 +1,13 @@
 """Block-overhead calibration: the fit rules, the prediction it subtracts (the resource model's own block
-time), and ``python -m piper_ds.calibrate`` on CPU writing the measured overheads into a valid profile."""
+time), and ``python -m piper_ds.bench.calibrate`` on CPU writing the measured overheads into a valid profile."""
 import json
 
 import pytest
 
-from piper_ds import calibrate
-from piper_ds.planner import ClusterSpec, ModelSpec, PlatformProfile, estimate
-from piper_ds.planner.cluster import Layout
+from piper_ds.bench import calibrate
+from piper_ds.planner import ClusterSpec, PlatformProfile, estimate
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
 from piper_ds.planner.overheads import (apply_fits, block_layout, block_prediction, block_rows, fit_overhead,
                                         without_overheads)
 from piper_ds.planner.resources import _block_time

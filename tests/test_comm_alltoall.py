@@ -9,9 +9,10 @@ import torch
 import torch.distributed as dist
 
 from piper_ds.comm import hierarchical
-from piper_ds.comm.alltoall import FlatAllToAll, make_transport
+from piper_ds.comm.alltoall import FlatAllToAll
 from piper_ds.comm.hierarchical import HierarchicalAllToAll, spans_nodes
 from piper_ds.comm.topology import Topology
+from piper_ds.comm.transports import make_transport
 from piper_ds.testing import run_distributed
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from piper_ds.comm.alltoall import FlatAllToAll, make_transport
+from piper_ds.comm.alltoall import FlatAllToAll
 from piper_ds.comm.hier_dedup import DedupPlan
 from piper_ds.comm.hierarchical import HierarchicalAllToAll
 from piper_ds.comm.topology import Topology
+from piper_ds.comm.transports import make_transport
 from piper_ds.moe.config import MoEConfig
 from piper_ds.testing import run_distributed
 

@@ -41,7 +41,7 @@ def test_every_piper_key_is_documented():
     import os
     from piper_ds.config import PiperConfig
     from piper_ds.moe import MoEConfig
-    from piper_ds.planner.specs import ModelSpec
+    from piper_ds.system.specs import ModelSpec
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "training.md")).read()
     blocks = {name: f.annotation for name, f in PiperConfig.model_fields.items()}
     blocks.update(model=ModelSpec, moe=MoEConfig)

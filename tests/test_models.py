@@ -9,7 +9,7 @@ from piper_ds.config import merge_moe_with_model, parse_piper_config
 from piper_ds.data import (ByteBatches, RandomTokens, TokenBatches, list_files, load_corpus, make_batches,
                            make_text_batches, stdlib_root)
 from piper_ds.models import build_model
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 
 SPECS = {
     "tiny": ModelSpec.preset("tiny"),

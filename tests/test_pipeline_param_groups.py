@@ -1,11 +1,11 @@
 """Optimizer groups under pipeline parallelism: ZeRO all-reduces the gradient norm over the stages once per
 parameter group, so every stage must build the same number of groups even when its MoE layers differ in size
-(DeepSpeed cuts MoE groups at a fixed element count). Unequal counts used to hang the first optimizer step."""
+(DeepSpeed cuts MoE groups at a fixed element count). Unequal counts would hang the first optimizer step."""
 import pytest
 import torch
 
 from piper_ds.pipeline.engine import _chunks, moe_param_groups
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 from piper_ds.testing import run_distributed
 
 

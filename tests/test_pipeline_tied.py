@@ -6,7 +6,7 @@ gradients."""
 import pytest
 import torch
 
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 from piper_ds.testing import run_distributed
 
 LR = 1024.0

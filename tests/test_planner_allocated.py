@@ -22,7 +22,7 @@ def _state_bytes(rank, world, zeros):
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     from piper_ds.models import MoETransformer
-    from piper_ds.planner.specs import ModelSpec
+    from piper_ds.system.specs import ModelSpec
 
     spec = ModelSpec.preset("tiny", **SPEC)
     out = {}
@@ -89,7 +89,7 @@ def _zero2_grad_buffers(rank, world):
 
     from piper_ds.models import MoETransformer
     from piper_ds.planner.memory import partition_tensor_elements
-    from piper_ds.planner.specs import ModelSpec
+    from piper_ds.system.specs import ModelSpec
 
     spec = ModelSpec.preset("tiny", **SPEC)
     torch.manual_seed(0)

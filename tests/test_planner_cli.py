@@ -1,4 +1,4 @@
-"""`python -m piper_ds.plan` and `python -m piper_ds.calibrate` end to end (CPU)."""
+"""`python -m piper_ds.plan` and `python -m piper_ds.bench.calibrate` end to end (CPU)."""
 import json
 import os
 import subprocess
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from piper_ds import calibrate, plan
-from piper_ds.planner.dsconfig import check_with_deepspeed
+from piper_ds import plan
+from piper_ds.bench import calibrate
 from piper_ds.planner.profile import PlatformProfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,9 +25,11 @@ def test_issue_command_writes_a_config_deepspeed_accepts(tmp_path):
     assert "Top 10 of" in proc.stdout and "Memory per stage" in proc.stdout
     cfg = json.loads(out.read_text())
     lay = cfg["piper_plan"]["layout"]
-    ds = check_with_deepspeed(cfg, lay["dp"])  # DeepSpeed's own parser, as on rank 0 of the job
+    ds = plan.check_with_deepspeed(cfg, lay["dp"])  # DeepSpeed's own parser, as on rank 0 of the job
     assert ds.train_batch_size == 512 and ds.zero_optimization_stage == lay["zero_stage"]
     assert ds._param_dict["piper"]["parallel"] == {"ep_size": lay["ep"], "pp_size": lay["pp"]}
+    assert cfg["piper"]["topology"] == {"gpus_per_node": 4}  # 4 GPUs of an 8-GPU node: the job's own node
+    assert cfg["optimizer"]["params"]["torch_adam"] is True  # torch's AdamW: nothing to JIT-build
     from piper_ds.config import parse_piper_config  # the project's own validation of the "piper" block
     piper = parse_piper_config(cfg)
     assert piper.model.name == "xmoe-small" and piper.model.seq_len == 2048
@@ -35,10 +37,9 @@ def test_issue_command_writes_a_config_deepspeed_accepts(tmp_path):
 
 
 def test_cli_runs_deepspeed_check(tmp_path, capsys, monkeypatch):
-    from piper_ds.planner import dsconfig
     calls = []
-    real = dsconfig.check_with_deepspeed
-    monkeypatch.setattr(dsconfig, "check_with_deepspeed", lambda cfg, dp: calls.append(dp) or real(cfg, dp))
+    real = plan.check_with_deepspeed
+    monkeypatch.setattr(plan, "check_with_deepspeed", lambda cfg, dp: calls.append(dp) or real(cfg, dp))
     out = tmp_path / "tiny.json"
     assert plan.main(["--model", "tiny", "--gpus", "2", "--global-batch", "8", "--out", str(out)]) == 0
     assert len(calls) == 1 and out.exists()

@@ -5,22 +5,24 @@ import math
 import pytest
 
 from piper_ds.planner import comm
-from piper_ds.planner.cluster import ClusterSpec, Layout, LinkTier
+from piper_ds.planner.cluster import ClusterSpec, LinkTier
 from piper_ds.planner.profile import PlatformProfile, interp_log
 from piper_ds.planner.resources import estimate
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.activations import distinct_ranks_per_token
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
 
 H200 = ClusterSpec.preset("h200-nvlink-ib400")
 MIB = 2 ** 20
 
 
 def test_distinct_ranks_per_token():
-    assert comm.distinct_ranks_per_token(1, 8) == 1
-    assert comm.distinct_ranks_per_token(16, 1) == pytest.approx(1)
-    assert comm.distinct_ranks_per_token(4, 6) == pytest.approx(4 * (1 - 0.75 ** 6))
-    assert comm.distinct_ranks_per_token(10 ** 6, 8) == pytest.approx(8, rel=1e-4)
+    assert distinct_ranks_per_token(1, 8) == 1
+    assert distinct_ranks_per_token(16, 1) == pytest.approx(1)
+    assert distinct_ranks_per_token(4, 6) == pytest.approx(4 * (1 - 0.75 ** 6))
+    assert distinct_ranks_per_token(10 ** 6, 8) == pytest.approx(8, rel=1e-4)
     with pytest.raises(ValueError, match=r"ep \(0\)"):
-        comm.distinct_ranks_per_token(0, 2)
+        distinct_ranks_per_token(0, 2)
 
 
 @pytest.mark.parametrize("mib,ms", [(64, 0.190), (256, 0.666), (1024, 2.406)])

@@ -3,14 +3,15 @@ its in-flight activations and bubble (both against the schedule's own instructio
 same layout under 1F1B, the search and the written ds_config."""
 import pytest
 
-from piper_ds.planner.cluster import ClusterSpec, Layout
+from piper_ds.planner.cluster import ClusterSpec
 from piper_ds.planner.dsconfig import build_ds_config
-from piper_ds.planner.memory import (dualpipev_in_flight, holds_head, phase_blocks, rank_blocks, stage_params,
-                                     virtual_stage_blocks)
+from piper_ds.system.layout import Layout
+from piper_ds.planner.memory import dualpipev_in_flight, holds_head, phase_blocks, rank_blocks, stage_params
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.resources import bubble_micro_batches, estimate
 from piper_ds.planner.search import SearchOptions, search
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
+from piper_ds.system.stages import stage_blocks
 
 H200 = ClusterSpec.preset("h200-nvlink-ib400")
 SPEC = ModelSpec.preset("xmoe-small-swiglu", n_layers=12, n_dense_layers=1)
@@ -32,16 +33,15 @@ def test_layout_validation_names_the_values():
 
 
 def test_virtual_stages_and_what_each_rank_holds():
-    # 13 blocks over 2 x 3 virtual stages: the remainder goes to the last ranks' stages (rank 2: stages 2, 3)
-    parts = virtual_stage_blocks(13, 3)
-    assert [len(p) for p in parts] == [2, 2, 3, 2, 2, 2] and parts[-1].stop == 13
+    # 13 blocks over 2 x 3 virtual stages of the pipeline's cut: rank r holds stages r and 5 - r
+    spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=13, n_dense_layers=1)
+    parts = stage_blocks(spec, 1, 1, 6)
+    assert [len(p) for p in parts] == [3, 2, 2, 2, 2, 2] and parts[-1].stop == 13
     lay = Layout(dp=1, pp=3, grad_accum=6, virtual_stages=2)
-    assert phase_blocks(13, lay, 0) == [parts[0], parts[5]] and phase_blocks(13, lay, 2) == [parts[2], parts[3]]
-    assert sorted(b for r in range(3) for b in rank_blocks(13, lay, r)) == list(range(13))
+    assert phase_blocks(spec, lay, 0) == [parts[0], parts[5]] and phase_blocks(spec, lay, 2) == [parts[2], parts[3]]
+    assert sorted(b for r in range(3) for b in rank_blocks(spec, lay, r)) == list(range(13))
     assert holds_head(lay, 0) and not holds_head(lay, 2)
     assert holds_head(Layout(dp=1, pp=3, grad_accum=6), 2)
-    with pytest.raises(ValueError, match="virtual stages must be <= n_layers"):
-        virtual_stage_blocks(5, 3)
     # rank 0 holds the embedding and the head; a tied table once (DualPipeV keeps both ends on rank 0)
     tied = ModelSpec.preset("xmoe-small-swiglu", n_layers=12, n_dense_layers=1, tie_embeddings=True)
     v = tied.vocab_size * tied.d_model
@@ -94,5 +94,5 @@ def test_search_and_ds_config():
     assert dual and all(lay.grad_accum >= 2 * lay.pp for lay in dual)
     assert len(on.ranked) > len(off.ranked)
     cfg = build_ds_config(spec, dual[0])
-    assert cfg["pipeline"]["piper_schedule"] == "dualpipev"
-    assert build_ds_config(spec, _lay(1, overlap_a2a=True))["pipeline"]["piper_schedule"] == "overlap"
+    assert cfg["piper"]["pipeline"] == {"schedule": "dualpipev", "virtual_stages": 2}
+    assert build_ds_config(spec, _lay(1, overlap_a2a=True))["piper"]["pipeline"]["schedule"] == "overlap"

@@ -1,11 +1,11 @@
 """Memory model: ZeRO model-state bytes vs DeepSpeed's estimators, Piper's migration sizes, stage accounting."""
 import pytest
 
-from piper_ds.planner.cluster import Layout
+from piper_ds.system.layout import Layout
 from piper_ds.planner.memory import (KINDS, STATE_BYTES, all_stages, in_flight, migration_bytes, model_state_bytes,
-                                     stage_blocks, stage_params)
+                                     phase_blocks, stage_params)
 from piper_ds.planner.profile import PlatformProfile
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 
 ds_zero12 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2", reason="DeepSpeed is a dependency")
 ds_zero3 = pytest.importorskip("deepspeed.runtime.zero.stage3", reason="DeepSpeed is a dependency")
@@ -36,7 +36,7 @@ def test_zero2_sharded_part_matches_zero3_estimator():
 
 
 def test_state_bytes_per_param_rules():
-    for zero, (rep, sh) in {0: (8, 12), 1: (4, 16), 2: (2, 18)}.items():
+    for zero, (rep, sh) in {0: (20, 0), 1: (4, 16), 2: (2, 18)}.items():
         got = model_state_bytes(1, 0, dp=1, edp=1, zero=zero)
         assert sum(got.values()) == rep + sh
         got = model_state_bytes(8, 0, dp=8, edp=1, zero=zero)
@@ -60,11 +60,11 @@ def test_piper_migration_table(name, expected):
 
 
 def test_stage_blocks_and_in_flight():
-    assert [len(r) for r in stage_blocks(10, 4)] == [2, 2, 3, 3]
-    assert [r.start for r in stage_blocks(10, 4)] == [0, 2, 4, 7]
-    with pytest.raises(ValueError, match=r"pp \(5\) must be <= n_layers \(4\)"):
-        stage_blocks(4, 5)
+    # the pipeline's cut (piper_ds.system.stages): stage 0 also holds the embedding, the last the head
+    spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=10, n_dense_layers=1)
     lay = Layout(dp=1, pp=4, zero_stage=1, grad_accum=8)
+    blocks = [phase_blocks(spec, lay, s)[0] for s in range(4)]
+    assert [len(r) for r in blocks] == [3, 3, 2, 2] and [r.start for r in blocks] == [0, 3, 6, 8]
     assert [in_flight(lay, s) for s in range(4)] == [4, 3, 2, 1]
     assert in_flight(Layout(dp=1, pp=4, zero_stage=1, grad_accum=2), 0) == 2
     assert in_flight(Layout(dp=1, grad_accum=8), 0) == 1
@@ -168,12 +168,45 @@ def test_phase_accounting_fp32_and_zero0():
     # fp32 ZeRO-2: no cast; the flat copy is the fp32 grad. buffer 4*2250 + 4*2000 = 17000 at the expert cast
     ph = phase_state_bytes(1000, 4000, 4, 2, zero=2, precision="fp32", fused=True)
     assert ph["backward"]["grads"] == 4 * 2250 and ph["step"]["grads"] == 4 * 2250 + 4 * 2000
-    # ZeRO-0 keeps its grads in both phases; foreach adds exp_avg_sq_sqrt of the largest group
+    # fp32 ZeRO-0 keeps its grads in both phases; foreach adds exp_avg_sq_sqrt of the largest group
     z0 = phase_state_bytes(1000, 4000, 1, 1, zero=0, precision="fp32", fused=False)
     assert z0["backward"] == model_state_bytes(1000, 4000, 1, 1, zero=0, precision="fp32")
     assert z0["step"]["optimizer"] == 8 * 5000 + 4 * 4000
     with pytest.raises(ValueError, match="zero_stage=3"):
         phase_state_bytes(1, 1, 1, 1, zero=3)
+
+
+def test_phase_accounting_zero0_bf16_follows_deepspeeds_optimizer_wrapper():
+    n = 1000
+    # pp = 1, FP16_UnfusedOptimizer: 16-bit grads in backward, an fp32 copy of every one in step(), fp32 master
+    # and moments unsharded (dp 4 changes nothing)
+    z = phase_state_bytes(n, 0, 4, 4, zero=0, precision="bf16", fused=True)
+    assert z["backward"] == {"weights": 2 * n, "grads": 2 * n, "optimizer": 12 * n}
+    assert z["step"] == {"weights": 2 * n, "grads": 6 * n, "optimizer": 12 * n}
+    # without accumulation only the gradients of about one layer exist at the start of backward
+    assert phase_state_bytes(n, 0, 1, 1, zero=0, first_grads=100)["backward"]["grads"] == 200
+    assert phase_state_bytes(n, 0, 1, 1, zero=0, first_grads=100, grad_accum=2)["backward"]["grads"] == 2 * n
+    # pp > 1, BF16_Optimizer: 16-bit accumulators beside the grads, fp32 master and moments over dp, the
+    # partition cast to fp32 in step()
+    p = phase_state_bytes(n, 0, 4, 4, zero=0, precision="bf16", fused=True, pp=2)
+    assert p["backward"] == {"weights": 2 * n, "grads": 4 * n, "optimizer": 3 * n}
+    assert p["step"] == {"weights": 2 * n, "grads": 4 * n + n, "optimizer": 3 * n}
+
+
+def test_zero0_peak_of_the_one_gpu_plan_matches_its_run():
+    import json
+    import os
+    from piper_ds.planner.cluster import ClusterSpec
+    from piper_ds.planner.resources import estimate
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with open(os.path.join(root, "ds_configs", "h200_x1_gb32.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(root, "docs", "results", "train_h200_x1_gb32.json")) as f:
+        measured_gb = json.load(f)["peak_memory_gb"]  # max_memory_allocated, 1e9 bytes
+    est = estimate(ModelSpec.from_block(cfg["piper"]["model"]), ClusterSpec.preset("h200-nvlink-ib400"),
+                   Layout(**cfg["piper_plan"]["layout"]))
+    assert est.layout.zero_stage == 0 and est.layout.grad_accum == 2
+    assert abs(est.worst.total / 1e9 / measured_gb - 1) < 0.05
 
 
 def test_stage_peak_is_the_larger_phase():
@@ -236,7 +269,8 @@ def test_optimizer_term_uses_the_measured_step_rate():
 
 
 def test_moe_optimizer_groups_follow_deepspeeds_cap():
-    from piper_ds.planner.memory import MOE_GROUP_MAX_NUMEL, greedy_group_sizes, moe_group_sizes
+    from piper_ds.planner.memory import moe_group_sizes
+    from piper_ds.system.deepspeed_rules import MOE_GROUP_MAX_NUMEL, greedy_group_sizes
     assert greedy_group_sizes([3, 3, 3, 10, 1], max_numel=6) == [6, 3, 10, 1]
     assert greedy_group_sizes([], max_numel=6) == []
     spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=4, n_dense_layers=1)

@@ -1,9 +1,9 @@
 """ModelSpec counts equal the reference model's actual parameters exactly (piper_ds.models)."""
 import pytest
 
-from piper_ds.planner.cluster import Layout
 from piper_ds.planner.memory import stage_params
-from piper_ds.planner.specs import PRESETS, ModelSpec
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import PRESETS, ModelSpec
 
 import piper_ds.models as models  # noqa: E402
 

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from piper_ds.planner.cluster import CLUSTERS, ClusterSpec
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.search import NothingFits, SearchOptions, best, search
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 
 
 def independent_violations(model, cluster, est, gpus, batch, allow_cross):
@@ -81,6 +81,16 @@ def test_structural_binding_constraints(pin, binding, text):
     with pytest.raises(NothingFits, match=text) as err:
         best(res)
     assert err.value.binding == binding
+
+
+def test_a_job_across_nodes_fills_them_and_every_rank_holds_moe_blocks():
+    h200 = ClusterSpec.preset("h200-nvlink-ib400")
+    with pytest.raises(NothingFits, match=r"gpus \(12\) span nodes of 8 GPUs") as err:
+        best(search(ModelSpec.preset("tiny", num_experts=64), h200, 12, 48))
+    assert err.value.binding == "whole_nodes"
+    # two blocks, the first dense: the 2-stage cut leaves rank 0 without an MoE block
+    with pytest.raises(NothingFits, match=r"pipeline ranks without MoE blocks \(MoE blocks per rank \[0, 1\]\)"):
+        best(search(ModelSpec.preset("tiny", n_dense_layers=1), h200, 2, 8, opts=SearchOptions(pp=2)))
 
 
 def test_experts_not_divisible_and_batch():

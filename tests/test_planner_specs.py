@@ -1,7 +1,7 @@
 """ModelSpec: presets against published totals, hand-computed counts, validation, FLOP formulas."""
 import pytest
 
-from piper_ds.planner.specs import PRESETS, REPORTED, ModelSpec
+from piper_ds.system.specs import PRESETS, REPORTED, ModelSpec
 
 
 @pytest.mark.parametrize("name", sorted(REPORTED))

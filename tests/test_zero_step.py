@@ -1,8 +1,8 @@
-"""The ZeRO optimizer-step micro-benchmark (:mod:`piper_ds.zero_step`): its harness on CPU, bad input."""
+"""The ZeRO optimizer-step micro-benchmark (:mod:`piper_ds.bench.zero_step`): its harness on CPU, bad input."""
 import pytest
 import torch
 
-from piper_ds.zero_step import bench_zero_step
+from piper_ds.bench.zero_step import bench_zero_step
 
 
 def test_zero_step_runs_a_deepspeed_step_on_cpu():
@@ -26,7 +26,7 @@ def test_zero_step_rejects_other_devices():
 
 
 def test_calibrate_keeps_the_measured_step_or_warns(monkeypatch, capsys):
-    from piper_ds import calibrate, zero_step
+    from piper_ds.bench import calibrate, zero_step
     from piper_ds.planner.profile import PlatformProfile
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 << 30, 141 << 30))
     seen = {}

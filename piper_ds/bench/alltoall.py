@@ -24,7 +24,6 @@ import fnmatch
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -33,6 +32,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from piper_ds.bench.common import commit, device_name, seconds_per_call
 from piper_ds.comm.alltoall import FlatAllToAll
 from piper_ds.comm.cost_model import fit_alpha_beta
 from piper_ds.comm.hierarchical import HierarchicalAllToAll
@@ -102,23 +102,8 @@ def init_distributed(gloo_iface: Optional[str] = None) -> torch.device:
 
 
 def timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> List[float]:
-    """Seconds per iteration (maximum over ranks), after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+    """Seconds per iteration (maximum over ranks), after ``warmup`` untimed calls; ranks start each together."""
+    times = seconds_per_call(lambda i: fn(), device, iters, warmup, before=dist.barrier)
     t = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
@@ -299,10 +284,10 @@ def bench(args) -> int:
                 entry["iface_tx_bytes_per_call"] = moved.item() / (args.iters + args.warmup)
             results.append(entry)
         del x
-    meta = {"world_size": world, "backend": dist.get_backend(), "device": _device_name(device),
+    meta = {"world_size": world, "backend": dist.get_backend(), "device": device_name(device),
             "launcher_topology": f"{env_topo.num_nodes}x{env_topo.gpus_per_node} ({env_topo.source})",
             "hidden": args.hidden, "dtype": args.dtype, "warmup": args.warmup, "iters": args.iters,
-            "uneven": args.uneven, "topk": args.topk, "torch": torch.__version__, "commit": _commit(),
+            "uneven": args.uneven, "topk": args.topk, "torch": torch.__version__, "commit": commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report = {"meta": meta, "results": results, "checks": checks, "fits": _fits(results)}
     if args.tiers:
@@ -364,17 +349,10 @@ def format_table(report) -> str:
     return "\n".join(lines)
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - metadata only
-        return None
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m piper_ds.bench.alltoall``; returns the exit status."""
+    return bench(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(bench(parse_args()))
+    sys.exit(main())

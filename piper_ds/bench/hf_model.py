@@ -33,6 +33,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from piper_ds.bench.common import commit, device_name, init_distributed
+
 SHAPES = {
     "xmoe-small": dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
                        num_hidden_layers=7, num_experts=64, num_experts_per_tok=6, moe_intermediate_size=1408,
@@ -119,17 +121,9 @@ def run_peer(peer: str, args, config, seq: int, flops_per_token: float, device: 
 
 
 def _init() -> torch.device:
-    import deepspeed
-    if "RANK" not in os.environ:  # plain `python -m`: a world of one
-        from piper_ds.testing import free_port
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    init_distributed(cuda)
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
 def main(argv=None) -> List[Dict[str, Any]]:
@@ -162,13 +156,12 @@ def main(argv=None) -> List[Dict[str, Any]]:
 
 def _run_here(args, peers: List[str], command: str) -> List[Dict[str, Any]]:
     """The peers one after the other in this process (CPU, or one peer)."""
-    from piper_ds.bench.moe_layer import _commit
     from piper_ds.integrations.hf.model import flops_per_token
     device = _init()
     shape = "tiny" if args.tiny else "xmoe-small"
     config, seq = model_config(shape), SHAPES[shape]["seq"]
     flops = flops_per_token(config, seq)
-    meta = dict(command=command, commit=_commit(), gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    meta = dict(command=command, commit=commit(), gpu=device_name(device),
                 torch=torch.__version__, model=f"qwen3_moe {shape}", seq=seq, micro_batch=args.micro_batch,
                 flops_per_token=flops)
     records = [{**run_peer(peer, args, config, seq, flops, device), **meta} for peer in peers]

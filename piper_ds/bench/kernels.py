@@ -20,12 +20,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from piper_ds.bench.common import commit, seconds_per_call
 from piper_ds.ops import activation_backward, activation_forward, expand_rows, fused_gating, reduce_rows, route_plan
 from piper_ds.ops.reference import (activation_reference, expand_rows_reference, gating_reference,
                                     reduce_rows_reference)
@@ -40,19 +40,11 @@ DEVICE, BACKEND = "cuda", "cuda"  # module constants, so that the logic can be d
 
 
 def time_calls(fn: Callable, inputs: Sequence, warmup: int = 5, iters: int = 40) -> float:
-    """Median milliseconds of ``fn(inputs[i])`` over ``iters`` calls, each between two CUDA events."""
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    torch.cuda.synchronize()
-    events = []
-    for i in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(inputs[i % len(inputs)])
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    """Median milliseconds of ``fn(inputs[i])`` over ``iters`` calls, each between two CUDA events, queued back
+    to back."""
+    secs = seconds_per_call(lambda i: fn(inputs[i % len(inputs)]), torch.device(DEVICE), iters, warmup,
+                            sync_each=False)
+    return 1e3 * statistics.median(secs)
 
 
 def pool_size(bytes_each: int) -> int:
@@ -197,14 +189,8 @@ def _grads_agree(fused: Callable, ref: Callable, y, weight, grad) -> bool:
 
 
 def meta() -> Dict:
-    commit = os.environ.get("PIPER_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                             stderr=subprocess.DEVNULL).strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = "unknown"
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+    """Date, commit, GPU and versions of the run."""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit() or "unknown",
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
 
 

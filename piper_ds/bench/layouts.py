@@ -1,7 +1,7 @@
 """Layout validation: train several candidate layouts of the reference model one after the other in the same
 processes, and set the planner's predicted step time and peak memory against the measured ones.
 
-Run once on N GPUs of one node (after ``python -m piper_ds.calibrate``)::
+Run once on N GPUs of one node (after ``python -m piper_ds.bench.calibrate``)::
 
     deepspeed --num_gpus 2 --module piper_ds.bench.layouts --profile profile.json --out layouts.json
     torchrun --nproc_per_node 2 -m piper_ds.bench.layouts --profile profile.json --out layouts.json
@@ -37,11 +37,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from piper_ds.planner.cluster import ClusterSpec, Layout
+from piper_ds.bench.common import init_distributed, seconds_per_call, sync
+from piper_ds.planner.cluster import ClusterSpec
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.resources import Estimate, estimate
 from piper_ds.planner.search import SearchOptions, search
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
 
 GB = 1e9
 BOUNDS = (0.25, 0.10)  # relative-error verdicts reported for step time and peak memory
@@ -49,7 +51,7 @@ BOUNDS = (0.25, 0.10)  # relative-error verdicts reported for step time and peak
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m piper_ds.bench.layouts", description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", default=None, help="calibrated profile JSON (python -m piper_ds.calibrate)")
+    p.add_argument("--profile", default=None, help="calibrated profile JSON (python -m piper_ds.bench.calibrate)")
     p.add_argument("--out", default="bench_layouts.json", help="results JSON (rank 0)")
     p.add_argument("--model", default="xmoe-small-swiglu", help="model preset or ds_config JSON (piper.model)")
     p.add_argument("--n-shared-experts", type=int, default=2, help="-1 keeps the model's")
@@ -91,7 +93,7 @@ def base_model(args) -> ModelSpec:
     """The model before ``--n-layers``: tiny, or ``--model`` with ``--n-shared-experts``."""
     if args.tiny:
         return ModelSpec.preset("tiny", n_layers=3, n_dense_layers=1, n_shared_experts=1, seq_len=16)
-    from piper_ds.calibrate import model_spec
+    from piper_ds.bench.calibrate import model_spec
     return model_spec(args.model, None if args.n_shared_experts < 0 else args.n_shared_experts)
 
 
@@ -196,23 +198,13 @@ def fast_init(device: torch.device) -> Iterator[None]:
     """Builds parameters directly on ``device`` and draws routed experts there. The model's own expert init
     seeds a CPU generator per expert (same weights for any EP layout); for a timing run any normal(0, std)
     weights do, and drawing billions of them on the host would take tens of seconds per layout."""
-    from piper_ds.moe.experts import GroupedExperts
-    original = GroupedExperts.__dict__["_init"]
+    from piper_ds.moe.experts import INIT_STD, weight_draw
 
-    def on_device(shape, seed: int, expert: int, name: str, std: float) -> torch.Tensor:
-        return torch.empty(shape, device=device).normal_(0.0, std)
+    def on_device(shape, seed: int, expert: int, name: str) -> torch.Tensor:
+        return torch.empty(shape, device=device).normal_(0.0, INIT_STD)
 
-    GroupedExperts._init = staticmethod(on_device)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        GroupedExperts._init = original
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    with weight_draw(on_device), torch.device(device):
+        yield
 
 
 def _max_over_ranks(values: List[float], device) -> List[float]:
@@ -228,21 +220,23 @@ def train(engine, model, spec: ModelSpec, layout: Layout, warmup: int, steps: in
     import deepspeed.comm as dist
     gen = torch.Generator(device=engine.device).manual_seed(1000 + dist.get_rank())
     shape = (layout.micro_batch, spec.seq_len)
-    times = []
-    for step in range(warmup + steps):
-        if step == warmup and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()  # warm-up allocations stay; their peak does not count
-        _sync()
-        dist.barrier()
-        t0 = time.perf_counter()
+    def step(_: int) -> None:
         for _ in range(layout.grad_accum):
             ids = torch.randint(0, spec.vocab_size, shape, device=engine.device, generator=gen)
             logits, aux = engine(ids)
             engine.backward(model.loss(logits, torch.roll(ids, -1, dims=1)) + aux)
             engine.step()
-        _sync()
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
+
+    def together() -> None:
+        sync()
+        dist.barrier()
+
+    for i in range(warmup):
+        together()
+        step(i)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # warm-up allocations stay; their peak does not count
+    times = seconds_per_call(step, engine.device, steps, clock="host", before=together)
     return _max_over_ranks(times, engine.device)
 
 
@@ -265,13 +259,13 @@ def phase_breakdown(engine, model, spec: ModelSpec, layout: Layout) -> Dict[str,
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         result = fn()
-        _sync()
+        sync()
         secs[phase] += time.perf_counter() - t0
         if cuda:
             peaks[phase] = max(peaks[phase], float(torch.cuda.max_memory_allocated()))
         return result
 
-    _sync()
+    sync()
     dist.barrier()
     for _ in range(layout.grad_accum):
         ids = torch.randint(0, spec.vocab_size, shape, device=engine.device, generator=gen)
@@ -420,20 +414,11 @@ def table(results: List[Dict[str, Any]], verdict: Dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- driver
 def _init_distributed(args) -> Tuple[int, int]:
     """Falls back to --tiny without CUDA, pins the local GPU, starts the process group; (world size, rank)."""
-    import deepspeed
-    import deepspeed.comm as dist
     if not torch.cuda.is_available() and not args.tiny:
         print("no CUDA device: running the --tiny CPU mode", flush=True)
         args.tiny = True
-    if "RANK" not in os.environ:  # plain `python -m`: a world of one
-        from piper_ds.testing import free_port
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    cuda = not args.tiny
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    return dist.get_world_size(), dist.get_rank()
+    rank, world = init_distributed(cuda=not args.tiny)
+    return world, rank
 
 
 def run(args) -> Dict[str, Any]:

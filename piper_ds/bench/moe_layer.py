@@ -25,22 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 
 import torch
 import torch.distributed as dist
 
+from piper_ds.bench.common import commit, init_distributed, seconds_per_call
+
 SHAPES = {"a": dict(d=2048, f=1408, E=64, k=6), "b": dict(d=4096, f=14336, E=8, k=2)}
-
-
-def _init():
-    import deepspeed
-    if "RANK" not in os.environ:  # plain `python -m`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
-    deepspeed.init_distributed(dist_backend="nccl")
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size()
 
 
 def build(peer: str, shape: dict, ep: int, activation: str, kernels: str, transport: str = "flat",
@@ -134,33 +126,13 @@ def time_layer(layer, inputs, grads, warmup: int, iters: int):
         step(i)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(i)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 1e9
-
-
-def _commit() -> str:
-    """The checkout's commit (``PIPER_COMMIT`` when the tree travels without its git folder)."""
-    import subprocess
-    if os.environ.get("PIPER_COMMIT"):
-        return os.environ["PIPER_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    times = seconds_per_call(step, torch.device("cuda", torch.cuda.current_device()), iters)
+    return 1e3 * statistics.median(times), torch.cuda.max_memory_allocated() / 1e9
 
 
 def main(argv=None):
     import sys
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m piper_ds.bench.moe_layer", description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="a,b")
     ap.add_argument("--peers", default="piper,stock",
                     help="comma list of piper, stock, autoep (DeepSpeed AutoEP's layer; --activation swiglu only)")
@@ -184,10 +156,10 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of PiperMoE (rank 0 prints)")
     ap.add_argument("--trace", default=None, help="with --profile: also write a Chrome trace to this path")
     args = ap.parse_args(argv)
-    rank, ep = _init()
+    rank, ep = init_distributed(cuda=True)
     command = "python -m piper_ds.bench.moe_layer " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = dict(command=command if ep == 1 else f"torchrun --nproc_per_node {ep} -m piper_ds.bench.moe_layer "
-                + command.split(" ", 3)[-1], commit=_commit(), gpu=torch.cuda.get_device_name(),
+                + command.split(" ", 3)[-1], commit=commit() or "unknown", gpu=torch.cuda.get_device_name(),
                 torch=torch.__version__)
     rows = []
     for key in args.shapes.split(","):

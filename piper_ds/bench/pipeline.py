@@ -28,7 +28,7 @@ import torch
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m piper_ds.bench.pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_pipeline.json", help="JSON results path (PNGs go beside it)")
     p.add_argument("--preset", default="xmoe-small-swiglu")
     p.add_argument("--n-layers", type=int, default=12, help="transformer blocks (first one dense)")
@@ -43,7 +43,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--kernel-profile", action="store_true",
                    help="GPU: profile one more step and report the share of NCCL kernel time under compute kernels")
     p.add_argument("--profile", default=None,
-                   help="platform profile JSON for the planner's predictions (python -m piper_ds.calibrate)")
+                   help="platform profile JSON for the planner's predictions (python -m piper_ds.bench.calibrate)")
     p.add_argument("--watchdog", type=float, default=900.0,
                    help="seconds after which every rank prints all thread stacks and exits non-zero (0: off)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher passes it
@@ -61,7 +61,7 @@ def _layouts(spec: str, world: int) -> List[tuple]:
 
 
 def _model_spec(args):
-    from piper_ds.planner.specs import ModelSpec
+    from piper_ds.system.specs import ModelSpec
     if args.tiny:
         return ModelSpec.preset("tiny", n_layers=4, n_dense_layers=1, n_shared_experts=1, seq_len=16)
     return ModelSpec.preset(args.preset, n_layers=args.n_layers, tie_embeddings=False)
@@ -79,8 +79,9 @@ def _ds_config(args, pp: int, ep: int, world: int) -> Dict[str, Any]:
 
 
 def _prediction(spec, args, pp: int, ep: int, world: int, schedule: str) -> Dict[str, Any]:
-    from piper_ds.planner.cluster import ClusterSpec, Layout
+    from piper_ds.planner.cluster import ClusterSpec
     from piper_ds.planner.resources import estimate
+    from piper_ds.system.layout import Layout
     layout = Layout(dp=world // pp, ep=ep, pp=pp, zero_stage=1, micro_batch=args.micro_batch,
                     grad_accum=args.grad_accum, precision="fp32" if args.tiny else "bf16",
                     overlap_a2a=schedule == "overlap", virtual_stages=2 if schedule == "dualpipev" else 1)

@@ -30,6 +30,7 @@ A group of one rank moves nothing and costs nothing, so single-process code runs
 
 Every transport declares what it can do as :class:`TransportCapabilities` (``transport.capabilities``); the MoE
 dispatcher factory (:func:`piper_ds.moe.dispatcher.make_dispatcher`) reads them once and never probes methods.
+:func:`piper_ds.comm.transports.make_transport` picks the transport a config names.
 """
 from __future__ import annotations
 
@@ -198,30 +199,3 @@ class FlatAllToAll:
     def start(self, x: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]) -> AsyncExchange:
         """The exchange of :meth:`__call__`, left in flight: ``.wait()`` gives its rows (see module docstring)."""
         return AsyncExchange(x, send_counts, recv_counts, self.group, self.size)
-
-
-def make_transport(kind: str, group: Optional[dist.ProcessGroup], topology=None,
-                   node_dedup: bool = False) -> Transport:
-    """Builds the transport named by the MoE config: 'flat', 'hierarchical' or 'auto'.
-
-    'auto' is hierarchical only when the group spans more than one node of ``topology``. ``node_dedup`` (the
-    hierarchical transport's option) is refused with 'flat'; when 'auto' resolves to flat (one node: nothing
-    crosses nodes) it has nothing to do.
-    """
-    if kind not in ("flat", "hierarchical", "auto"):
-        raise ValueError(f"transport must be 'flat', 'hierarchical' or 'auto', got {kind!r}")
-    if node_dedup and kind == "flat":
-        raise ValueError(f"node_dedup ({node_dedup}) needs transport 'hierarchical' or 'auto', got {kind!r}")
-    if kind == "flat" or group_size(group) == 1:
-        return FlatAllToAll(group)
-    try:
-        from piper_ds.comm import hierarchical
-    except ImportError:
-        hierarchical = None
-    if kind == "hierarchical":
-        if hierarchical is None:
-            raise ValueError("transport 'hierarchical' is not available in this build of piper_ds")
-        return hierarchical.HierarchicalAllToAll(group, topology, node_dedup=node_dedup)
-    if hierarchical is not None and hierarchical.spans_nodes(group, topology):
-        return hierarchical.HierarchicalAllToAll(group, topology, node_dedup=node_dedup)
-    return FlatAllToAll(group)

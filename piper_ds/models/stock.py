@@ -14,7 +14,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from piper_ds.moe import FeedForward, MoEConfig
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 
 
 class StockMoEFFN(nn.Module):

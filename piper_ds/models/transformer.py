@@ -1,4 +1,4 @@
-"""The reference DeepSeek-MoE-style causal LM, built from a :class:`piper_ds.planner.specs.ModelSpec`.
+"""The reference DeepSeek-MoE-style causal LM, built from a :class:`piper_ds.system.specs.ModelSpec`.
 
 A flat sequence ``Embedding -> Block x L -> Head`` (see :meth:`MoETransformer.layers`) so that a pipeline
 engine can cut it into stages; every layer maps ``(h, aux)`` to ``(h, aux)`` with the MoE aux loss carried as
@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from piper_ds.config import merge_moe_with_model
 from piper_ds.models.layers import Attention, Block, DenseFFN, Embedding, Head, PiperMoEFFN
 from piper_ds.moe import FeedForward, MoEConfig, PiperMoE
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
 
 
 class MoETransformer(nn.Module):

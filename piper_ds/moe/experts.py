@@ -8,10 +8,16 @@ For DeepSpeed they still look like DeepSpeed-MoE experts: every parameter is tag
 ``group_name='ep_size_N'`` (ZeRO shards them over the expert-data-parallel group) and the state dict is written
 per expert under ``deepspeed_experts.<local id>.w1`` / ``w2`` / ``w3``, the keys DeepSpeed's MoE checkpointing
 splits into one file per expert (and loads back, stacked and joined again).
+
+Weights are drawn per expert and matrix from a CPU generator seeded by (seed, global expert id, matrix), so an
+expert has the same weights under any EP layout. :func:`weight_draw` replaces that draw inside a ``with``
+block (a benchmark that only needs normal weights draws them on the device instead).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import contextlib
+import contextvars
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,12 +28,36 @@ from piper_ds.ops.experts import grouped_mlp
 _WEIGHTS = ("w1", "w2", "w3")
 _PER_EXPERT = "deepspeed_experts"
 
+#: Standard deviation of the expert weights when drawn (the reference model's linear layers use the same).
+INIT_STD = 0.02
+
+#: ``draw(shape, seed, expert, name) -> tensor`` of one expert matrix; see :func:`weight_draw`.
+Draw = Callable[[Tuple[int, ...], int, int, str], torch.Tensor]
+_DRAW: contextvars.ContextVar[Optional[Draw]] = contextvars.ContextVar("piper_expert_weight_draw", default=None)
+
+
+@contextlib.contextmanager
+def weight_draw(draw: Draw) -> Iterator[None]:
+    """Inside the block every :class:`GroupedExperts` draws its matrices with ``draw(shape, seed, expert, name)``
+    (``name`` one of w1, w2, w3) instead of the seeded CPU draw."""
+    token = _DRAW.set(draw)
+    try:
+        yield
+    finally:
+        _DRAW.reset(token)
+
+
+def seeded_draw(shape: Tuple[int, ...], seed: int, expert: int, name: str) -> torch.Tensor:
+    """The default draw: normal(0, :data:`INIT_STD`) from a CPU generator seeded by (seed, expert, matrix)."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + expert * 3 + _WEIGHTS.index(name)) % (2**63))
+    return torch.randn(shape, generator=gen) * INIT_STD
+
 
 class GroupedExperts(nn.Module):
     """``num_local`` SwiGLU (or GELU) experts of hidden size ``d_ffn`` as stacked parameters."""
 
     def __init__(self, hidden_size: int, d_ffn: int, num_local: int, config: MoEConfig, group_name: str,
-                 global_ids: List[int], init_seed: int, init_std: float = 0.02):
+                 global_ids: List[int], init_seed: int):
         super().__init__()
         self.num_local, self.hidden_size, self.d_ffn = num_local, hidden_size, d_ffn
         self.activation = config.activation
@@ -38,7 +68,7 @@ class GroupedExperts(nn.Module):
             param.allreduce = False
             param.group_name = group_name
             self.register_parameter(name, param)
-        self.init_experts(global_ids, init_seed, init_std)
+        self.init_experts(global_ids, init_seed)
         self._register_state_dict_hook(_per_expert_state_dict)
         self._register_load_state_dict_pre_hook(_stack_per_expert_state_dict)
 
@@ -46,24 +76,19 @@ class GroupedExperts(nn.Module):
     def swiglu(self) -> bool:
         return self.activation == "swiglu"
 
-    @staticmethod
-    def _init(shape, seed: int, expert: int, name: str, std: float) -> torch.Tensor:
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + expert * 3 + _WEIGHTS.index(name)) % (2**63))
-        return torch.randn(shape, generator=gen) * std
-
     @torch.no_grad()
-    def init_experts(self, global_ids: List[int], seed: int, std: float = 0.02) -> None:
-        """Draws the weights of experts ``global_ids`` (in slot order) into this module's parameters. Each expert
-        and matrix draws from a generator seeded by (seed, global id, matrix): the same global weights whatever
+    def init_experts(self, global_ids: List[int], seed: int) -> None:
+        """Draws the weights of experts ``global_ids`` (in slot order) into this module's parameters, each
+        matrix by :func:`seeded_draw` (or the draw :func:`weight_draw` set): the same global weights whatever
         the EP layout, and distinct experts on every EP rank."""
         if len(global_ids) != self.num_local:
             raise ValueError(f"init_experts: {len(global_ids)} expert ids for {self.num_local} local slots")
+        draw = _DRAW.get() or seeded_draw
         D, F = self.hidden_size, self.d_ffn
         for slot, e in enumerate(global_ids):
-            up = [self._init((D, F), seed, e, "w1", std)] + ([self._init((D, F), seed, e, "w3", std)]
-                                                               if self.swiglu else [])
+            up = [draw((D, F), seed, e, "w1")] + ([draw((D, F), seed, e, "w3")] if self.swiglu else [])
             self.w_up[slot].copy_(torch.cat(up, dim=1))
-            self.w_down[slot].copy_(self._init((F, D), seed, e, "w2", std))
+            self.w_down[slot].copy_(draw((F, D), seed, e, "w2"))
 
     @property
     def w1(self) -> torch.Tensor:

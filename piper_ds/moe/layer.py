@@ -11,7 +11,7 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from piper_ds.comm.alltoall import make_transport
+from piper_ds.comm.transports import make_transport
 from piper_ds.moe.config import MoEConfig
 from piper_ds.moe.dispatcher import Dispatcher, make_dispatcher
 from piper_ds.moe.experts import GroupedExperts

@@ -11,6 +11,8 @@ What it adds to ``PipelineEngine``:
   :class:`PiperDualPipeVEngine`, the same additions on DeepSpeed's ``DualPipeVEngine``. All by overriding
   ``_train_schedule`` and extending ``_INSTRUCTION_MAP`` (DeepSpeed's DualPipeVEngine pattern);
 * after each optimizer step, updates every PiperMoE's selection bias (aux-loss-free balancing);
+* counts expert load and router losses per MoE layer of the stage (forward hooks) and reports them for the
+  whole pipeline (:meth:`PiperPipelineEngine.collect_expert_load`), as PiperEngine does at pp = 1;
 * optionally records a timeline (:class:`~piper_ds.pipeline.timeline.TimelineRecorder`) of every instruction
   and every all-to-all.
 """
@@ -26,14 +28,12 @@ from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine, DualPipeVModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 
+from piper_ds.config import zero_stage
 from piper_ds.pipeline.groups import MeshLayout, check_groups
-from piper_ds.pipeline.schedules import SCHEDULES, OverlapBackwardPass, OverlapForwardPass, make_schedule
-from piper_ds.planner.memory import MOE_GROUP_MAX_NUMEL, greedy_groups
-
-
-def _zero_stage(ds_config: Dict[str, Any]) -> int:
-    zero = ds_config.get("zero_optimization") or {}
-    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+from piper_ds.pipeline.schedules import OverlapBackwardPass, OverlapForwardPass, make_schedule
+from piper_ds.system.deepspeed_rules import MOE_GROUP_MAX_NUMEL, greedy_groups
+from piper_ds.tracking.expert_load import ExpertLoadCounter, mean_router_losses
+from piper_ds.tracking.monitor import log_expert_histograms
 
 
 def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
@@ -44,19 +44,14 @@ def mesh_of(model: PipelineModule, ds_config: Dict[str, Any], world_size: int,
         raise ValueError(f"MoE layers of one pipeline use different ep_size values {eps}; use one")
     spec = getattr(model, "spec", None)
     return MeshLayout(world_size=world_size, pp=model.topology().get_dim("pipe"), ep=eps[0] if eps else 1,
-                      gpus_per_node=gpus_per_node, zero_stage=_zero_stage(ds_config),
+                      gpus_per_node=gpus_per_node, zero_stage=zero_stage(ds_config),
                       n_blocks=spec.n_layers if spec is not None else None,
                       num_experts=spec.num_experts if spec is not None else None,
                       allow_cross_node_ep=allow_cross_node_ep)
 
 
-def configured_schedule(ds_config: Dict[str, Any]) -> str:
-    """The pipeline schedule a ds_config names: ``"pipeline": {"piper_schedule": ...}``, default '1f1b'."""
-    return (ds_config.get("pipeline") or {}).get("piper_schedule", "1f1b")
-
-
 def _greedy(params: List[torch.nn.Parameter], max_numel: int) -> List[List[torch.nn.Parameter]]:
-    """DeepSpeed's cut (:func:`piper_ds.planner.memory.greedy_groups`) applied to ``params``."""
+    """DeepSpeed's cut (:func:`piper_ds.system.deepspeed_rules.greedy_groups`) applied to ``params``."""
     return [[params[i] for i in group] for group in greedy_groups([p.numel() for p in params], max_numel)]
 
 
@@ -155,8 +150,6 @@ class PiperPipelineEngine(PipelineEngine):
     def __init__(self, *args, schedule: str = "1f1b", gpus_per_node: Optional[int] = None,
                  allow_cross_node_ep: bool = False, timeline=None, **kwargs):
         import deepspeed.comm as dist
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown pipeline schedule {schedule!r}; known: {sorted(SCHEDULES)}")
         if (schedule == "dualpipev") != isinstance(self, DualPipeVEngine):
             raise ValueError(f"schedule {schedule!r} needs {'a' if schedule == 'dualpipev' else 'no'} DualPipeV "
                              f"engine, got {type(self).__name__} (initialize_pipeline picks the engine)")
@@ -167,6 +160,7 @@ class PiperPipelineEngine(PipelineEngine):
             raise ValueError(f"PiperPipelineEngine needs a PipelineModule, got {type(model).__name__}")
         self.mesh = mesh_of(model, config, dist.get_world_size(), gpus_per_node, allow_cross_node_ep)
         self.piper_moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+        self.expert_load = ExpertLoadCounter(model)
         opt = kwargs.get("optimizer")
         if not isinstance(opt, torch.optim.Optimizer) and kwargs.get("model_parameters") is None:
             kwargs["model_parameters"] = moe_param_groups(model, model.mpu().get_pipe_parallel_group())
@@ -192,6 +186,26 @@ class PiperPipelineEngine(PipelineEngine):
             raise ValueError(f"pipeline stages have between {int(low)} and {int(high)} ZeRO parameter groups (stage "
                              f"{self.stage_id}: {len(groups)}); every stage needs the same number, as "
                              "piper_ds.pipeline.engine.moe_param_groups builds them")
+
+    def collect_expert_load(self, histograms: bool = False, step: Optional[int] = None) -> Dict[str, float]:
+        """:meth:`piper_ds.engine.PiperEngine.collect_expert_load` for the whole pipeline (collective: every rank
+        calls it): each stage's counts summed over its data-parallel ranks, the stages' layers joined in
+        pipeline-rank order, the router losses summed over the stages and averaged over the pipelines."""
+        import torch.distributed as dist
+        counts_LE, dropped, assigned = self.expert_load.collect(self.grid.get_data_parallel_group())
+        stages = [None] * self.grid.get_pipe_parallel_world_size()
+        dist.all_gather_object(stages, (counts_LE, dropped, assigned), group=self.grid.get_pipe_parallel_group())
+        parts = [c for c, _, _ in stages if c is not None]
+        counts_LE = torch.cat(parts) if parts else None
+        if histograms and counts_LE is not None:
+            log_expert_histograms(self.monitor, counts_LE, self.global_samples if step is None else step)
+        return {**ExpertLoadCounter.summary(counts_LE, sum(d for _, d, _ in stages), sum(a for _, _, a in stages)),
+                **mean_router_losses(self.expert_load, self.device, self.grid.get_data_parallel_world_size())}
+
+    def destroy(self):
+        """Releases the expert-load hooks, then DeepSpeed's resources."""
+        self.expert_load.remove()
+        super().destroy()
 
     def _train_schedule(self):
         return make_schedule(self.piper_schedule, self.micro_batches, self.num_stages, self.stage_id)
@@ -269,17 +283,21 @@ PiperDualPipeVEngine._INSTRUCTION_MAP = {
 def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimizer=None, model_parameters=None,
                         training_data=None, lr_scheduler=None, config=None, collate_fn=None,
                         dist_init_required: Optional[bool] = None, schedule: Optional[str] = None,
-                        gpus_per_node: Optional[int] = None, allow_cross_node_ep: bool = False, timeline=None):
+                        gpus_per_node: Optional[int] = None, allow_cross_node_ep: bool = False, timeline=None,
+                        piper_config=None):
     """Like ``deepspeed.initialize`` for a ``PipelineModule``; returns ``(engine, optimizer, dataloader,
     lr_scheduler)`` with a :class:`PiperPipelineEngine` (a :class:`PiperDualPipeVEngine` for schedule 'dualpipev',
     which needs a :class:`~piper_ds.pipeline.model.PiperDualPipeVModule`). ``config``: dict or JSON path (or
-    ``args.deepspeed_config``). ``schedule`` None: ``"pipeline": {"piper_schedule": ...}`` of the ds_config,
-    else '1f1b'. The ``"piper"`` block's topology.gpus_per_node is used when ``gpus_per_node`` is None."""
+    ``args.deepspeed_config``). ``schedule`` None: the ds_config's ``"piper": {"pipeline": {"schedule": ...}}``
+    ('1f1b' by default). The ``"piper"`` block's topology.gpus_per_node is used when ``gpus_per_node`` is None.
+    ``piper_config``: the already validated ``"piper"`` block (a :class:`piper_ds.config.PiperConfig`; None:
+    parsed from the ds_config here)."""
     import deepspeed
     from deepspeed import comm as dist
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.config import DeepSpeedConfig
     from piper_ds.config import load_ds_config, parse_piper_config
+    from piper_ds.system.pipeline import PipelineConfig
     if not isinstance(model, PipelineModule):
         raise ValueError(f"the pipeline engine needs a deepspeed.pipe.PipelineModule (e.g. "
                          f"piper_ds.pipeline.model.PiperPipelineModule), got {type(model).__name__}")
@@ -291,15 +309,14 @@ def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimize
     if config is None:
         raise ValueError("no ds_config: pass config=<dict or path> or --deepspeed_config <path>")
     ds_config = load_ds_config(config)
-    piper = parse_piper_config(ds_config)
+    piper = parse_piper_config(ds_config) if piper_config is None else piper_config
     pp = piper.parallel.pp_size
     if "pp_size" in piper.parallel.model_fields_set and pp != pipe_ranks:
         raise ValueError(f"piper.parallel.pp_size ({pp}) differs from the PipelineModule's pipeline ranks "
                          f"({pipe_ranks})")
     if gpus_per_node is None:
         gpus_per_node = piper.topology.gpus_per_node
-    if schedule is None:
-        schedule = configured_schedule(ds_config)
+    schedule = (piper.pipeline if schedule is None else PipelineConfig(schedule=schedule)).schedule
     mpu = model.mpu()
     config_class = DeepSpeedConfig(ds_config, mpu)
     engine_class = _engine_class(model, schedule, config_class.gradient_accumulation_steps, pipe_ranks)

@@ -20,8 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
-#: DeepSpeed's PipelineEngine refuses ZeRO-2/3 (gradient partitioning) with pipeline parallelism.
-MAX_ZERO_WITH_PP = 1
+from piper_ds.system.deepspeed_rules import MAX_ZERO_WITH_PP
 
 
 @dataclass(frozen=True)
@@ -128,12 +127,6 @@ def validate_layout(layout: MeshLayout) -> None:
         raise ValueError(f"ep ({ep}) does not fit the nodes of {node} ranks (EP groups of {ep} consecutive ranks "
                          f"would span nodes, so the all-to-all leaves NVLink). Use an ep that divides {node}, move "
                          f"the factor into pp ({pp}), or set allow_cross_node_ep")
-
-
-def pipe_topology(layout: MeshLayout):
-    """DeepSpeed's ``PipeDataParallelTopology`` (axes pipe, data; pipe-major) for ``layout``."""
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
-    return PipeDataParallelTopology(num_pp=layout.pp, num_dp=layout.dp)
 
 
 def check_groups(layout: MeshLayout, rank: int, group_name: str) -> None:

@@ -5,9 +5,9 @@ across stage boundaries and :func:`lm_loss` adds it to the cross-entropy on the 
 flows back through every stage to every router. ``aux`` is a scalar under 1F1B and a ``[2]`` vector (one per
 half micro-batch) under the overlap schedule.
 
-Stages are balanced by the planner's estimates (``partition_method="planner"``): each layer weighs its share
-of the model's training FLOPs plus its share of the memory it pins (16 B per parameter held, experts divided
-by ep, plus saved activations), then DeepSpeed's ``partition_balanced`` cuts the sequence.
+Stages are cut by :func:`piper_ds.system.stages.stage_bounds` (``partition_method="planner"``, the default):
+each layer weighs its share of the model's training FLOPs plus its share of the memory it pins, and DeepSpeed's
+balanced partition cuts the sequence. The planner predicts every stage from the same cut.
 
 Weights are drawn per layer from ``seed + layer index`` (``seed_layers``), so :func:`reference_layers` builds
 exactly the same weights unpipelined, at ep = 1, for numerics tests.
@@ -30,7 +30,8 @@ from piper_ds.models.layers import Embedding, Head, RMSNorm
 from piper_ds.models.transformer import MoETransformer
 from piper_ds.moe import MoEConfig
 from piper_ds.pipeline.schedules import half_program
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.specs import ModelSpec
+from piper_ds.system.stages import stage_bounds
 
 PARTITION_METHODS = ("planner", "uniform", "parameters")
 
@@ -107,44 +108,14 @@ def layer_specs(spec: ModelSpec, moe: Dict[str, Any], ep_size: int) -> List[Laye
                TiedLayerSpec(TIED_KEY, EmbeddingLayer, spec.vocab_size, spec.d_model, forward_fn=tied_head_forward)])
 
 
-def layer_costs(spec: ModelSpec, micro_batch: int, ep: int, memory_weight: float = 1.0) -> List[float]:
-    """Balancing weight of every layer ``[embed, blocks..., head]``: its share of training FLOPs plus
-    ``memory_weight`` x its share of pinned memory (model states 16 B/param, experts / ep, and the planner's
-    saved activations of one micro-batch). Dimensionless, sums to ``1 + memory_weight``."""
-    from piper_ds.planner.cluster import Layout
-    from piper_ds.planner.memory import block_activations
-    from piper_ds.planner.profile import PlatformProfile
-    layout, prof = Layout(dp=ep, ep=ep, micro_batch=micro_batch), PlatformProfile()
-    tok = micro_batch * spec.seq_len
-    attn = spec.attention_params_per_layer() + 2 * spec.d_model
-    flops, mem = [0.0], [16.0 * spec.vocab_size * spec.d_model]
-    for i in range(spec.n_layers):
-        moe = i >= spec.n_dense_layers
-        active = attn + (spec.num_experts * spec.d_model + spec.shared_params_per_layer()
-                         + spec.top_k * spec.expert_params() if moe else spec.ffn_params(spec.ffn_dense))
-        held = attn + (spec.num_experts * spec.d_model + spec.shared_params_per_layer()
-                       + spec.num_experts // ep * spec.expert_params() if moe else spec.ffn_params(spec.ffn_dense))
-        flops.append(6.0 * tok * (active + spec.seq_len * spec.d_attn))
-        mem.append(16.0 * held + block_activations(spec, layout, prof, moe)["saved"])
-    head_mem = 4.0 * tok * spec.vocab_size  # fp32 logits
-    if spec.tie_embeddings:  # final norm, then the head on its own copy of the table
-        flops += [0.0, 6.0 * tok * spec.vocab_size * spec.d_model]
-        mem += [16.0 * spec.d_model, 16.0 * spec.vocab_size * spec.d_model + head_mem]
-    else:
-        flops.append(6.0 * tok * spec.vocab_size * spec.d_model)
-        mem.append(16.0 * (spec.vocab_size + 1) * spec.d_model + head_mem)
-    sf, sm = sum(flops), sum(mem)
-    return [f / sf + memory_weight * m / sm for f, m in zip(flops, mem)]
-
-
 class PiperPipelineModule(PipelineModule):
-    """A ``PipelineModule`` of the reference MoE LM with planner-balanced stages and a two-half forward.
+    """A ``PipelineModule`` of the reference MoE LM with balanced stages and a two-half forward.
 
     Args:
         spec: model shape. moe: MoE options (dict or MoEConfig; top_k etc. taken from ``spec``).
         ep_size: EP group size. num_stages / topology: as for ``PipelineModule``.
         partition_method: 'planner' (default), 'uniform' or 'parameters'.
-        micro_batch: sequences per micro-batch (for the planner's activation estimate).
+        micro_batch: sequences per micro-batch (weighs the activations in the stage cut).
         seed: per-layer seed base (layer i is drawn after seeding ``seed + i``).
         activation_checkpoint_interval: as for ``PipelineModule`` (non-reentrant with
             ``"pipeline": {"use_reentrant": false}``); the two-half forward checkpoints each layer.
@@ -157,7 +128,7 @@ class PiperPipelineModule(PipelineModule):
             raise ValueError(f"partition_method {partition_method!r} is not one of {PARTITION_METHODS}")
         self.spec, self.ep_size = spec, ep_size
         self.moe_config = merge_moe_with_model(spec, moe)
-        self._costs = layer_costs(spec, micro_batch, ep_size)
+        self.micro_batch = micro_batch
         self.halves = 1  # 2 while an overlap instruction runs (set by the engine)
         self.timeline = None  # a TimelineRecorder, set by its attach()
         self._streams: Optional[List[Any]] = None
@@ -172,7 +143,7 @@ class PiperPipelineModule(PipelineModule):
         if method != "planner":
             PipelineModule._partition_layers(self, method)
         else:
-            self.parts = [int(x) for x in ds_utils.partition_balanced(weights=self._costs, num_parts=self.num_stages)]
+            self.parts = list(stage_bounds(self.spec, self.micro_batch, self.ep_size, self.num_stages))
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
         sizes = [b - a for a, b in zip(self.parts, self.parts[1:])]
@@ -197,10 +168,6 @@ class PiperPipelineModule(PipelineModule):
     def _is_moe_layer(self, j: int) -> bool:
         """Whether layer spec ``j`` (0 = embedding, 1..n_layers = blocks, then the head) is an MoE block."""
         return 1 <= j <= self.spec.n_layers and j - 1 >= self.spec.n_dense_layers
-
-    def stage_costs(self) -> List[float]:
-        """Planner weight of each stage under the current partition (for docs, tests and the benchmark)."""
-        return [sum(self._costs[a:b]) for a, b in zip(self.parts, self.parts[1:])]
 
     # -------------------------------------------------------------------------------------- forward
     def forward(self, forward_input):

@@ -22,6 +22,8 @@ from typing import Dict, Iterator, List, Tuple, Type
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.schedule import BackwardPass, BufferOpInstruction, ForwardPass, PipeSchedule, TrainSchedule
 
+from piper_ds.system.pipeline import check_schedule
+
 
 class OverlapForwardPass(BufferOpInstruction):
     """Forward of the micro-batch in ``buffer_id`` as two halves on two streams (see :func:`half_program`)."""
@@ -54,14 +56,14 @@ class DualPipeV(ds_schedule.DualPipeVSchedule):
     (:func:`piper_ds.pipeline.simulator.simulate` models both)."""
 
 
+#: The schedule class of every name of :data:`piper_ds.system.pipeline.SCHEDULE_STAGES`.
 SCHEDULES: Dict[str, Type[PipeSchedule]] = {"1f1b": OneFOneB, "overlap": OverlapSchedule, "dualpipev": DualPipeV}
 
 
 def make_schedule(name: str, micro_batches: int, stages: int, stage_id: int) -> PipeSchedule:
     """The training schedule ``name`` ('1f1b' | 'overlap' | 'dualpipev') for one stage; ValueError naming bad
     values."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {name!r}; known: {sorted(SCHEDULES)}")
+    check_schedule(name)
     if micro_batches < 1 or stages < 1 or not 0 <= stage_id < stages:
         raise ValueError(f"bad schedule shape: micro_batches={micro_batches}, stages={stages}, "
                          f"stage_id={stage_id}")

@@ -1,5 +1,5 @@
 """Communication model: alpha-beta costs of MoE all-to-all (flat, hierarchical), pipeline p2p and ZeRO/DP
-collectives, on the rank placement of :mod:`piper_ds.planner.cluster`.
+collectives, on the rank placement of :mod:`piper_ds.system.layout`.
 
 All times in seconds, sizes in bytes, per GPU. Tiers run in parallel (NVLink and the NIC are separate links),
 so a flat all-to-all costs the slowest tier's share, not the sum.
@@ -10,21 +10,11 @@ import math
 from collections import Counter
 from typing import Dict, List, Sequence
 
-from piper_ds.planner.cluster import ClusterSpec, Layout
+from piper_ds.planner.cluster import ClusterSpec
 from piper_ds.planner.profile import PlatformProfile
+from piper_ds.system.layout import Layout
 
 TIERS = ("intra_node", "inter_node", "inter_group")
-
-
-def distinct_ranks_per_token(ep: int, k: int) -> float:
-    """Expected distinct EP ranks a token's top-k experts live on, uniform routing: ep*(1-(1-1/ep)^k).
-
-    A token is sent once per destination rank (not once per expert), so this is the rows-per-token factor of
-    the dispatch. ep=1 gives 1 (the token stays local); it tends to k as ep grows.
-    """
-    if ep < 1 or k < 1:
-        raise ValueError(f"ep ({ep}) and k ({k}) must be >= 1")
-    return ep * (1.0 - (1.0 - 1.0 / ep) ** k)
 
 
 def ep_group(layout: Layout, stage: int = 0, index: int = 0) -> List[int]:

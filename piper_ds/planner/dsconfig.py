@@ -1,10 +1,11 @@
 """The planner's output: a complete ds_config for a layout, and the command that launches it.
 
 The JSON holds DeepSpeed's own blocks (batch split, bf16, ZeRO, optimizer, pipeline), the ``"piper"`` block
-(``model``: every :class:`ModelSpec` field; ``moe``: a validated :class:`piper_ds.moe.config.MoEConfig`;
-``parallel``: ep_size and pp_size; ``topology``: gpus_per_node; ``tracking``: the MFU peak) and a
-``"piper_plan"`` block recording the layout and the prediction, so that a measured run can be set beside
-it. DeepSpeed keeps unknown top-level keys, so both ride along.
+(``model``: every :class:`ModelSpec` field; ``moe``: the routing recipe and the all-to-all, validated with
+the rest of the block when the job starts; ``parallel``: ep_size and pp_size; ``pipeline``: the schedule;
+``topology``: gpus_per_node; ``tracking``: the MFU peak) and a ``"piper_plan"`` block recording the layout
+and the prediction, so that a measured run can be set beside it. DeepSpeed keeps unknown top-level keys, so
+both ride along.
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-from piper_ds.planner.cluster import GIB, ClusterSpec, Layout
+from piper_ds.planner.cluster import GIB, ClusterSpec
 from piper_ds.planner.resources import Estimate
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.layout import Layout
+from piper_ds.system.pipeline import PipelineConfig
+from piper_ds.system.specs import ModelSpec
 
-#: Routing options that belong to a preset's published recipe (everything else: MoEConfig defaults).
+#: Routing options that belong to a preset's published recipe (everything else: the MoE layer's defaults).
 MOE_RECIPES: Dict[str, Dict[str, Any]] = {
     "deepseek-v3": dict(score_func="sigmoid", n_groups=8, topk_groups=4, routed_scaling_factor=2.5,
                         aux_loss_coef=1e-4, bias_update_rate=1e-3),
@@ -28,22 +31,20 @@ TRAIN_SCRIPT = "examples/train.py"
 
 
 def moe_block(model: ModelSpec, layout: Layout) -> Dict[str, Any]:
-    """The ``"piper.moe"`` block: the model's routing/expert fields plus the layout's transport."""
-    from piper_ds.moe.config import MoEConfig  # piper_ds.moe pulls torch and DeepSpeed: import on use
+    """The ``"piper.moe"`` block: the preset's routing recipe and the layout's all-to-all as ``transport``.
 
-    fields = dict(MOE_RECIPES.get(model.name, {}))
-    fields.update(top_k=model.top_k, activation=model.activation, n_shared_experts=model.n_shared_experts,
-                  transport=layout.a2a)
-    cfg = MoEConfig(**fields)
-    cfg.validate_for(model.num_experts)
-    return cfg.model_dump(mode="json")
+    The architecture (top_k, activation, shared experts) comes from the ``"piper.model"`` block, so it is not
+    repeated here; the runtime validates the block (``piper_ds.config.parse_piper_config``)."""
+    return {**MOE_RECIPES.get(model.name, {}), "transport": layout.a2a}
 
 
 def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = None, *, lr: float = 3e-4,
                     steps_per_print: int = 10, cluster: Optional[ClusterSpec] = None) -> Dict[str, Any]:
     """A ds_config dict for ``layout`` (batch sizes per DeepSpeed's rule train = micro * accum * dp).
 
-    ``cluster`` (default: the estimate's) fills ``piper.topology.gpus_per_node`` and the MFU peak.
+    ``cluster`` (default: the estimate's) fills ``piper.topology.gpus_per_node`` (the job's GPUs when they fit
+    in one node) and the MFU peak. The optimizer is torch's AdamW (``"torch_adam": true``), fused or foreach as
+    the layout's ``fused_optimizer`` says: no kernel to build at start-up.
     """
     cluster = cluster or (est.cluster if est is not None else None)
     cfg: Dict[str, Any] = {
@@ -53,16 +54,15 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
         "steps_per_print": steps_per_print,
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW",
-                      "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
+                      "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                                 "torch_adam": True, "fused": layout.fused_optimizer}},
         "bf16": {"enabled": layout.precision == "bf16"},
         "zero_optimization": {"stage": layout.zero_stage, "overlap_comm": layout.zero_stage > 0,
                               "contiguous_gradients": True, "reduce_scatter": True},
         "wall_clock_breakdown": False,
     }
-    if not layout.fused_optimizer:  # torch AdamW, foreach (the planner's optimizer term for fused=False)
-        cfg["optimizer"]["params"].update({"torch_adam": True, "fused": False})
     if layout.pp > 1:
-        cfg["pipeline"] = {"use_reentrant": False, "piper_schedule": layout.schedule}
+        cfg["pipeline"] = {"use_reentrant": False}
     if layout.activation_checkpointing:
         cfg["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": False,
                                            "contiguous_memory_optimization": False}
@@ -71,11 +71,19 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
         "moe": moe_block(model, layout),
         "parallel": {"ep_size": layout.ep, "pp_size": layout.pp},
     }
+    if layout.pp > 1:
+        cfg["piper"]["pipeline"] = PipelineConfig(schedule=layout.schedule,
+                                                  virtual_stages=layout.virtual_stages).model_dump()
     if cluster is not None:
-        cfg["piper"]["topology"] = {"gpus_per_node": cluster.gpus_per_node}
+        cfg["piper"]["topology"] = {"gpus_per_node": gpus_per_node(cluster, layout)}
         cfg["piper"]["tracking"] = {"peak_tflops": cluster.peak_tflops}
     cfg["piper_plan"] = plan_block(layout, est)
     return cfg
+
+
+def gpus_per_node(cluster: ClusterSpec, layout: Layout) -> int:
+    """Ranks per node of the job: the cluster's node, or the job's GPUs when they fit in one node."""
+    return min(cluster.gpus_per_node, layout.gpus)
 
 
 def plan_block(layout: Layout, est: Optional[Estimate]) -> Dict[str, Any]:
@@ -117,26 +125,3 @@ def launch_command(layout: Layout, gpus_per_node: int, config_path: str) -> str:
     nodes = -(-layout.gpus // gpus_per_node)
     return (f"deepspeed --hostfile hostfile --num_nodes {nodes} --num_gpus {gpus_per_node} {TRAIN_SCRIPT} "
             f"--deepspeed_config {config_path}")
-
-
-class _DataParallelGrid:
-    """Minimal mpu for DeepSpeedConfig: only the data-parallel world size (the batch rule's divisor)."""
-
-    def __init__(self, dp: int):
-        self.dp = dp
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.dp
-
-
-def check_with_deepspeed(cfg: Dict[str, Any], dp: int):
-    """Parses ``cfg`` with ``deepspeed.runtime.config.DeepSpeedConfig`` as a job with ``dp`` data-parallel
-    ranks would; raises whatever DeepSpeed raises. Returns the DeepSpeedConfig."""
-    from unittest import mock
-
-    from deepspeed.runtime import config as ds_config  # heavy import, only when asked
-
-    # Outside a launched job DeepSpeedConfig falls back to world size 1 when it cannot read the rank; answer
-    # "rank 0" so that it takes the data-parallel size from the mpu, exactly as on rank 0 of the real job.
-    with mock.patch.object(ds_config.dist, "get_rank", return_value=0):
-        return ds_config.DeepSpeedConfig(json.loads(json.dumps(cfg)), mpu=_DataParallelGrid(dp))

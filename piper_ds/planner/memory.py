@@ -11,7 +11,8 @@ Model-state bytes per parameter, (replicated, sharded over D) as DeepSpeed 0.19 
 =========  =====================================  ==================================================
 precision  ZeRO                                   weights / grads / optimizer
 =========  =====================================  ==================================================
-bf16       0 (BF16_Optimizer)                     2 / 2+4 (bf16 + fp32 accumulator) / 12 over D
+bf16       0, pp = 1 (FP16_UnfusedOptimizer)      2 / 2 + 4 (bf16 + fp32 copies in step) / 12  -> 20
+bf16       0, pp > 1 (BF16_Optimizer)             2 / 2 + 2 + 4 over D / 12 over D       -> 6 + 16/D
 bf16       1                                      2 / 2 + 4 over D / 12 over D    -> 4 + 16/D
 bf16       2                                      2 / 6 over D / 12 over D        -> 2 + 18/D (= DS estimator)
 fp32       0                                      4 / 4 / 8 (plain optimizer)
@@ -43,7 +44,7 @@ and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
   16-bit ``param.grad`` (2 bytes per replicated parameter); ``copy_grads_in_partition`` moves the rank's
   partition into the contiguous buffer, the total stays the same with one micro-batch per step; with
   gradient accumulation the buffer fills while every accumulated ``param.grad`` is still held, so the
-  partition's 2 bytes come on top (without this term the model was 9.3 % low on H200 with 2 micro-batches);
+  partition's 2 bytes come on top;
 * ``step()``, for each parameter group i in order: ``free_grad_in_param_list(params_not_in_partition[i])``
   (ZeRO-1: group i's other gradients go), ``flatten(averaged_gradients[i])`` (a 16-bit copy of the group's
   partition), ``.to(fp32)`` (4 bytes; a no-op for fp32), ``del flat_grad_partition``, ``_optimizer_step(i)``,
@@ -52,15 +53,31 @@ and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
   contiguous 16-bit buffer they view is shared by all groups (``_release_ipg_buffers`` already dropped its
   own reference), so it is freed before the LAST group's update only. Piper's groups are the dense group,
   then the MoE groups of ``split_params_into_different_moe_groups_for_optimizer``: the expert tensors in
-  order, cut greedily at :data:`MOE_GROUP_MAX_NUMEL` elements (a larger tensor alone), sharded over dp and
-  expert-dp (:func:`moe_group_sizes`). The cut bounds the step phase's per-group copies: one 185M-element
-  expert stack, not all experts of the stage, is cast to fp32 at a time.
+  order, cut greedily at :data:`piper_ds.system.deepspeed_rules.MOE_GROUP_MAX_NUMEL` elements (a larger
+  tensor alone), sharded over dp and expert-dp (:func:`moe_group_sizes`). The cut bounds the step phase's
+  per-group copies: one 185M-element expert stack, not all experts of the stage, is cast to fp32 at a time.
 
 Optimizer temporaries: torch's foreach AdamW (``torch/optim/adam.py`` ``_multi_tensor_adam``) allocates
 ``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)`` (4 bytes per element of the group); the fused kernels
 (torch ``fused=True``, DeepSpeed's FusedAdam) update in place. ZeRO's reduction buckets (``setup_buckets``:
 ``reduce_bucket_size`` 16-bit elements, two with ``overlap_comm``) fall under ``workspace_gib``.
-ZeRO-0 keeps its gradients (STATE_BYTES) through both phases.
+
+ZeRO-0 has no ZeRO optimizer; read from DeepSpeed 0.19.8 ``runtime/engine.py`` (``_do_optimizer_sanity_check``,
+``zero_grad``), ``runtime/fp16/unfused_optimizer.py`` and ``runtime/bf16_optimizer.py``:
+
+* bf16, pp = 1: the engine wraps torch's AdamW in ``FP16_UnfusedOptimizer`` (its ``DDP_BFLOAT16`` case), which
+  keeps an fp32 master copy of every parameter, unsharded, and its Adam moments. Backward leaves 16-bit
+  ``param.grad`` only; ``step()`` makes an fp32 copy of every gradient (``fp16_param.grad.to(fp32)``, all
+  groups before the update) while the 16-bit ones are still held;
+* bf16, pp > 1: the pipeline engine picks ``BF16_Optimizer``: fp32 master partition and moments sharded over
+  D, 16-bit ``param.grad`` plus a flat accumulator per group in ``grad_accum_dtype`` (16-bit by default),
+  and in ``step()`` an fp32 copy of the rank's partition;
+* fp32: the plain optimizer, gradients and moments unsharded.
+
+Without gradient accumulation autograd allocates each gradient while backward frees the activations it came
+from, and the engine's ``zero_grad`` drops them after every step: at the start of backward, the peak, the
+rank holds the gradients of about one layer (:func:`largest_layer_params`). With accumulation the earlier
+micro-batches' gradients are held through the last backward.
 """
 from __future__ import annotations
 
@@ -70,26 +87,28 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from piper_ds.planner.cluster import GIB, Layout
-from piper_ds.planner.comm import distinct_ranks_per_token
+from piper_ds.planner.cluster import GIB
 from piper_ds.planner.profile import PlatformProfile
-from piper_ds.planner.specs import ModelSpec
-
-#: DeepSpeed's cap on the elements of one MoE optimizer group
-#: (``split_params_into_different_moe_groups_for_optimizer``, ``max_group_size``).
-MOE_GROUP_MAX_NUMEL = 178956971
+from piper_ds.system.activations import block_activations
+from piper_ds.system.deepspeed_rules import greedy_groups
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
+from piper_ds.system.stages import rank_stages, stage_blocks
 
 KINDS = ("weights", "grads", "optimizer", "activations", "a2a_buffers", "workspace", "fragmentation")
 
 #: (precision, zero) -> {kind: (replicated bytes, sharded bytes)} per parameter; see the module table.
 STATE_BYTES: Dict[Tuple[str, int], Dict[str, Tuple[int, int]]] = {
-    ("bf16", 0): {"weights": (2, 0), "grads": (6, 0), "optimizer": (0, 12)},
+    ("bf16", 0): {"weights": (2, 0), "grads": (6, 0), "optimizer": (12, 0)},
     ("bf16", 1): {"weights": (2, 0), "grads": (2, 4), "optimizer": (0, 12)},
     ("bf16", 2): {"weights": (2, 0), "grads": (0, 6), "optimizer": (0, 12)},
     ("fp32", 0): {"weights": (4, 0), "grads": (4, 0), "optimizer": (8, 0)},
     ("fp32", 1): {"weights": (4, 0), "grads": (4, 0), "optimizer": (0, 12)},
     ("fp32", 2): {"weights": (4, 0), "grads": (0, 4), "optimizer": (0, 12)},
 }
+
+#: bf16 ZeRO-0 under pipeline parallelism (BF16_Optimizer); see the module table.
+BF16_ZERO0_PIPELINE: Dict[str, Tuple[int, int]] = {"weights": (2, 0), "grads": (4, 4), "optimizer": (0, 12)}
 
 #: Bytes that move when one expert migrates: bf16 weight + bf16 grad + fp32 master + 2 fp32 Adam moments.
 MIGRATION_BYTES_PER_PARAM = 16
@@ -100,44 +119,30 @@ def migration_bytes(model: ModelSpec) -> int:
     return MIGRATION_BYTES_PER_PARAM * model.expert_params()
 
 
-def model_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: int,
-                      precision: str = "bf16") -> Dict[str, float]:
-    """Weights/grads/optimizer bytes on one GPU holding ``n_dense`` dense and ``n_expert`` expert params.
-
-    Dense states shard over ``dp`` ranks, expert states over ``edp`` (expert-data-parallel) ranks.
-    """
+def state_rule(precision: str, zero: int, pp: int = 1) -> Dict[str, Tuple[int, int]]:
+    """``{kind: (replicated bytes, sharded bytes)}`` per parameter for ``precision``, ``zero`` and ``pp`` (bf16
+    ZeRO-0 runs another optimizer wrapper under pipeline parallelism; see the module table)."""
     key = (precision, zero)
     if key not in STATE_BYTES:
         raise ValueError(f"no model-state rule for precision={precision!r}, zero_stage={zero} "
                          "(ZeRO-3 is rejected by DeepSpeed's native MoE; use ZeRO-1 or 2)")
+    return BF16_ZERO0_PIPELINE if key == ("bf16", 0) and pp > 1 else STATE_BYTES[key]
+
+
+def model_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: int,
+                      precision: str = "bf16", pp: int = 1) -> Dict[str, float]:
+    """Weights/grads/optimizer bytes on one GPU holding ``n_dense`` dense and ``n_expert`` expert params.
+
+    Dense states shard over ``dp`` ranks, expert states over ``edp`` (expert-data-parallel) ranks.
+    """
     return {kind: rep * (n_dense + n_expert) + sh * (n_dense / dp + n_expert / edp)
-            for kind, (rep, sh) in STATE_BYTES[key].items()}
+            for kind, (rep, sh) in state_rule(precision, zero, pp).items()}
 
 
 def optimizer_temp_bytes(fused: bool) -> int:
     """Temporary bytes per updated element of one group: 0 for a fused kernel, 4 for torch's foreach AdamW
     (its fp32 ``exp_avg_sq_sqrt``; see the module docstring)."""
     return 0 if fused else 4
-
-
-def greedy_groups(tensor_numels: Sequence[int], max_numel: int = MOE_GROUP_MAX_NUMEL) -> List[List[int]]:
-    """DeepSpeed's cut of MoE optimizer groups: the indices of the tensors of each group, consecutive tensors up
-    to ``max_numel`` elements per group, a larger tensor alone."""
-    out: List[List[int]] = []
-    size = 0
-    for i, n in enumerate(tensor_numels):
-        if out and size + n <= max_numel:
-            out[-1].append(i)
-            size += n
-        else:
-            out.append([i])
-            size = n
-    return out
-
-
-def greedy_group_sizes(tensor_numels: Sequence[int], max_numel: int = MOE_GROUP_MAX_NUMEL) -> List[int]:
-    """Elements of each optimizer group of :func:`greedy_groups`."""
-    return [sum(tensor_numels[i] for i in group) for group in greedy_groups(tensor_numels, max_numel)]
 
 
 def partition_tensor_elements(tensor_numels: Sequence[int], dp: int, alignment: int = 2) -> List[int]:
@@ -184,7 +189,7 @@ def moe_group_tensors(model: ModelSpec, layout: Layout, stage: int) -> List[List
     """Elements of each tensor of each MoE optimizer group of one GPU of ``stage`` (before ZeRO's sharding):
     the stacked expert tensors of each MoE block, ``w_up`` [E/ep, d, 2f] (SwiGLU's gate and up side by side; f for
     GELU) then ``w_down`` [E/ep, f, d], cut by :func:`greedy_groups`."""
-    blocks = [b for b in rank_blocks(model.n_layers, layout, stage) if b >= model.n_dense_layers]
+    blocks = [b for b in rank_blocks(model, layout, stage) if b >= model.n_dense_layers]
     per_matrix = model.num_experts // layout.ep * model.d_model * model.d_ffn_expert
     tensors = [(model.n_mats - 1) * per_matrix, per_matrix] * len(blocks)
     return [[tensors[i] for i in group] for group in greedy_groups(tensors)]
@@ -205,7 +210,8 @@ def stage_grad_buffer(model: ModelSpec, layout: Layout, stage: int) -> float:
 
 def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: int, precision: str = "bf16",
                       fused: bool = True, expert_groups: Optional[Sequence[float]] = None,
-                      grad_accum: int = 1, grad_buffer: Optional[float] = None) -> Dict[str, Dict[str, float]]:
+                      grad_accum: int = 1, grad_buffer: Optional[float] = None, pp: int = 1,
+                      first_grads: Optional[float] = None) -> Dict[str, Dict[str, float]]:
     """Weights/grads/optimizer bytes alive on one GPU at the peak of each phase, ``{"backward": {...},
     "step": {...}}`` (bytes; step-phase ``optimizer`` includes the optimizer's temporaries, step-phase
     ``grads`` the 16-bit gradients still held plus the flat/fp32 copies of the group being updated).
@@ -217,7 +223,9 @@ def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
     gradient accumulated over the earlier micro-batches, so both are alive at once. ``grad_buffer``: elements
     of ZeRO-2's contiguous gradient buffer on this rank (None: the exact partition, ``n_dense / dp + n_expert /
     edp``; :func:`stage_grad_buffer` gives DeepSpeed's, which holds whole tensors). With ZeRO-2 and
-    ``grad_accum`` > 1 two such buffers are alive in backward. The rules are those of the module docstring;
+    ``grad_accum`` > 1 two such buffers are alive in backward. ``pp``: pipeline stages (bf16 ZeRO-0's
+    optimizer wrapper). ``first_grads``: ZeRO-0 without accumulation, the parameters whose gradients are alive
+    at the peak of backward (None: every parameter's). The rules are those of the module docstring;
     the step phase is the largest of the instants "group i cast to fp32" and "group i updated" over the dense
     group, then the MoE groups.
     """
@@ -225,17 +233,14 @@ def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
         expert_groups = [n_expert] if n_expert > 0 else []
     if expert_groups and abs(sum(expert_groups) - n_expert) > 1e-6 * max(1.0, n_expert):
         raise ValueError(f"expert_groups sum to {sum(expert_groups)} elements, n_expert is {n_expert}")
-    states = model_state_bytes(n_dense, n_expert, dp, edp, zero, precision)
+    states = model_state_bytes(n_dense, n_expert, dp, edp, zero, precision, pp)
     weights, opt = states["weights"], states["optimizer"]
     temp = optimizer_temp_bytes(fused)
     # (replicated elements, elements of this rank's partition) per group, in DeepSpeed's order
     groups = [(n_dense, n_dense / dp)] if n_dense > 0 else []
     groups += [(n, n / edp) for n in expert_groups if n > 0]
     if zero == 0:
-        opt_sharded = STATE_BYTES[(precision, 0)]["optimizer"][1] > 0
-        peak_temp = max((temp * (p if opt_sharded else n) for n, p in groups), default=0.0)
-        return {"backward": dict(states),
-                "step": {"weights": weights, "grads": states["grads"], "optimizer": opt + peak_temp}}
+        return _zero0_phases(n_dense + n_expert, groups, weights, opt, temp, precision, pp, grad_accum, first_grads)
     g = 2 if precision == "bf16" else 4  # gradient dtype = model dtype (grad_accum_dtype default)
     part = sum(p for _, p in groups)
     if grad_buffer is None:
@@ -263,48 +268,36 @@ def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
     return {"backward": backward, "step": step}
 
 
-def stage_blocks(n_layers: int, pp: int) -> List[range]:
-    """Transformer blocks of each stage: uniform, the remainder going to the LAST stages (stage 0 also
-    holds the embedding and the most in-flight activations)."""
-    if pp > n_layers:
-        raise ValueError(f"pp ({pp}) must be <= n_layers ({n_layers})")
-    base, extra = divmod(n_layers, pp)
-    sizes = [base + (1 if s >= pp - extra else 0) for s in range(pp)]
-    out, start = [], 0
-    for n in sizes:
-        out.append(range(start, start + n))
-        start += n
-    return out
+def _zero0_phases(n: float, groups: Sequence[Tuple[float, float]], weights: float, opt: float, temp: int,
+                  precision: str, pp: int, grad_accum: int,
+                  first_grads: Optional[float]) -> Dict[str, Dict[str, float]]:
+    """The phases of ZeRO-0 (module docstring): ``n`` parameters, ``groups`` (replicated, partition) elements."""
+    g = 2 if precision == "bf16" else 4  # gradients in the model dtype
+    accumulators = precision == "bf16" and pp > 1  # BF16_Optimizer's flat accumulators, 16-bit
+    produced = g * (n if grad_accum > 1 or first_grads is None else first_grads)
+    held = produced + (g * n if accumulators else 0.0)
+    if precision == "fp32":
+        copies = 0.0
+    else:  # pp = 1: an fp32 copy of every gradient; pp > 1: of the rank's partition of every group
+        copies = 4 * (sum(p for _, p in groups) if accumulators else n)
+    sharded = accumulators  # only BF16_Optimizer shards the fp32 states
+    peak_temp = max((temp * (p if sharded else r) for r, p in groups), default=0.0)
+    return {"backward": {"weights": weights, "grads": held, "optimizer": opt},
+            "step": {"weights": weights, "grads": g * n + (g * n if accumulators else 0.0) + copies,
+                     "optimizer": opt + peak_temp}}
 
 
-def virtual_stage_blocks(n_layers: int, pp: int) -> List[range]:
-    """Transformer blocks of DualPipeV's 2 pp virtual stages (rank r holds r and 2 pp - 1 - r): uniform, the
-    remainder going to the stages of the LAST ranks (rank 0 also holds the embedding and the head)."""
-    n = 2 * pp
-    if n > n_layers:
-        raise ValueError(f"DualPipeV's 2 x pp ({n}) virtual stages must be <= n_layers ({n_layers})")
-    base, extra = divmod(n_layers, n)
-    favoured = set(sorted(range(n), key=lambda v: (-min(v, n - 1 - v), v))[:extra])
-    out, start = [], 0
-    for v in range(n):
-        size = base + (1 if v in favoured else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
+def phase_blocks(model: ModelSpec, layout: Layout, rank: int) -> List[range]:
+    """The blocks pipeline rank ``rank`` runs, per phase, under the pipeline's stage cut
+    (:func:`piper_ds.system.stages.stage_blocks`): ``[its stage]``, or under DualPipeV ``[virtual stage rank
+    (phase 0), virtual stage 2 pp - 1 - rank (phase 1)]``."""
+    parts = stage_blocks(model, layout.micro_batch, layout.ep, layout.pp * layout.virtual_stages)
+    return [parts[s] for s in rank_stages(layout.pp, layout.virtual_stages, rank)]
 
 
-def phase_blocks(n_layers: int, layout: Layout, rank: int) -> List[range]:
-    """The blocks pipeline rank ``rank`` runs, per phase: ``[its stage]``, or under DualPipeV
-    ``[virtual stage rank (phase 0), virtual stage 2 pp - 1 - rank (phase 1)]``."""
-    if layout.virtual_stages == 1:
-        return [stage_blocks(n_layers, layout.pp)[rank]]
-    parts = virtual_stage_blocks(n_layers, layout.pp)
-    return [parts[rank], parts[2 * layout.pp - 1 - rank]]
-
-
-def rank_blocks(n_layers: int, layout: Layout, rank: int) -> List[int]:
+def rank_blocks(model: ModelSpec, layout: Layout, rank: int) -> List[int]:
     """Every block pipeline rank ``rank`` holds (:func:`phase_blocks`, in module order)."""
-    return [b for blocks in phase_blocks(n_layers, layout, rank) for b in blocks]
+    return [b for blocks in phase_blocks(model, layout, rank) for b in blocks]
 
 
 def holds_head(layout: Layout, rank: int) -> bool:
@@ -322,7 +315,7 @@ def dualpipev_in_flight(pp: int, rank: int) -> Tuple[int, int]:
 
 def stage_params(model: ModelSpec, layout: Layout, stage: int) -> Tuple[int, int]:
     """(dense, expert) parameters held by one GPU of pipeline rank ``stage`` (experts: E/ep per MoE block)."""
-    blocks = rank_blocks(model.n_layers, layout, stage)
+    blocks = rank_blocks(model, layout, stage)
     per_block = model.attention_params_per_layer() + 2 * model.d_model
     dense = expert = 0
     for b in blocks:
@@ -344,35 +337,17 @@ def stage_params(model: ModelSpec, layout: Layout, stage: int) -> Tuple[int, int
     return dense, expert
 
 
-def block_activations(model: ModelSpec, layout: Layout, profile: PlatformProfile, moe: bool) -> Dict[str, float]:
-    """Bytes one block keeps for backward for one micro-batch ('saved') and its per-layer 'a2a' send
-    buffers (alive only while the layer runs)."""
-    a = 2 if layout.precision == "bf16" else 4
-    b, s, d = layout.micro_batch, model.seq_len, model.d_model
-    t = b * s
-    hd, h, hkv = model.hd, model.n_heads, model.kv_heads
-    saved = a * t * (2 * d + 2 * h * hd + 2 * hkv * hd) + 4 * b * h * s  # norm in/out, q k v, attn out, lse
-    if profile.attention_saves_scores:
-        saved += 2 * a * b * h * s * s
-    hid = model.n_mats  # hidden tensors kept per FFN row: SwiGLU gate, up, product; GELU pre, post
-    if not moe:
-        return {"saved": saved + a * t * (2 * d + hid * model.ffn_dense), "a2a": 0.0}
-    k, e, imb = model.top_k, model.num_experts, profile.imbalance(layout.ep)
-    rows_send = t * distinct_ranks_per_token(layout.ep, k)  # one row per (token, destination rank)
-    rows_recv = rows_send * imb
-    rows_exp = t * k * imb  # expanded to (token, expert) rows at the busiest rank
-    saved += a * t * 2 * d + 8 * t * e + 12 * t * k  # norms; fp32 router logits + probs; top-k idx/weights
-    saved += 8 * rows_recv * k  # row positions and weights of the expansion and the combine
-    # expert input, the up projection's output (SwiGLU: gate | up; the activation is recomputed in backward,
-    # piper_ds.ops.experts) and the output (for the combine's weight gradient)
-    saved += a * rows_exp * (2 * d + (hid - 1) * model.d_ffn_expert)
-    # The received rows and the rows back at the source are not saved: the all-to-all saves nothing and the
-    # row expansions / the unweighted reduce save only their fan index (piper_ds.ops.permute); both buffers live
-    # only while the layer runs ('a2a' below).
-    if model.n_shared_experts:
-        saved += a * t * (d + hid * model.n_shared_experts * model.d_ffn_expert)
-    a2a = a * rows_send * d + 8 * rows_send * k + a * rows_recv * d  # dispatch send + combine send
-    return {"saved": saved, "a2a": a2a}
+def largest_layer_params(model: ModelSpec, layout: Layout, stage: int) -> int:
+    """Parameters of the largest layer pipeline rank ``stage`` holds: one of its blocks (experts: E/ep), or the
+    embedding or LM-head table."""
+    attention = model.attention_params_per_layer() + 2 * model.d_model
+    moe_block = (attention + model.num_experts * model.d_model + model.shared_params_per_layer()
+                 + model.num_experts // layout.ep * model.expert_params())
+    sizes = [moe_block if b >= model.n_dense_layers else attention + model.ffn_params(model.ffn_dense)
+             for b in rank_blocks(model, layout, stage)]
+    if stage == 0 or holds_head(layout, stage):
+        sizes.append(model.vocab_size * model.d_model)
+    return max(sizes, default=0)
 
 
 @dataclass
@@ -406,16 +381,19 @@ def in_flight(layout: Layout, stage: int) -> int:
 
 def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, stage: int) -> StageMemory:
     """Memory of one GPU of ``stage`` at its peak phase, by kind (bytes); both phases in ``phases``."""
-    phases_blocks = phase_blocks(model.n_layers, layout, stage)
+    phases_blocks = phase_blocks(model, layout, stage)
     blocks = [b for part in phases_blocks for b in part]
     n_dense, n_expert = stage_params(model, layout, stage)
+    first = largest_layer_params(model, layout, stage) if layout.zero_stage == 0 and layout.pp == 1 else None
     states = phase_state_bytes(n_dense, n_expert, layout.dp, layout.edp, layout.zero_stage, layout.precision,
                                layout.fused_optimizer, moe_group_sizes(model, layout, stage), layout.grad_accum,
-                               stage_grad_buffer(model, layout, stage))
+                               stage_grad_buffer(model, layout, stage), layout.pp, first)
     kinds = dict(states["backward"])
     a = 2 if layout.precision == "bf16" else 4
     t = layout.micro_batch * model.seq_len
-    kinds_of = {moe: block_activations(model, layout, profile, moe) for moe in (False, True)}
+    kinds_of = {moe: block_activations(model, layout, moe, imbalance=profile.imbalance(layout.ep),
+                                      attention_saves_scores=profile.attention_saves_scores)
+                for moe in (False, True)}
     acts = [kinds_of[bl >= model.n_dense_layers] for bl in blocks]
     per_mb = []  # saved activations of one micro-batch, per phase
     for phase, part in enumerate(phases_blocks):
@@ -454,8 +432,3 @@ def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, sta
 def all_stages(model: ModelSpec, layout: Layout, profile: PlatformProfile) -> List[StageMemory]:
     """Memory of every stage (index = stage)."""
     return [stage_memory(model, layout, profile, s) for s in range(layout.pp)]
-
-
-def worst_stage(model: ModelSpec, layout: Layout, profile: PlatformProfile) -> StageMemory:
-    """The stage with the largest total (the one that must fit in HBM)."""
-    return max(all_stages(model, layout, profile), key=lambda m: m.total)

@@ -9,7 +9,7 @@ costs (kernel launches, host synchronisations, routing plans, row permutations):
 * MoE block: ``moe_layer_overhead_us + moe_overhead_ns_per_row x rows``, with ``rows`` = tokens x top_k x the
   load imbalance of the busiest EP rank (at ep 1: tokens x top_k).
 
-``python -m piper_ds.calibrate`` times real blocks at several micro-batches and calls :func:`fit_overhead`
+``python -m piper_ds.bench.calibrate`` times real blocks at several micro-batches and calls :func:`fit_overhead`
 on the residuals (measured - :func:`block_prediction`), so the subtraction uses exactly the model that later
 predicts. A residual below zero means the rates alone already over-predict: it is recorded and the overhead
 set to 0 with a warning, never clamped silently.
@@ -20,10 +20,11 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple
 
-from piper_ds.planner.cluster import ClusterSpec, Layout
+from piper_ds.planner.cluster import ClusterSpec
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.resources import STAGE_PARTS, _block_time
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
 
 OVERHEAD_FIELDS = {"moe_layer_overhead_us": 0.0, "moe_overhead_ns_per_row": 0.0, "dense_layer_overhead_us": 0.0}
 

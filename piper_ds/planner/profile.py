@@ -1,4 +1,4 @@
-"""Platform profile: achieved rates the resource model uses, measured by ``python -m piper_ds.calibrate``.
+"""Platform profile: achieved rates the resource model uses, measured by ``python -m piper_ds.bench.calibrate``.
 
 Every field is optional: what is missing falls back to defaults derived from the :class:`ClusterSpec` and the
 measurements (ours, on H200s). The grouped-GEMM default curve is expressed as a fraction of the dense GEMM rate
@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from piper_ds.planner.cluster import ClusterSpec, LinkTier
+from piper_ds.system.activations import DEFAULT_LOAD_IMBALANCE
 
 #: (rows per expert, grouped rate / dense rate) - see the module docstring.
 DEFAULT_GROUPED_SHAPE: Tuple[Tuple[float, float], ...] = (
@@ -63,19 +64,20 @@ class PlatformProfile(BaseModel):
         60.0, ge=0, description="Launch/host overhead of one dense block, fwd+bwd, microseconds.")
     moe_layer_overhead_us: float = Field(
         250.0, ge=0, description="Launch/host-sync overhead of one MoE block, fwd+bwd, microseconds (the fixed "
-        "part; python -m piper_ds.calibrate measures it).")
+        "part; python -m piper_ds.bench.calibrate measures it).")
     moe_overhead_ns_per_row: float = Field(
         0.0, ge=0, description="Overhead of one MoE block per routed row (token x top_k) on the busiest EP rank, "
         "fwd+bwd, nanoseconds: routing plans and row permutations that scale with the rows (0 = fixed only).")
     load_imbalance: float = Field(
-        1.15, ge=1, description="Rows on the busiest EP rank / mean (routing skew; sizes buffers and time).")
+        DEFAULT_LOAD_IMBALANCE, ge=1,
+        description="Rows on the busiest EP rank / mean (routing skew; sizes buffers and time).")
     overlap_efficiency: float = Field(
         0.8, ge=0, le=1, description="Share of a block's compute that can hide all-to-all with overlap_a2a.")
     grad_sync_overlap: float = Field(
         0.5, ge=0, le=1, description="Share of the gradient reduction hidden under backward (no-PP ZeRO-1/2).")
     optimizer_ns_per_param: Optional[float] = Field(
         None, gt=0, description="Measured seconds (ns) of one bf16 ZeRO-1/2 engine.step() with fused AdamW per "
-        "parameter the rank updates (python -m piper_ds.calibrate); None: the analytic HBM-bytes model.")
+        "parameter the rank updates (python -m piper_ds.bench.calibrate); None: the analytic HBM-bytes model.")
     fragmentation: float = Field(0.08, ge=0, le=1, description="Allocator fragmentation, share of dynamic memory.")
     workspace_gib: float = Field(1.0, ge=0, description="cuBLAS/NCCL workspaces and context tensors, GiB.")
     attention_saves_scores: bool = Field(
@@ -125,7 +127,7 @@ class PlatformProfile(BaseModel):
     # ---- files --------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str) -> "PlatformProfile":
-        """Reads a profile JSON written by ``python -m piper_ds.calibrate``."""
+        """Reads a profile JSON written by ``python -m piper_ds.bench.calibrate``."""
         with open(path) as f:
             data = json.load(f)
         if not isinstance(data, dict):

@@ -9,7 +9,7 @@ Per micro-batch and stage (forward + backward), seconds:
 - elementwise: norms, activations, permutes: 2 x saved activation bytes / achieved HBM bandwidth;
 - overhead: launches, host syncs and row bookkeeping per block outside the terms above (dense block: a
   constant; MoE block: a constant + a per-routed-row part, see :meth:`PlatformProfile.moe_overhead_seconds`;
-  both measured by ``python -m piper_ds.calibrate``);
+  both measured by ``python -m piper_ds.bench.calibrate``);
 - a2a: 4 all-to-alls per MoE block (dispatch + combine, forward and backward; 6 with recomputation), less
   what hides under the shared experts (which run during the dispatch) or, with overlap_a2a, under
   overlap_efficiency x the block's compute; overlap_a2a (the two-half schedule) also pays the block overhead
@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from piper_ds.planner import comm
-from piper_ds.planner.cluster import ClusterSpec, Layout
-from piper_ds.planner.memory import StageMemory, all_stages, block_activations, holds_head, rank_blocks, stage_params
+from piper_ds.planner.cluster import ClusterSpec
+from piper_ds.planner.memory import StageMemory, all_stages, holds_head, rank_blocks, stage_params
 from piper_ds.planner.profile import PlatformProfile
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.activations import block_activations
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
 
 STAGE_PARTS = ("dense", "attention", "experts", "elementwise", "overhead", "a2a", "p2p")
 STEP_PARTS = ("compute", "a2a", "p2p", "bubble", "grad_sync", "optimizer")
@@ -91,7 +93,8 @@ def _block_time(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: Pl
     out = dict.fromkeys(STAGE_PARTS, 0.0)
     out["dense"] = 6.0 * t * model.attention_params_per_layer() / dense_rate
     out["attention"] = 6.0 * t * model.seq_len * model.d_attn / prof.attention_rate(cluster)
-    acts = block_activations(model, layout, prof, moe)
+    acts = block_activations(model, layout, moe, imbalance=prof.imbalance(layout.ep),
+                             attention_saves_scores=prof.attention_saves_scores)
     out["elementwise"] = 2.0 * acts["saved"] / prof.hbm_rate(cluster)
     shared = 0.0
     # The overlap schedule runs every micro-batch as two halves: each pays the block's fixed overhead and its
@@ -130,7 +133,7 @@ def stage_time(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: Pla
     """Forward + backward seconds of one micro-batch on ``stage``, by part (+ 'a2a_hidden')."""
     out = dict.fromkeys(STAGE_PARTS + ("a2a_hidden",), 0.0)
     kinds = {}
-    for b in rank_blocks(model.n_layers, layout, stage):
+    for b in rank_blocks(model, layout, stage):
         moe = b >= model.n_dense_layers
         if moe not in kinds:
             kinds[moe] = _block_time(model, cluster, layout, prof, moe)
@@ -246,7 +249,7 @@ def optimizer_seconds(model: ModelSpec, cluster: ClusterSpec, layout: Layout, pr
                       stage: int) -> float:
     """Optimizer step on the local shard, seconds.
 
-    With a measured ``prof.optimizer_ns_per_param`` (bf16 ZeRO-1/2, fused AdamW; :mod:`piper_ds.zero_step`):
+    With a measured ``prof.optimizer_ns_per_param`` (bf16 ZeRO-1/2, fused AdamW; :mod:`piper_ds.bench.zero_step`):
     that x the elements this rank updates, plus, for torch's foreach AdamW, the extra bytes of its passes
     over the fused kernel at the HBM rate. Otherwise, and for fp32 or ZeRO-0: (ZeRO ``step()`` bytes + AdamW
     bytes, fused or foreach, per updated element) x elements / the profile's HBM rate."""

@@ -7,6 +7,8 @@ Constraints (each has a short id used in messages and counts):
 - ``batch``: the global batch is micro_batch * grad_accum * dp;
 - ``ep_divides_experts``: num_experts % ep == 0 (ep | dp holds by construction of a Layout);
 - ``pp_layers``: pp <= n_layers (2 pp virtual stages with DualPipeV);
+- ``pp_moe``: every pipeline rank holds an MoE block under the stage cut (:mod:`piper_ds.system.stages`);
+- ``whole_nodes``: a job larger than a node uses whole nodes (the launcher starts gpus_per_node ranks on each);
 - ``ep_in_node``: an EP group stays inside one node unless cross-node EP is allowed;
 - ``zero3_moe``: no ZeRO-3 (DeepSpeed's native MoE rejects it);
 - ``zero_pp``: ZeRO <= 1 when pp > 1 (DeepSpeed's PipelineEngine allows ZeRO 0/1 only);
@@ -18,10 +20,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
-from piper_ds.planner.cluster import GIB, ClusterSpec, Layout
+from piper_ds.planner.cluster import GIB, ClusterSpec
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.resources import Estimate, estimate
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.deepspeed_rules import MAX_ZERO_WITH_PP
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
+from piper_ds.system.stages import moe_blocks_per_rank
 
 
 @dataclass(frozen=True)
@@ -93,16 +98,25 @@ def structural_violations(model: ModelSpec, cluster: ClusterSpec, layout: Layout
         what = f"pp ({layout.pp})" if layout.virtual_stages == 1 else f"DualPipeV's 2 x pp ({stages}) virtual stages"
         out.append(Violation("pp_layers", f"{what} must be <= n_layers ({model.n_layers})",
                              stages - model.n_layers))
+    elif layout.pp > 1:
+        moe = moe_blocks_per_rank(model, layout.micro_batch, layout.ep, layout.pp, layout.virtual_stages)
+        if not all(moe):
+            out.append(Violation("pp_moe", f"the stage cut leaves pipeline ranks without MoE blocks (MoE blocks per "
+                                 f"rank {moe}); the pipelined engine needs one on every rank", moe.count(0)))
     g = cluster.gpus_per_node
+    if layout.gpus > g and layout.gpus % g:
+        out.append(Violation("whole_nodes", f"gpus ({layout.gpus}) span nodes of {g} GPUs: a job across nodes "
+                             f"fills them (a multiple of {g})", layout.gpus % g))
     in_node = layout.ep <= g and g % layout.ep == 0 or layout.gpus <= g
     if not in_node and not allow_cross_node_ep:
         out.append(Violation("ep_in_node", f"ep ({layout.ep}) crosses nodes of {g} GPUs; allow it with "
                              "--allow-cross-node-ep", layout.ep - g))
     if layout.zero_stage == 3:
         out.append(Violation("zero3_moe", "ZeRO-3 is rejected by DeepSpeed's native MoE; use ZeRO-1 or 2"))
-    if layout.pp > 1 and layout.zero_stage > 1:
-        out.append(Violation("zero_pp", f"zero_stage ({layout.zero_stage}) must be <= 1 with pp ({layout.pp}) > 1: "
-                             "DeepSpeed's PipelineEngine allows ZeRO 0/1 only", layout.zero_stage - 1))
+    if layout.pp > 1 and layout.zero_stage > MAX_ZERO_WITH_PP:
+        out.append(Violation("zero_pp", f"zero_stage ({layout.zero_stage}) must be <= {MAX_ZERO_WITH_PP} with pp "
+                             f"({layout.pp}) > 1: DeepSpeed's PipelineEngine allows ZeRO 0/1 only",
+                             layout.zero_stage - MAX_ZERO_WITH_PP))
     return out
 
 

@@ -1,8 +1,10 @@
-"""Expert load per MoE layer: counted by forward hooks, summed over ranks on demand.
+"""Expert load and router losses per MoE layer: counted by forward hooks, summed over ranks on demand.
 
 Counts are *assignments asked for* (a token routed to k experts counts k times), before capacity dropping.
 PiperMoE layers report how many assignments they dropped; for stock DeepSpeed MoE layers it is derived from
 their capacity rule (each expert keeps at most ``max(ceil(T / E * capacity_factor * k), min_capacity)``).
+PiperMoE layers also report their aux and z losses (coefficients applied), so the losses are known where the
+training loss holds them only summed, as under pipeline parallelism.
 """
 from __future__ import annotations
 
@@ -23,10 +25,16 @@ class ExpertLoadCounter:
         self._reset()
         self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.layers)]
 
+        self._reset_losses()
+
     def _reset(self) -> None:
         self.counts: List[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.dropped: List[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.assigned = [0] * len(self.layers)
+
+    def _reset_losses(self) -> None:
+        self.loss_sums: List[Optional[torch.Tensor]] = [None] * len(self.layers)  # (aux, z) summed over forwards
+        self.forwards = [0] * len(self.layers)
 
     def _hook(self, index: int):
         def hook(module: nn.Module, inputs, output) -> None:
@@ -36,6 +44,7 @@ class ExpertLoadCounter:
             if stats:  # PiperMoE: "assignments" is a CPU tensor, "dropped" lives with the counts
                 counts = stats["tokens_per_expert"].detach().long()
                 self._add(index, counts, stats["dropped"].detach().long(), int(stats["assignments"]))
+                self._add_losses(index, torch.stack([stats["aux_loss"], stats["z_loss"]]).float())
             else:  # stock MoE: counts before capacity; it keeps at most `capacity` per expert
                 counts = output[2].detach().long()
                 tokens = inputs[0].numel() // inputs[0].shape[-1]
@@ -50,6 +59,21 @@ class ExpertLoadCounter:
             self.counts[i] += counts
         self.dropped[i] = dropped.clone() if self.dropped[i] is None else self.dropped[i] + dropped
         self.assigned[i] += assigned
+
+    @torch.no_grad()
+    def _add_losses(self, i: int, aux_z: torch.Tensor) -> None:
+        self.loss_sums[i] = aux_z.clone() if self.loss_sums[i] is None else self.loss_sums[i] + aux_z
+        self.forwards[i] += 1
+
+    @torch.no_grad()
+    def take_router_losses(self, device) -> Optional[torch.Tensor]:
+        """This rank's router losses per micro-batch since the last call, fp32 [2] on ``device``: (aux, z), each
+        the sum over its layers of the layer's mean over forwards (the halves of the overlap schedule and
+        recomputed forwards included, so a micro-batch counts once); then a reset. None when no layer
+        reported losses (no PiperMoE layer, or no training forward)."""
+        means = [s.to(device) / n for s, n in zip(self.loss_sums, self.forwards) if s is not None]
+        self._reset_losses()
+        return torch.stack(means).sum(dim=0) if means else None
 
     @torch.no_grad()
     def collect(self, group=None) -> Tuple[Optional[torch.Tensor], float, float]:
@@ -106,3 +130,21 @@ def _stock_dropped(module: nn.Module, counts_E: torch.Tensor, tokens: int) -> to
         return torch.zeros((), dtype=torch.long, device=counts_E.device)
     capacity = max(math.ceil(tokens / counts_E.numel() * gate.capacity_factor * gate.k), gate.min_capacity)
     return (counts_E - capacity).clamp_min(0).sum()
+
+
+@torch.no_grad()
+def mean_router_losses(counter: ExpertLoadCounter, device, replicas: int) -> Dict[str, float]:
+    """``{"aux_loss", "z_loss"}``: the router losses of a training micro-batch since the last call, summed over
+    the ranks of the job and divided by ``replicas`` (the copies of the model: the data-parallel degree; each
+    pipeline stage holds only its own layers). A collective over the world; {} when no rank has PiperMoE
+    losses."""
+    local = counter.take_router_losses(device)
+    flat = torch.zeros(3, dtype=torch.float64, device=device)
+    if local is not None:
+        flat[:2], flat[2] = local.double(), 1.0
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flat)
+    if flat[2] == 0:
+        return {}
+    aux, z = (flat[:2] / replicas).tolist()
+    return {"aux_loss": aux, "z_loss": z}

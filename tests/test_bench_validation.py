@@ -1,11 +1,12 @@
-"""Predicted vs measured (piper_ds.planner.validation): the data is the run's, the fit is one constant, the table prints."""
+"""Predicted vs measured (piper_ds.bench.validation): the data is the run's, the fit is one constant, the
+table prints."""
 import json
 import math
 import os
 
 import pytest
 
-from piper_ds.planner import validation as V
+from piper_ds.bench import validation as V
 from piper_ds.planner.profile import PlatformProfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

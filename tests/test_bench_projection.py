@@ -1,15 +1,15 @@
-"""All-to-all projection (piper_ds.comm.projection): runs, writes its files, and the curves behave."""
+"""All-to-all projection (piper_ds.bench.projection): runs, writes its files, and the curves behave."""
 import csv
 import os
 
 import pytest
 
-from piper_ds.comm import projection as P
+from piper_ds.bench import projection as P
 from piper_ds.comm.cost_model import alltoall_time
 
 
 def test_intra_fit_reproduces_the_large_measurements():
-    from piper_ds.planner.validation import MEASURED_A2A_FLAT_S
+    from piper_ds.bench.validation import MEASURED_A2A_FLAT_S
     intra = P.intra_fit()
     for nbytes, secs in MEASURED_A2A_FLAT_S.items():
         pred = alltoall_time("flat", nbytes, 1, 2, intra, intra)

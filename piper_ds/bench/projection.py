@@ -3,7 +3,7 @@
 Model predictions, not measurements. Inputs:
 
 * intra-node tier: :func:`piper_ds.comm.cost_model.fit_alpha_beta` through our NCCL ``all_to_all_single``
-  on 2 H200s (NV18; :data:`piper_ds.planner.validation.MEASURED_A2A_FLAT_S`). With 2 ranks the cost model's
+  on 2 H200s (NV18; :data:`piper_ds.bench.validation.MEASURED_A2A_FLAT_S`). With 2 ranks the cost model's
   flat time is one message of half the bytes per rank, so the points are (bytes per rank / 2, seconds);
 * inter-node tier: one 400 Gb/s NIC per GPU (8 per node), 46 GB/s per NIC (the low end of the
   46-49 GB/s achievable); the per-message cost α_e is an ASSUMPTION (default 5 µs: the marginal cost of one
@@ -15,7 +15,7 @@ rank for xmoe-small. The bytes per rank are held fixed as the group grows (a mod
 itself has 64 experts, so ep ≤ 64 = 8 nodes). Times are :func:`~piper_ds.comm.cost_model.alltoall_time` with
 everything it leaves out (congestion, incast, adaptive routing, NIC message rate) left out here too.
 
-``python -m piper_ds.comm.projection --out DIR`` writes ``alltoall_projection.csv`` and ``.png``.
+``python -m piper_ds.bench.projection --out DIR`` writes ``alltoall_projection.csv`` and ``.png``.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import csv
 import os
 from typing import Dict, List, Optional, Sequence
 
+from piper_ds.bench.validation import MEASURED_A2A_FLAT_S
 from piper_ds.comm.cost_model import AlphaBeta, alltoall_time, fit_alpha_beta
 
 NODES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -35,7 +36,6 @@ ALPHA_BAND_US = (2.0, 20.0)  # assumed range for α_e
 
 def intra_fit() -> AlphaBeta:
     """α-β of the intra-node tier, per message, from the 2-rank NCCL measurements (seconds, s/byte)."""
-    from piper_ds.planner.validation import MEASURED_A2A_FLAT_S
     return fit_alpha_beta([(nbytes / 2, secs) for nbytes, secs in MEASURED_A2A_FLAT_S.items()])
 
 
@@ -113,7 +113,7 @@ def plot(rows: List[Dict[str, float]], path: str, title: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m piper_ds.comm.projection", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m piper_ds.bench.projection", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for alltoall_projection.csv and .png")
     p.add_argument("--tokens", type=int, default=8192, help="tokens per GPU (8192)")
     p.add_argument("--top-k", type=int, default=6, help="distinct destination ranks per token (6)")

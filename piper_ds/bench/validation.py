@@ -3,7 +3,7 @@
 The measurements are data (:data:`MEASURED`, with their provenance); :func:`compare` runs the planner's own
 model (:func:`piper_ds.planner.resources.estimate`, the ``h200-nvlink-ib400`` preset, a given profile) for
 exactly those layouts and returns one :class:`Row` per quantity with the relative error
-``(predicted - measured) / measured``. ``python -m piper_ds.planner.validation`` prints the table.
+``(predicted - measured) / measured``. ``python -m piper_ds.bench.validation`` prints the table.
 
 What the model can express, and how each row is formed:
 
@@ -29,11 +29,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from piper_ds.planner.cluster import ClusterSpec, Layout
-from piper_ds.planner.memory import block_activations
+from piper_ds.planner.cluster import ClusterSpec
 from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.resources import _block_time, estimate, optimizer_fused
-from piper_ds.planner.specs import ModelSpec
+from piper_ds.system.activations import block_activations
+from piper_ds.system.layout import Layout
+from piper_ds.system.specs import ModelSpec
 
 MIB = 2 ** 20
 
@@ -54,8 +55,7 @@ PROVENANCE: Dict[str, Dict[str, str]] = {
         statistic="median of CUDA-event timed forward+backward iterations"),
     "alltoall": dict(
         date="2026-11-28", gpu="2x H200 SXM, NVLink NV18, one host", software="torch 2.11, NCCL",
-        config="all_to_all_single, bf16 rows of D 4096, balanced splits; bytes each rank sends (binary MB); "
-               "hierarchical = the transport planned as 2 nodes x 1 GPU on one host (Phase II only)",
+        config="all_to_all_single, bf16 rows of D 4096, balanced splits; bytes each rank sends (binary MB)",
         command="torchrun --nproc_per_node 2 -m piper_ds.bench.alltoall --planned --tiers",
         statistic="median over 20 iterations of the max over ranks"),
 }
@@ -75,15 +75,13 @@ MEASURED_STEP: Dict[str, Dict[str, float]] = {
     "unfused AdamW": dict(step_s=0.4071, peak_gb=91.18),
 }
 
-#: One MoE layer fwd+bwd, 8192 tokens per GPU: (shape, ep) -> seconds; and bytes sent per rank per forward.
+#: One MoE layer fwd+bwd, 8192 tokens per GPU: (shape, ep) -> seconds.
 LAYER_SHAPES: Dict[str, Dict[str, int]] = {"a": dict(d=2048, f=1408, E=64, k=6), "b": dict(d=4096, f=14336, E=8, k=2)}
 MEASURED_LAYER_S: Dict[tuple, float] = {("a", 1): 7.91e-3, ("a", 2): 10.98e-3, ("b", 1): 23.37e-3, ("b", 2): 26.34e-3}
-MEASURED_LAYER_A2A_MB = {("a", 2): 66.4}  # dispatch + combine, forward, MB sent per rank (as reported)
 
-#: NCCL all_to_all_single on 2 ranks: bytes per rank -> seconds (flat), and the hierarchical transport 2x1.
+#: NCCL all_to_all_single on 2 ranks: bytes per rank -> seconds.
 A2A_SIZES = [1 * MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB, 1024 * MIB]
 MEASURED_A2A_FLAT_S = dict(zip(A2A_SIZES, [0.140e-3, 0.133e-3, 0.141e-3, 0.182e-3, 0.613e-3, 1.785e-3]))
-MEASURED_A2A_HIER_S = dict(zip(A2A_SIZES, [0.336e-3, 0.335e-3, 0.322e-3, 0.243e-3, 0.612e-3, 1.862e-3]))
 
 THRESHOLDS = {"memory": 0.10, "step": 0.25}  # the acceptance bounds, |relative error|
 
@@ -142,7 +140,8 @@ def moe_layer_seconds(shape: str, ep: int, profile: Optional[PlatformProfile] = 
     parts = _block_time(model, c, lay, prof, moe=True)
     t = lay.micro_batch * model.seq_len
     attn_dense = 6.0 * t * model.attention_params_per_layer() / prof.dense_rate(c)
-    dense_saved = block_activations(model, lay, prof, moe=False)["saved"]
+    dense_saved = block_activations(model, lay, moe=False,
+                                    attention_saves_scores=prof.attention_saves_scores)["saved"]
     attn_saved = dense_saved - 2 * t * (2 * model.d_model + model.n_mats * model.ffn_dense)
     out = {"router": parts["dense"] - attn_dense, "experts": parts["experts"],
            "elementwise": parts["elementwise"] - 2.0 * attn_saved / prof.hbm_rate(c),
@@ -241,7 +240,7 @@ def _print(rows: List[Row], title: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m piper_ds.planner.validation", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m piper_ds.bench.validation", description=__doc__.split("\n")[0])
     p.add_argument("--calibrated", action="store_true",
                    help="also print the table under the profile with the fitted per-MoE-block overhead")
     args = p.parse_args(argv)

@@ -2,7 +2,7 @@
 
 The planner's analytic optimizer term (:func:`piper_ds.planner.resources.optimizer_seconds`) counts the HBM
 bytes of ZeRO's ``step()`` and of one AdamW pass. On H200 the real step took about 1.6x that, and the gap was
-the same per parameter on 1 and 4 GPUs, so ``python -m piper_ds.calibrate`` measures it instead: a DeepSpeed
+the same per parameter on 1 and 4 GPUs, so ``python -m piper_ds.bench.calibrate`` measures it instead: a DeepSpeed
 engine over a model of plain bf16 tensors, the planner's own ds_config blocks (bf16, ZeRO-1 with one rank,
 torch's fused AdamW as the layout benchmark and ds_configs/h200_x*.json use it, gradient clipping 1.0),
 random gradients, and the median seconds of ``engine.step()`` divided by the parameters updated. It runs in a child process with a world of one rank, so
@@ -45,9 +45,9 @@ def _child(queue, device_type: str, device_index: int, tensors: int, numel: int,
     try:
         import deepspeed
 
-        from piper_ds.planner.cluster import Layout
         from piper_ds.planner.dsconfig import build_ds_config
-        from piper_ds.planner.specs import ModelSpec
+        from piper_ds.system.layout import Layout
+        from piper_ds.system.specs import ModelSpec
         cuda = device_type == "cuda"
         if cuda:
             torch.cuda.set_device(device_index)

@@ -1,9 +1,9 @@
-"""``python -m piper_ds.calibrate``: micro-benchmarks of this machine, written as a planner profile JSON.
+"""``python -m piper_ds.bench.calibrate``: micro-benchmarks of this machine, written as a planner profile JSON.
 
 Measures (on CUDA when present, else a tiny CPU mode that still writes a valid profile):
 
 - dense GEMM rate (one large bf16 matmul; fp32 on CPU);
-- grouped GEMM rate against rows per expert (``torch._grouped_mm``; a per-expert loop where unavailable),
+- grouped GEMM rate against rows per expert (``torch._grouped_mm``; a per-expert loop where it does not run),
   for the model's expert shapes;
 - causal attention fwd+bwd rate (``scaled_dot_product_attention``), counted as 6*b*s^2*H*hd FLOPs;
 - device copy bandwidth;
@@ -13,9 +13,9 @@ Measures (on CUDA when present, else a tiny CPU mode that still writes a valid p
   is fitted to ``moe_layer_overhead_us`` + ``moe_overhead_ns_per_row`` x routed rows and
   ``dense_layer_overhead_us``;
 - the seconds per parameter of DeepSpeed's bf16 ZeRO-1 ``engine.step()`` with fused AdamW, on one GPU
-  (:mod:`piper_ds.zero_step`; CUDA only), for the planner's optimizer term;
-- when launched with several ranks (``deepspeed --num_gpus N --module piper_ds.calibrate`` or
-  ``torchrun --nproc_per_node N -m piper_ds.calibrate``):
+  (:mod:`piper_ds.bench.zero_step`; CUDA only), for the planner's optimizer term;
+- when launched with several ranks (``deepspeed --num_gpus N --module piper_ds.bench.calibrate`` or
+  ``torchrun --nproc_per_node N -m piper_ds.bench.calibrate``):
   all-to-all time by size inside a node and across nodes, and point-to-point, fitted to alpha-beta tiers.
 
 Use it with ``python -m piper_ds.plan ... --profile <out>``.
@@ -28,45 +28,30 @@ import json
 import os
 import socket
 import statistics
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from piper_ds.bench.common import seconds_per_call, sync
 from piper_ds.planner.cluster import ClusterSpec, LinkTier
 from piper_ds.planner.overheads import OverheadFit, apply_fits, block_prediction, block_rows, fit_overhead
 from piper_ds.planner.profile import PlatformProfile
-from piper_ds.planner.specs import ModelSpec
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from piper_ds.system.specs import ModelSpec
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int = 2, iters: int = 5) -> float:
-    """Median seconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``iters`` runs after ``warmup`` runs (host clock, device waited for)."""
+    return statistics.median(seconds_per_call(lambda i: fn(), device, iters, warmup, clock="host"))
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """rows of ``a`` [R, K] split at ``offs`` (cumulative ends, int32 [E]) times ``b`` [E, K, N]."""
-    if hasattr(torch, "_grouped_mm"):
-        try:
-            return torch._grouped_mm(a, b, offs=offs)
-        except (RuntimeError, NotImplementedError):
-            pass  # unsupported dtype/device: fall back to the loop below
+    try:
+        return torch._grouped_mm(a, b, offs=offs)
+    except (RuntimeError, NotImplementedError):
+        pass  # unsupported dtype/device: fall back to the loop below
     outs, start = [], 0
     for e, end in enumerate(offs.tolist()):
         outs.append(a[start:end] @ b[e])
@@ -243,24 +228,11 @@ def time_block(block, spec: ModelSpec, micro_batch: int, device: torch.device, d
         outs, grads = ([h, aux], [gs[i], torch.ones_like(aux)]) if aux.requires_grad else ([h], [gs[i]])
         torch.autograd.backward(outs, grads)
 
-    times = []
-    for i in range(warmup + iters):
+    def fresh() -> None:
         block.zero_grad(set_to_none=True)
-        _sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(i)
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            step(i)
-            elapsed = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(elapsed)
-    return times
+        sync(device)
+
+    return seconds_per_call(step, device, warmup + iters, before=fresh)[warmup:]
 
 
 def bench_block_overheads(prof: PlatformProfile, spec: ModelSpec, cluster: ClusterSpec, device: torch.device,
@@ -395,11 +367,11 @@ ZERO_STEP_BYTES_PER_PARAM = 32
 
 
 def _calibrate_optimizer(prof: PlatformProfile, device: torch.device) -> PlatformProfile:
-    """``prof`` with ``optimizer_ns_per_param`` measured by rank 0 (:mod:`piper_ds.zero_step`, a ZeRO-1
+    """``prof`` with ``optimizer_ns_per_param`` measured by rank 0 (:mod:`piper_ds.bench.zero_step`, a ZeRO-1
     ``engine.step()`` over up to 2**30 parameters, as many as half the free memory holds, on its GPU alone);
     the other ranks wait. When the benchmark fails, a WARNING says why and the profile keeps the analytic
     optimizer term (``optimizer_ns_per_param`` None)."""
-    from piper_ds.zero_step import bench_zero_step
+    from piper_ds.bench.zero_step import bench_zero_step
     record = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         free, _ = torch.cuda.mem_get_info(device)
@@ -420,8 +392,8 @@ def _calibrate_optimizer(prof: PlatformProfile, device: torch.device) -> Platfor
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``python -m piper_ds.calibrate``; returns the exit status."""
-    p = argparse.ArgumentParser(prog="python -m piper_ds.calibrate", description=__doc__.split("\n\n")[0])
+    """Entry point of ``python -m piper_ds.bench.calibrate``; returns the exit status."""
+    p = argparse.ArgumentParser(prog="python -m piper_ds.bench.calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="platform_profile.json", help="profile JSON to write (rank 0)")
     p.add_argument("--model", default="xmoe-small-swiglu",
                    help="model preset, or a ds_config JSON whose piper.model block to use, for the shapes")
