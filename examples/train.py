@@ -328,10 +328,11 @@ def main(argv=None) -> Dict[str, float]:
             lm_sum.zero_(), aux_sum.zero_()
             summed = 0
             gnorm = engine.get_global_grad_norm()
-            m = {"loss": loss, "aux_loss": None if math.isnan(aux_loss) else aux_loss, "lr": engine.get_lr()[0],
-                 "grad_norm": float(gnorm) if gnorm is not None else None,
+            m = {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(gnorm) if gnorm is not None else None,
                  "max_memory_gb": all_max(peak_memory_gb(), engine.device),
                  **tput.window(), **trainer.metrics(histograms=hist)}
+            if not math.isnan(aux_loss):  # the aux loss trained on (a Hugging Face model's own) over the engine's
+                m["aux_loss"] = aux_loss
             trainer.write(m)
             history.append({"step": done, **{k: v for k, v in m.items() if v is not None}})
             if rank == 0:
