@@ -56,3 +56,12 @@ def test_shipped_configs_pass(path):
         warnings.simplefilter("error")  # not even a warning
         lint_ds_config(cfg)
 
+
+def test_initialize_lints_before_starting_the_process_group():
+    """No process group exists in this process: the ValueError must come before DeepSpeed's init."""
+    import torch
+
+    import piper_ds
+    with pytest.raises(ValueError, match="did you mean 'gradient_clipping'"):
+        piper_ds.initialize(model=torch.nn.Linear(2, 2),
+                            config={"train_micro_batch_size_per_gpu": 1, "gradient_cliping": 1.0})
