@@ -93,7 +93,7 @@ class Watchdog:
         """Beats once (so neighbours see this rank at once), then starts the thread."""
         now = time.monotonic()
         self._changed = {p: now for p in self.peers}
-        self._beat(0)
+        call_with_timeout(lambda: self._beat(0), self.timeout_s)
         self._thread.start()
         _active.append(self)
         atexit.register(self.stop)
