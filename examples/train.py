@@ -21,12 +21,15 @@ With ``"piper": {"parallel": {"pp_size": N}}`` (N > 1) the model is built as a p
 (``PiperPipelineModule``, or ``PiperDualPipeVModule`` for ``"piper": {"pipeline": {"schedule": "dualpipev"}}``) and
 trained with ``engine.train_batch`` under the schedule the ds_config names; its loss is the pipeline's loss
 (cross-entropy + aux loss, logged as ``loss``), and the engine reports the aux loss and the expert load.
+
+Exit codes: 0 done; 1 an error (the rank that failed first prints its traceback, every other rank one line);
+3 stopped by the divergence guard (``piper.runtime.max_skipped_steps`` skipped steps in a row; no checkpoint
+is written at the stop); 4 a rank stopped answering (named by the heartbeat watchdog).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -39,6 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import piper_ds  # noqa: E402
 from piper_ds.api import env_from_slurm  # noqa: E402
+from piper_ds.runtime.errors import run_main  # noqa: E402
+
+EXIT_DIVERGED = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,9 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100, help="train until this many optimizer steps in total")
     p.add_argument("--data", default=None, help="text file or folder; 'random' = uniform random tokens; "
                    "default: piper.data.path, else the Python standard library sources")
-    p.add_argument("--save-dir", default=None, help="checkpoint folder (DeepSpeed's format, experts per file)")
+    p.add_argument("--save-dir", default=None, help="checkpoint folder (DeepSpeed's format, experts per file, "
+                   "published atomically); default: piper.checkpoint.save_dir, else no checkpoints")
     p.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints; 0 = at the end only")
-    p.add_argument("--resume", action="store_true", help="load the latest checkpoint of --save-dir first")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="TAG",
+                   help="load a checkpoint of the save folder first: without TAG the one 'latest' names, falling "
+                   "back to the newest complete one when it is damaged; with TAG exactly that one")
+    p.add_argument("--deepspeed-logs", action="store_true", help="show DeepSpeed's own per-rank log lines and "
+                   "prints (piper.runtime.quiet_deepspeed = false)")
     p.add_argument("--metrics-out", default=None, help="rank 0 writes a JSON summary (median step time, tokens/s "
                    "per GPU, TFLOP/s per GPU, MFU, peak memory, losses) here")
     p.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the median in --metrics-out")
@@ -93,11 +104,13 @@ def all_max(value: float, device) -> float:
 
 
 def format_line(step: int, m: Dict[str, float]) -> str:
-    """The one-line metrics summary printed every steps_per_print."""
+    """The one-line metrics summary printed every steps_per_print (n/a: not measured; a non-finite value is
+    printed as nan / inf)."""
     def f(key, fmt, unit=""):
         v = m.get(key)
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt) + unit
+        return "n/a" if v is None else format(v, fmt) + unit
     return (f"step {step:>6} | loss {f('loss', '.4f')} | aux {f('aux_loss', '.4f')} | gnorm {f('grad_norm', '.3f')}"
+            f" | skipped {m.get('skipped_steps', 0)}"
             f" | lr {f('lr', '.2e')} | tok/s {f('tokens_per_s', ',.0f')} ({f('tokens_per_s_per_gpu', ',.0f')}/gpu)"
             f" | {f('tflops_per_gpu', '.4g')} TFLOP/s/gpu | MFU {f('mfu_pct', '.2f', '%')}"
             f" | mem {f('max_memory_gb', '.2f', ' GB')} | load max/mean {f('load_max_over_mean', '.2f')}"
@@ -121,7 +134,9 @@ class Trainer:
                              "(or --hf-model DIR)")
         else:
             self._build_reference(args, ds_config, piper, ckpt)
-        self.engine, _, _, _ = piper_ds.initialize(args=args, model=self.model)
+        # the ds_config goes as a dict (command-line overrides applied), so args must not name it a second time
+        no_config = argparse.Namespace(**{**vars(args), "deepspeed_config": None})
+        self.engine, _, _, _ = piper_ds.initialize(args=no_config, model=self.model, config=ds_config)
         self.optimizer_marks: List = []  # (start, end) of every engine.step() of the current optimizer step
         # the rank whose data this rank trains on: stages of one pipeline read the same micro-batches
         self.data_rank = self.engine.grid.get_data_parallel_rank() if self.pipelined else None
@@ -136,9 +151,8 @@ class Trainer:
             from piper_ds.pipeline.model import PiperDualPipeVModule, PiperPipelineModule
             if args.stock_moe:
                 raise SystemExit("--stock-moe runs pp = 1 layouts only")
-            import deepspeed
-            from deepspeed.accelerator import get_accelerator
-            deepspeed.init_distributed(get_accelerator().communication_backend_name())  # the module needs it
+            from piper_ds.runtime.startup import init_distributed
+            init_distributed(piper.runtime)  # the pipeline module needs the process group
             cls = PiperDualPipeVModule if piper.pipeline.stages_per_rank == 2 else PiperPipelineModule
             # DeepSpeed's "activation_checkpointing" block is our switch: every layer recomputes in backward
             self.model = cls(spec, piper.moe_for_model(), ep_size=piper.parallel.ep_size,
@@ -157,10 +171,9 @@ class Trainer:
         if piper.model is not None:
             raise SystemExit(f'--hf-model: the model comes from {args.hf_model}; remove the "piper.model" block of '
                              f"{args.deepspeed_config}")
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
         from piper_ds.integrations.hf import load
-        deepspeed.init_distributed(get_accelerator().communication_backend_name())  # each rank loads its experts
+        from piper_ds.runtime.startup import init_distributed
+        init_distributed(piper.runtime)  # each rank loads its own experts
         self.model = load(args.hf_model, ep_size=piper.parallel.ep_size, config=piper.moe, dtype=torch.float32)
         if activation_checkpointing:
             self.model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -268,33 +281,42 @@ class Trainer:
         write_scalars(self.engine.monitor, metrics, self.engine.global_samples)
 
 
-def main(argv=None) -> Dict[str, float]:
-    setup_env()  # before parsing: --local_rank defaults to LOCAL_RANK, which srun only gives as SLURM_LOCALID
-    args = parse_args(argv)
-    import deepspeed.comm as dist
-    from tqdm import tqdm
-
-    from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine
-
+def load_config(args) -> Tuple[Dict, object]:
+    """The ds_config of ``--deepspeed_config`` with the command line's overrides, and its parsed "piper" block."""
     from piper_ds.config import load_ds_config, parse_piper_config
-    from piper_ds.tracking import Throughput, peak_memory_gb
-
     if args.deepspeed_config is None:
         raise SystemExit("--deepspeed_config <path> is required")
     if args.hf_model is None and (args.hf_export or args.seq_len):
         raise SystemExit("--hf-export and --seq-len go with --hf-model")
     ds_config = load_ds_config(args.deepspeed_config)
+    if args.deepspeed_logs:
+        block = ds_config.setdefault("piper", {})
+        block["runtime"] = {**block.get("runtime", {}), "quiet_deepspeed": False}
     piper = parse_piper_config(ds_config)
+    if args.save_dir is None:
+        args.save_dir = piper.checkpoint.save_dir
+    if args.resume and not args.save_dir:
+        raise SystemExit("--resume needs --save-dir (or piper.checkpoint.save_dir)")
+    return ds_config, piper
+
+
+def main(argv=None) -> int:
+    """Trains as the command line says; returns the exit code (0, or 3 when the divergence guard stopped)."""
+    setup_env()  # before parsing: --local_rank defaults to LOCAL_RANK, which srun only gives as SLURM_LOCALID
+    args = parse_args(argv)
+    import deepspeed.comm as dist
+    from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine
+
+    from piper_ds.runtime.divergence import DivergenceError
+
+    ds_config, piper = load_config(args)
     trainer = Trainer(args, ds_config, piper)
     engine = trainer.engine
-    rank, world = dist.get_rank(), dist.get_world_size()
-    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     dc = piper.data
-    data = trainer.make_data(args.data if args.data is not None else dc.path, micro, dc)
+    data = trainer.make_data(args.data if args.data is not None else dc.path, engine.train_micro_batch_size_per_gpu(),
+                             dc)
     if args.resume:
-        if not args.save_dir:
-            raise SystemExit("--resume needs --save-dir")
-        path, _ = engine.load_checkpoint(args.save_dir)
+        path, _ = engine.load_checkpoint(args.save_dir, tag=None if args.resume == "auto" else args.resume)
         if path is None:
             raise SystemExit(f"--resume: no checkpoint found in {args.save_dir!r}")
     val_interval = dc.val_interval if args.val_interval is None else args.val_interval
@@ -302,61 +324,97 @@ def main(argv=None) -> Dict[str, float]:
     if val_interval and dc.val_batches < least:
         raise SystemExit(f"DualPipeV evaluates at least 2 x pp ({least}) micro-batches per validation pass, "
                          f"piper.data.val_batches is {dc.val_batches}: raise it or pass --val-interval 0")
-    print_every, hist_every = engine.steps_per_print(), piper.tracking.expert_load_interval
-    tput = Throughput(engine.train_batch_size() * trainer.seq_len, trainer.flops_per_token, world,
-                      piper.tracking.peak_tflops)
-    history: List[Dict[str, float]] = []
-    optimizer_s: List[Optional[float]] = []  # seconds in engine.step() per optimizer step
-    start = engine.global_steps
-    bar = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="train", mininterval=2.0, file=sys.stderr)
-    lm_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-    aux_sum = torch.zeros_like(lm_sum)
-    summed = 0
-    for step in range(start, args.steps):
-        tput.start()
-        lm, aux = trainer.step(data, step, rank, gas)
-        lm_sum += lm
-        aux_sum += aux if aux is not None else float("nan")
-        summed += 1
-        tput.stop()
-        optimizer_s.append(trainer.optimizer_seconds())
-        done = step + 1
-        bar.update(1)
-        hist = hist_every > 0 and done % hist_every == 0
-        if done == start + 1 or done % print_every == 0 or done == args.steps or hist:
-            loss, aux_loss = all_mean([float(lm_sum) / summed, float(aux_sum) / summed], engine.device)
-            lm_sum.zero_(), aux_sum.zero_()
-            summed = 0
-            gnorm = engine.get_global_grad_norm()
-            m = {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(gnorm) if gnorm is not None else None,
-                 "max_memory_gb": all_max(peak_memory_gb(), engine.device),
-                 **tput.window(), **trainer.metrics(histograms=hist)}
-            if not math.isnan(aux_loss):  # the aux loss trained on (a Hugging Face model's own) over the engine's
-                m["aux_loss"] = aux_loss
-            trainer.write(m)
-            history.append({"step": done, **{k: v for k, v in m.items() if v is not None}})
-            if rank == 0:
-                bar.write(format_line(done, m))
-        if val_interval and (done % val_interval == 0 or done == args.steps):
-            v = trainer.validate(data, done, rank, dc.val_batches)
-            trainer.write({"val_loss": v})
-            history.append({"step": done, "val_loss": v})
-            if rank == 0:
-                bar.write(f"step {done:>6} | validation loss {v:.4f}")
-        if args.save_dir and args.save_interval and done % args.save_interval == 0:
-            engine.save_checkpoint(args.save_dir)
-    bar.close()
-    if args.save_dir and (not args.save_interval or engine.global_steps % args.save_interval):
+    run = Run(args, piper, trainer, data, val_interval, dist.get_rank(), dist.get_world_size())
+    try:
+        run.train()
+        stopped = None
+    except DivergenceError as err:  # raised on every rank at the same step
+        stopped = err
+    run.bar.close()
+    if stopped is None and args.save_dir and (not args.save_interval or engine.global_steps % args.save_interval):
         engine.save_checkpoint(args.save_dir)
-    if args.hf_export:
+    if stopped is None and args.hf_export:
         trainer.export(args.hf_export)
-    summary = summarize(tput, history, args, engine, optimizer_s)
-    if rank == 0 and args.metrics_out:
+    summary = summarize(run.tput, run.history, args, engine, run.optimizer_s)
+    summary.update(skipped_steps=engine.divergence.skipped, stopped="diverged" if stopped else None)
+    if run.rank == 0 and args.metrics_out:
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics_out)), exist_ok=True)
         with open(args.metrics_out, "w") as f:
             json.dump(summary, f, indent=2)
     piper_ds.shutdown(engine)
-    return summary
+    if stopped is not None:
+        if run.rank == 0:
+            print(f"[piper_ds] {stopped}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    return 0
+
+
+class Run:
+    """The training loop of :func:`main`: steps, metric lines, validation and periodic checkpoints."""
+
+    def __init__(self, args, piper, trainer: Trainer, data, val_interval: int, rank: int, world: int):
+        from tqdm import tqdm
+
+        from piper_ds.tracking import Throughput
+        self.args, self.piper, self.trainer, self.data, self.val_interval = args, piper, trainer, data, val_interval
+        self.engine, self.rank, self.world = trainer.engine, rank, world
+        self.tput = Throughput(self.engine.train_batch_size() * trainer.seq_len, trainer.flops_per_token, world,
+                               piper.tracking.peak_tflops)
+        self.history: List[Dict[str, float]] = []
+        self.optimizer_s: List[Optional[float]] = []  # seconds in engine.step() per optimizer step
+        self.start = self.engine.global_steps
+        self.bar = tqdm(total=args.steps, initial=self.start, disable=rank != 0, desc="train", mininterval=2.0,
+                        file=sys.stderr)
+
+    def train(self) -> None:
+        """Steps until ``--steps`` (DivergenceError when the divergence guard stops the run)."""
+        args, engine, trainer = self.args, self.engine, self.trainer
+        gas, dc = engine.gradient_accumulation_steps(), self.piper.data
+        print_every, hist_every = engine.steps_per_print(), self.piper.tracking.expert_load_interval
+        lm_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+        aux_sum, summed, has_aux = torch.zeros_like(lm_sum), 0, False
+        for step in range(self.start, args.steps):
+            self.tput.start()
+            lm, aux = trainer.step(self.data, step, self.rank, gas)
+            lm_sum += lm
+            if aux is not None:
+                aux_sum += aux
+                has_aux = True
+            summed += 1
+            self.tput.stop()
+            self.optimizer_s.append(trainer.optimizer_seconds())
+            done = step + 1
+            self.bar.update(1)
+            hist = hist_every > 0 and done % hist_every == 0
+            if done == self.start + 1 or done % print_every == 0 or done == args.steps or hist:
+                self.report(done, float(lm_sum) / summed, float(aux_sum) / summed if has_aux else None, hist)
+                lm_sum.zero_(), aux_sum.zero_()
+                summed, has_aux = 0, False
+            if self.val_interval and (done % self.val_interval == 0 or done == args.steps):
+                v = trainer.validate(self.data, done, self.rank, dc.val_batches)
+                trainer.write({"val_loss": v})
+                self.history.append({"step": done, "val_loss": v})
+                if self.rank == 0:
+                    self.bar.write(f"step {done:>6} | validation loss {v:.4f}")
+            if args.save_dir and args.save_interval and done % args.save_interval == 0:
+                engine.save_checkpoint(args.save_dir)
+
+    def report(self, done: int, loss: float, aux_loss: Optional[float], hist: bool) -> None:
+        """One metrics line (rank 0), the same metrics to the monitor and the history. A NaN loss stays NaN."""
+        from piper_ds.tracking import peak_memory_gb
+        engine = self.engine
+        engine.divergence.flush()
+        loss, aux = all_mean([loss, aux_loss if aux_loss is not None else 0.0], engine.device)
+        gnorm = engine.get_global_grad_norm()
+        m = {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(gnorm) if gnorm is not None else None,
+             "skipped_steps": engine.divergence.skipped, "max_memory_gb": all_max(peak_memory_gb(), engine.device),
+             **self.tput.window(), **self.trainer.metrics(histograms=hist)}
+        if aux_loss is not None:  # the aux loss trained on (a Hugging Face model's own) over the engine's (pp > 1)
+            m["aux_loss"] = aux
+        self.trainer.write(m)
+        self.history.append({"step": done, **{k: v for k, v in m.items() if v is not None}})
+        if self.rank == 0:
+            self.bar.write(format_line(done, m))
 
 
 def summarize(tput, history, args, engine, optimizer_s) -> Dict[str, float]:
@@ -381,4 +439,4 @@ def summarize(tput, history, args, engine, optimizer_s) -> Dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -117,6 +117,9 @@ class _PiperMixin:
             module = importlib.import_module(self.absolute_name())
             self._loaded_ops[self.NAME] = module
             return module
+        if not self.jit_built() and os.environ.get("LOCAL_RANK", "0") == "0":  # the build is silent for minutes
+            print(f"[piper_ds] building the {self.NAME} op, once (later starts reuse it from {self.jit_build_dir()})",
+                  file=sys.stderr, flush=True)
         return self.jit_load(verbose)
 
 

@@ -26,7 +26,9 @@ def initialize(args: Any = None,
     :class:`piper_ds.engine.PiperEngine`.
 
     The ds_config comes from ``config`` (dict or JSON path), ``config_params`` or ``args.deepspeed_config``;
-    its ``"piper"`` block is validated (unknown keys are errors). Before DeepSpeed builds anything it checks
+    its ``"piper"`` block is validated (unknown keys are errors) and DeepSpeed's own keys are linted
+    (:func:`piper_ds.config_lint.lint_ds_config`: typos are errors with a suggestion). The process group starts
+    with ``piper.runtime.timeout_s`` as its timeout. Before DeepSpeed builds anything it checks
     batch sizes, ep_size against the world size and the ZeRO stage with MoE layers; every problem is a
     ValueError that names the values. A ``PipelineModule`` or ``piper.parallel.pp_size > 1`` gets a
     :class:`piper_ds.pipeline.engine.PiperPipelineEngine` instead. Not supported (ValueError): ``mesh_param``
@@ -38,17 +40,18 @@ def initialize(args: Any = None,
         raise ValueError("piper_ds.initialize requires a model")
     import deepspeed
     from deepspeed import comm as dist
-    from deepspeed.accelerator import get_accelerator
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    from piper_ds.config_lint import lint_ds_config
     from piper_ds.engine import PiperEngine, check_batch_sizes, check_setup
+    from piper_ds.runtime.startup import init_distributed, quiet_deepspeed
 
-    # the config first: a bad one fails before any process group is made
     ds_config = load_ds_config(_resolve_config(args, config, config_params))
     piper = parse_piper_config(ds_config)
-    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                          distributed_port=distributed_port, dist_init_required=dist_init_required)
+    if piper.runtime.lint_ds_config:
+        lint_ds_config(ds_config)
+    init_distributed(piper.runtime, dist_init_required=dist_init_required, distributed_port=distributed_port)
     if isinstance(model, PipelineModule) or piper.parallel.pp_size > 1:
         from piper_ds.pipeline.engine import initialize_pipeline  # pp > 1: PiperPipelineEngine
         return initialize_pipeline(args, model, optimizer, model_parameters, training_data, lr_scheduler,
@@ -65,10 +68,11 @@ def initialize(args: Any = None,
     deepspeed.set_optimizer_flags(config_class, model)
     if config_class.hybrid_engine.enabled:
         raise ValueError('"hybrid_engine" is enabled in the ds_config; PiperEngine does not support it')
-    engine = PiperEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                         training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
-                         dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
-                         config_class=config_class, piper_config=piper)
+    with quiet_deepspeed(piper.runtime.quiet_deepspeed):
+        engine = PiperEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                             training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                             dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
+                             config_class=config_class, piper_config=piper)
     deepspeed.zero.partition_parameters.restore_init_context()
     engine._configure_python_gc()
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

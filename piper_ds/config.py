@@ -18,7 +18,7 @@ Every model here forbids unknown keys (``extra="forbid"``): a typo is an error, 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -73,6 +73,44 @@ class DataConfig(BaseModel):
     val_batches: int = Field(4, ge=1, description="Micro-batches per validation pass on each rank.")
 
 
+class RuntimeConfig(BaseModel):
+    """How a run guards itself against hangs, divergence and noise (piper_ds.runtime)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_s: float = Field(
+        600.0, gt=0, description="Process-group timeout (seconds) given to DeepSpeed's init_distributed, and how "
+        "long a rank may go without a heartbeat before the others stop, naming it.")
+    heartbeat: bool = Field(
+        True, description="Run the heartbeat watchdog: every rank beats through the rendezvous store; a rank "
+        "whose beat stops for timeout_s (frozen, stopped, killed) makes the others exit with code 4, naming it.")
+    max_skipped_steps: int = Field(
+        10, ge=0, description="Stop (exit code 3 in examples/train.py) after this many consecutive optimizer "
+        "steps that DeepSpeed skipped or whose global gradient norm is not finite; 0 = never.")
+    quiet_deepspeed: bool = Field(
+        True, description="Hide DeepSpeed's repeated per-rank lines: its logger shows warnings on rank 0 only, "
+        "its start-up prints are dropped. False restores them (examples/train.py: --deepspeed-logs).")
+    lint_ds_config: bool = Field(
+        True, description="Check DeepSpeed's own keys of the ds_config (piper_ds.config_lint): typos are "
+        "errors with a suggestion.")
+
+
+class CheckpointConfig(BaseModel):
+    """Atomic checkpoints (piper_ds.runtime.checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    save_dir: Optional[str] = Field(
+        None, description="Checkpoint folder examples/train.py uses when --save-dir is not given; None = no "
+        "checkpoints.")
+    keep_last: Optional[int] = Field(
+        None, ge=1, description="Keep only the newest N complete checkpoints of the folder (older ones are "
+        "deleted after each save); None = keep all.")
+    verify: Literal["sha256", "size"] = Field(
+        "sha256", description="What a resume checks against the manifest before loading: every file's size and "
+        "SHA-256 (`sha256`), or sizes only (`size`, faster for large checkpoints).")
+
+
 class PiperConfig(BaseModel):
     """The ``"piper"`` block. ``model`` is a :class:`ModelSpec` block: ``{"preset": name, **overrides}`` or all
     fields; ``moe`` holds the routing/dispatch options of every MoE layer (its ``top_k``, ``activation`` and
@@ -90,6 +128,9 @@ class PiperConfig(BaseModel):
                                      description="Cluster shape (ranks per node) for the hierarchical all-to-all.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Metrics options.")
     data: DataConfig = Field(default_factory=DataConfig, description="Default data of examples/train.py.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig,
+                                   description="Timeouts, heartbeat, divergence guard, log noise, config lint.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Atomic checkpoints.")
 
     @field_validator("model", mode="before")
     @classmethod

@@ -8,7 +8,9 @@ What it adds to ``DeepSpeedEngine`` (DeepSpeed 0.19.x):
   and checks that every trainable parameter is in exactly one group, expert parameters in MoE groups only;
 * after every optimizer step calls ``update_selection_bias()`` on every PiperMoE (aux-loss-free balancing);
 * counts expert load per MoE layer (forward hooks) and writes metrics through ``engine.monitor``, so the
-  ds_config's "wandb" / "csv_monitor" / "tensorboard" blocks work unchanged.
+  ds_config's "wandb" / "csv_monitor" / "tensorboard" blocks work unchanged;
+* checkpoints atomically, resumes verified and only under the saved layout, runs a heartbeat watchdog and a
+  divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from piper_ds.config import PiperConfig, parse_piper_config, zero_stage
 from piper_ds.moe import PiperMoE
+from piper_ds.runtime.guards import RuntimeGuards
 from piper_ds.tracking.expert_load import ExpertLoadCounter, mean_router_losses
 from piper_ds.tracking.monitor import log_config_to_wandb, log_expert_histograms, write_scalars
 
@@ -112,7 +115,7 @@ def check_param_groups(model: torch.nn.Module, groups: List[Mapping[str, Any]]) 
 
 
 # ------------------------------------------------------------------------------------------------ engine
-class PiperEngine(DeepSpeedEngine):
+class PiperEngine(RuntimeGuards, DeepSpeedEngine):
     """``DeepSpeedEngine`` for MoE models built on :class:`piper_ds.moe.PiperMoE` (or stock DeepSpeed MoE).
 
     Same constructor as ``DeepSpeedEngine`` plus ``piper_config`` (parsed from ``config["piper"]`` when None).
@@ -139,6 +142,7 @@ class PiperEngine(DeepSpeedEngine):
         self._apply_topology_override()
         if self.piper_config.tracking.log_config_to_wandb:
             log_config_to_wandb(self.monitor, self.config)
+        self._setup_runtime(self.piper_config)
 
     def _apply_topology_override(self) -> None:
         """With ``piper.topology.gpus_per_node`` set, binds every PiperMoE again for that topology (DeepSpeed's
@@ -153,13 +157,17 @@ class PiperEngine(DeepSpeedEngine):
             layer.bind_ep_group(layer.deepspeed_moe.ep_group, layer.dp_group, topology)
 
     def step(self, lr_kwargs=None):
-        """DeepSpeed's step; after an applied optimizer step, every PiperMoE updates its selection bias."""
+        """DeepSpeed's step; after an applied optimizer step, every PiperMoE updates its selection bias. After
+        every optimizer step the divergence guard looks at it (DivergenceError after too many skipped)."""
         boundary = self.is_gradient_accumulation_boundary()
         skipped = self.skipped_steps
         super().step(lr_kwargs)
-        if boundary and self.skipped_steps == skipped:
-            for layer in self.piper_moe_layers:
-                layer.update_selection_bias()
+        if boundary:
+            applied = self.skipped_steps == skipped
+            if applied:
+                for layer in self.piper_moe_layers:
+                    layer.update_selection_bias()
+            self._after_optimizer_step(applied)
 
     @torch.no_grad()
     def clip_fp32_gradients(self):

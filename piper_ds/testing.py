@@ -5,6 +5,10 @@ file store, sets the launcher variables DeepSpeed reads (RANK, WORLD_SIZE, LOCAL
 ``fn(rank, world_size, *args)`` in each and returns the list of their results (rank order). A worker that
 raises makes the whole call raise with that worker's traceback; a run that outlives ``timeout`` seconds is
 killed and raises ``TimeoutError`` — a hang never passes silently, and no GPU is ever required.
+
+``launch_ranks(argv, world_size, timeout)`` runs a script as the ranks of one job in separate processes (what
+the deepspeed launcher does), returning each rank's exit code and output: for fault-injection tests where a
+rank is killed or stopped on purpose.
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ import os
 import socket
 import tempfile
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.multiprocessing as mp
 
@@ -104,3 +109,62 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
                            f"(exit codes {codes}): a hang or a crash")
     import torch
     return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world_size)]
+
+
+@dataclass
+class RankRun:
+    """One rank of :func:`launch_ranks`: exit code (negative: killed by that signal), output (stdout and stderr
+    together) and the wall-clock time (``time.time()``) at which it was seen ending."""
+
+    rank: int
+    returncode: int
+    output: str
+    ended_at: float
+
+
+def launch_ranks(argv: List[str], world_size: int, timeout: float, env: Optional[Dict[str, str]] = None,
+                 cwd: Optional[str] = None, grace: float = 10.0) -> List[RankRun]:
+    """Runs ``python *argv`` as ``world_size`` ranks of one job (the launcher variables set, TCP rendezvous on
+    a free port), like ``deepspeed --num_gpus N`` without the launcher, so that a test sees every rank's exit
+    code and output on its own. Once a rank ends with a non-zero code the others get ``grace`` seconds, then
+    are killed (SIGKILL, the one signal a stopped process obeys). Raises TimeoutError (after killing all)
+    when they do not end within ``timeout`` seconds."""
+    import subprocess
+    import sys
+    import time
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, logs = [], []
+        for rank in range(world_size):
+            rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                        "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, *argv], cwd=cwd, env=rank_env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+        ended: Dict[int, float] = {}
+        deadline, kill_at = time.monotonic() + timeout, None
+        while len(ended) < world_size and time.monotonic() < deadline:
+            for rank, proc in enumerate(procs):
+                if rank not in ended and proc.poll() is not None:
+                    ended[rank] = time.time()
+                    if proc.returncode != 0 and kill_at is None:
+                        kill_at = time.monotonic() + grace
+            if kill_at is not None and time.monotonic() > kill_at:
+                break
+            time.sleep(0.05)
+        alive = [r for r, p in enumerate(procs) if p.poll() is None]
+        for rank in alive:
+            procs[rank].kill()
+            procs[rank].wait()
+            ended.setdefault(rank, time.time())
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+    if kill_at is None and alive:
+        tails = "\n".join(f"--- rank {r} ---\n{outputs[r][-3000:]}" for r in alive)
+        raise TimeoutError(f"ranks {alive} of {world_size} did not end within {timeout:.0f}s:\n{tails}")
+    return [RankRun(r, procs[r].returncode, outputs[r], ended[r]) for r in range(world_size)]

@@ -13,6 +13,8 @@ What it adds to ``PipelineEngine``:
 * after each optimizer step, updates every PiperMoE's selection bias (aux-loss-free balancing);
 * counts expert load and router losses per MoE layer of the stage (forward hooks) and reports them for the
   whole pipeline (:meth:`PiperPipelineEngine.collect_expert_load`), as PiperEngine does at pp = 1;
+* checkpoints atomically, resumes verified and only under the saved layout, runs a heartbeat watchdog and a
+  divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`);
 * optionally records a timeline (:class:`~piper_ds.pipeline.timeline.TimelineRecorder`) of every instruction
   and every all-to-all.
 """
@@ -28,9 +30,10 @@ from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine, DualPipeVModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 
-from piper_ds.config import zero_stage
+from piper_ds.config import load_ds_config, parse_piper_config, zero_stage
 from piper_ds.pipeline.groups import MeshLayout, check_groups
 from piper_ds.pipeline.schedules import OverlapBackwardPass, OverlapForwardPass, make_schedule
+from piper_ds.runtime.guards import RuntimeGuards
 from piper_ds.system.deepspeed_rules import MOE_GROUP_MAX_NUMEL, greedy_groups
 from piper_ds.tracking.expert_load import ExpertLoadCounter, mean_router_losses
 from piper_ds.tracking.monitor import log_expert_histograms
@@ -137,7 +140,7 @@ def _agree_across_stages(pipe_group, has_dense: bool, names: List[str], counts: 
     return [int(c) for c in torch.minimum(most, fewest).tolist()]
 
 
-class PiperPipelineEngine(PipelineEngine):
+class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
     """``PipelineEngine`` running a pipelined MoE model. Same constructor as ``PipelineEngine`` plus:
 
     Args:
@@ -173,6 +176,7 @@ class PiperPipelineEngine(PipelineEngine):
                              f"train_micro_batch_size_per_gpu ({self.micro_batch_size}) must be even")
         if timeline is not None:
             timeline.attach(self)
+        self._setup_runtime(parse_piper_config(load_ds_config(config)))
 
     def _check_stage_group_counts(self) -> None:
         """ZeRO all-reduces the gradient norm over the stages once per parameter group: unequal group counts
@@ -222,13 +226,18 @@ class PiperPipelineEngine(PipelineEngine):
         # Autograd replays the forward's half interleave: nodes run by creation order, on their forward stream.
         PipelineEngine._exec_backward_pass(self, buffer_id)
 
+    def _pipeline_stages(self) -> int:
+        return self.num_stages
+
     def _exec_optimizer_step(self, lr_kwargs=None):
         skipped = self.skipped_steps
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
-        if self.skipped_steps == skipped:
+        applied = self.skipped_steps == skipped
+        if applied:
             for layer in self.piper_moe_layers:
                 if hasattr(layer, "update_selection_bias"):
                     layer.update_selection_bias()
+        self._after_optimizer_step(applied)
 
     def _exec_schedule(self, pipe_schedule):
         if self.timeline is None:
@@ -293,23 +302,26 @@ def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimize
     ``piper_config``: the already validated ``"piper"`` block (a :class:`piper_ds.config.PiperConfig`; None:
     parsed from the ds_config here)."""
     import deepspeed
-    from deepspeed import comm as dist
-    from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.config import DeepSpeedConfig
-    from piper_ds.config import load_ds_config, parse_piper_config
+    from piper_ds.config_lint import lint_ds_config
+    from piper_ds.runtime.startup import init_distributed, quiet_deepspeed
     from piper_ds.system.pipeline import PipelineConfig
     if not isinstance(model, PipelineModule):
         raise ValueError(f"the pipeline engine needs a deepspeed.pipe.PipelineModule (e.g. "
                          f"piper_ds.pipeline.model.PiperPipelineModule), got {type(model).__name__}")
     pipe_ranks = model.topology().get_dim("pipe")
-    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                          dist_init_required=dist_init_required)
     if config is None:
         config = getattr(args, "deepspeed_config", None)
     if config is None:
         raise ValueError("no ds_config: pass config=<dict or path> or --deepspeed_config <path>")
     ds_config = load_ds_config(config)
-    piper = parse_piper_config(ds_config) if piper_config is None else piper_config
+    if piper_config is None:  # called directly, not through piper_ds.initialize (which did all this)
+        piper = parse_piper_config(ds_config)
+        if piper.runtime.lint_ds_config:
+            lint_ds_config(ds_config)
+        init_distributed(piper.runtime, dist_init_required=dist_init_required)
+    else:
+        piper = piper_config
     pp = piper.parallel.pp_size
     if "pp_size" in piper.parallel.model_fields_set and pp != pipe_ranks:
         raise ValueError(f"piper.parallel.pp_size ({pp}) differs from the PipelineModule's pipeline ranks "
@@ -321,11 +333,12 @@ def initialize_pipeline(args: Any = None, model: PipelineModule = None, optimize
     config_class = DeepSpeedConfig(ds_config, mpu)
     engine_class = _engine_class(model, schedule, config_class.gradient_accumulation_steps, pipe_ranks)
     deepspeed.set_optimizer_flags(config_class, model)
-    engine = engine_class(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                          training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
-                          dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
-                          config_class=config_class, schedule=schedule, gpus_per_node=gpus_per_node,
-                          allow_cross_node_ep=allow_cross_node_ep, timeline=timeline)
+    with quiet_deepspeed(piper.runtime.quiet_deepspeed):
+        engine = engine_class(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                              training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                              dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
+                              config_class=config_class, schedule=schedule, gpus_per_node=gpus_per_node,
+                              allow_cross_node_ep=allow_cross_node_ep, timeline=timeline)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 

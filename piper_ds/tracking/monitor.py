@@ -3,18 +3,17 @@
 creates the writers there)."""
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
 
 
 def write_scalars(monitor, metrics: Mapping[str, Any], step: int, prefix: str = "Train/Samples/") -> None:
-    """One event per finite scalar in ``metrics``, labelled ``prefix + key``, at ``step``."""
+    """One event per scalar in ``metrics`` (None left out), labelled ``prefix + key``, at ``step``. NaN and
+    infinity are written as they are: a diverging step must show up in the CSV / W&B / TensorBoard record."""
     if monitor is None or not monitor.enabled:
         return
-    events = [(prefix + key, float(value), int(step)) for key, value in metrics.items()
-              if value is not None and math.isfinite(float(value))]
+    events = [(prefix + key, float(value), int(step)) for key, value in metrics.items() if value is not None]
     if events:
         monitor.write_events(events)
 
