@@ -111,7 +111,7 @@ def test_hf_model_trains_with_its_tokenizer_and_exports(tmp_path):
     metrics, ckpt, export = tmp_path / "metrics.json", tmp_path / "ckpt", tmp_path / "export"
     out, _ = _launch("--hf-model", str(model_dir), "--data", str(corpus), "--seq-len", "64", "--steps", "30",
                      "--metrics-out", str(metrics), "--save-dir", str(ckpt), "--hf-export", str(export),
-                     config="ds_configs/cpu_tiny_hf.json")
+                     cwd=tmp_path, config="ds_configs/cpu_tiny_hf.json")
     m = json.loads(metrics.read_text())
     assert m["steps"] == 30 and m["world_size"] == 2 and m["hf_model"] == str(model_dir)
     assert m["final_loss"] < m["first_loss"] - 0.5, (m["first_loss"], m["final_loss"])
