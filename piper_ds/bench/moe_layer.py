@@ -92,15 +92,28 @@ def check_against_reference(layer, x, rank, ep) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def a2a_bytes(layer, peer: str, shape: dict, tokens: int, ep: int) -> float:
-    """Bytes this rank sends per forward in the two all-to-alls (dispatch + combine), activations only."""
+def rows_to_other_ranks(topk_idx_TK: torch.Tensor, rank_of_E: torch.Tensor, my_rank: int, ep: int) -> int:
+    """Rows PiperMoE's dispatch sends to other EP ranks: one per (token, other rank holding any of its experts).
+    topk_idx_TK int64 [T, K] (-1 = dropped), rank_of_E int64 [E]."""
+    kept = topk_idx_TK >= 0
+    dest_TK = torch.where(kept, rank_of_E[topk_idx_TK.clamp_min(0)], torch.full_like(topk_idx_TK, ep))
+    hit_TR = torch.zeros(topk_idx_TK.shape[0], ep + 1, dtype=torch.bool, device=topk_idx_TK.device)
+    hit_TR.scatter_(1, dest_TK, True)
+    hit_TR[:, my_rank] = False
+    return int(hit_TR[:, :ep].sum())
+
+
+def a2a_bytes(layer, peer: str, shape: dict, x: torch.Tensor, ep: int) -> float:
+    """Bytes this rank sends per forward of ``x`` in the two all-to-alls (dispatch + combine), activations only."""
     if ep == 1:
         return 0.0
-    elt = 2  # bf16
-    if peer == "piper":
-        rows_to_others = sum(c for r, c in enumerate(layer.last_stats["rows_sent_R"]) if r != dist.get_rank(
-            layer.deepspeed_moe.ep_group))
-        return 2.0 * rows_to_others * shape["d"] * elt
+    elt, tokens = 2, x.shape[0]  # bf16
+    if peer == "piper":  # the routing of x by the layer's own router
+        core = layer.deepspeed_moe
+        with torch.no_grad():
+            topk_idx = core.gate(x.reshape(-1, shape["d"])).topk_idx_TK
+        rows = rows_to_other_ranks(topk_idx, layer.placement.rank_of.to(x.device), dist.get_rank(core.ep_group), ep)
+        return 2.0 * rows * shape["d"] * elt
     if peer == "autoep":  # one row per (token, expert) on another rank, each way (expected, uniform routing)
         return 2.0 * tokens * shape["k"] * (ep - 1) / ep * shape["d"] * elt
     capacity = max(4, int(-(-tokens * shape["k"] * 1.25 // shape["E"])))  # DeepSpeed: ceil(T*cf*k/E) slots
@@ -204,7 +217,7 @@ def _run_shape(args, key: str, shape: dict, tokens: int, rank: int, ep: int, met
         name = peer if peer != "piper" else f"piper[{kernels}{detail}{', graph' if graph else ''}]"
         rows.append(dict(shape=key, activation=args.activation, tokens=tokens, peer=name, ep=ep, ms=ms,
                          tflops=useful / ms / 1e9, peak_gb=mem, rel_err=err,
-                         a2a_mb=a2a_bytes(layer, peer, shape, tokens, ep) / 1e6, **stats, **shape, **meta))
+                         a2a_mb=a2a_bytes(layer, peer, shape, inputs[0], ep) / 1e6, **stats, **shape, **meta))
         del layer
         torch.cuda.empty_cache()
     return rows

@@ -20,7 +20,7 @@ timeline); the timer sees every exchange and never changes what is sent.
 from __future__ import annotations
 
 import abc
-from typing import Callable, List, NamedTuple, Optional, Protocol, Tuple
+from typing import Callable, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -29,14 +29,6 @@ from piper_ds.moe.placement import ExpertPlacement
 from piper_ds.ops import permute
 
 Experts = Callable[..., torch.Tensor]  # (x_ND, counts_L, offsets_L) -> y_ND (GroupedExperts)
-
-
-class DispatchResult(NamedTuple):
-    """out_TD: the weighted expert outputs of every token; rows_sent_R: rows sent to each EP rank (host ints,
-    [] at ep_size 1), for all-to-all accounting."""
-
-    out_TD: torch.Tensor
-    rows_sent_R: List[int]
 
 
 class ExchangeTimer(Protocol):
@@ -61,8 +53,9 @@ class Dispatcher(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                 experts: Experts, bounded: bool) -> DispatchResult:
-        """x_TD [T, D], topk_idx_TK int64 [T, K] (-1 = dropped), topk_weights_TK fp32 [T, K] -> DispatchResult.
+                 experts: Experts, bounded: bool) -> torch.Tensor:
+        """x_TD [T, D], topk_idx_TK int64 [T, K] (-1 = dropped), topk_weights_TK fp32 [T, K] -> out_TD [T, D], the
+        weighted expert outputs of every token.
         ``bounded``: assignments may be dropped (a capacity), so the local row count is not T * K."""
 
 
@@ -84,11 +77,11 @@ def expert_stage(x_RD: torch.Tensor, slots_RK: torch.Tensor, weights_RK: torch.T
 class LocalDispatcher(Dispatcher):
     """ep_size 1: the experts are all here; nothing is exchanged and the host never waits for the device."""
 
-    def __call__(self, x_TD, topk_idx_TK, topk_weights_TK, experts, bounded) -> DispatchResult:
+    def __call__(self, x_TD, topk_idx_TK, topk_weights_TK, experts, bounded) -> torch.Tensor:
         T, K = topk_idx_TK.shape
         out = expert_stage(x_TD, topk_idx_TK, topk_weights_TK, self.placement.num_local, experts, self.backend,
                            num_rows=None if bounded else T * K, bounded=bounded, slot_map=self.placement.slot_of)
-        return DispatchResult(out, [])
+        return out
 
 
 # ------------------------------------------------------------------------------------------- shared pieces
@@ -166,7 +159,7 @@ class FlatDispatcher(Dispatcher):
         start = lambda t: self.transport.start(t, send, recv)  # noqa: E731
         return start(x) if self.timer is None else self.timer.started(x, start)
 
-    def __call__(self, x_TD, topk_idx_TK, topk_weights_TK, experts, bounded) -> DispatchResult:
+    def __call__(self, x_TD, topk_idx_TK, topk_weights_TK, experts, bounded) -> torch.Tensor:
         ep, C, L = self.placement.ep_size, self.chunks, self.placement.num_local
         send_dev = chunk_counts(topk_idx_TK, self.placement, C)
         send, recv = torch.stack([send_dev, self._counts(send_dev)]).tolist()  # the layer's one host wait
@@ -185,7 +178,7 @@ class FlatDispatcher(Dispatcher):
         outs = [permute.reduce_rows(y_ex.wait(), pos_TR, None, self.backend, all_covered=True)
                 for pos_TR, y_ex in back]
         out = outs[0] if C == 1 else torch.cat(outs)
-        return DispatchResult(out, [sum(send[r][c][0] for c in range(C)) for r in range(ep)])
+        return out
 
     def _gather_and_send(self, x_c, idx_c, w_c, send_c: List[int], recv_c: List[int]):
         plan, x_send, meta = _send_side(x_c, idx_c, w_c, self.placement, self.backend, num_rows=sum(send_c))
@@ -217,7 +210,7 @@ class PlannedDispatcher(Dispatcher):
         run = lambda t: self.transport(t, send, recv, plan=plan)  # noqa: E731
         return run(x) if self.timer is None else self.timer.exchange(x, run)
 
-    def __call__(self, x_TD, topk_idx_TK, topk_weights_TK, experts, bounded) -> DispatchResult:
+    def __call__(self, x_TD, topk_idx_TK, topk_weights_TK, experts, bounded) -> torch.Tensor:
         plan, x_send, meta = _send_side(x_TD, topk_idx_TK, topk_weights_TK, self.placement, self.backend)
         send = plan.send_counts_R.tolist()
         caps = self.transport.capabilities
@@ -232,7 +225,7 @@ class PlannedDispatcher(Dispatcher):
         y_recv = expert_stage(x_recv, slots, weights, self.placement.num_local, experts, self.backend)
         y_back = self._send(y_recv, recv, send, exchange.reversed())
         out = permute.reduce_rows(y_back, plan.pos_TR, None, self.backend, all_covered=True)
-        return DispatchResult(out, send)
+        return out
 
 
 def make_dispatcher(placement: ExpertPlacement, backend: str, transport=None, chunks: int = 1) -> Dispatcher:

@@ -120,7 +120,6 @@ class PiperMoE(MoE):
             gate.gating_fn = functools.partial(gating.fused_gating, backend=cfg.kernels)
         self._graphed = GraphedLayer(self) if cfg.cuda_graph else None
         self.last_stats: Dict[str, Any] = {}
-        self._rows_sent = []
 
     # ---------------------------------------------------------------------------------- parallelism
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
@@ -202,7 +201,7 @@ class PiperMoE(MoE):
             out, l_aux, counts, dropped, aux, z = self.layer_tensors(x_TD)
         self.last_stats = {"tokens_per_expert": counts.detach(), "dropped": dropped.detach(),
                            "assignments": x_TD.shape[0] * self.config.top_k, "aux_loss": aux.detach(),
-                           "z_loss": z.detach(), "rows_sent_R": self._rows_sent}
+                           "z_loss": z.detach()}
         return out.view(hidden_states.shape), l_aux, counts
 
     def layer_tensors(self, x_TD: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -212,10 +211,9 @@ class PiperMoE(MoE):
         route = core.gate(x_TD)
         topk_idx = self._drop_over_capacity(route.topk_idx_TK)
         shared = self._start_shared(x_TD)
-        result = core.dispatcher(x_TD, topk_idx, route.topk_weights_TK, core.experts,
+        routed = core.dispatcher(x_TD, topk_idx, route.topk_weights_TK, core.experts,
                                  bounded=self.config.capacity_factor is not None)
-        self._rows_sent = result.rows_sent_R  # rows sent to each EP rank (host ints, [] at ep_size 1)
-        out = result.out_TD if shared is None else result.out_TD + self._join_shared(shared)
+        out = routed if shared is None else routed + self._join_shared(shared)
         aux, z = core.gate.losses(route)  # after the experts are launched: these kernels must not delay them
         dropped = (topk_idx < 0).sum()
         return out, aux + z, route.tokens_per_expert_E, dropped, aux, z
