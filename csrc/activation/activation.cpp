@@ -17,13 +17,6 @@ namespace piper {
 #ifdef PIPER_WITH_CUDA
 void act_forward_cuda(const at::Tensor& h, bool swiglu, at::Tensor& a);
 void act_backward_cuda(const at::Tensor& da, const at::Tensor& h, bool swiglu, at::Tensor& dh, at::Tensor& a);
-#define PIPER_CUDA_OR_FAIL(call) \
-    do {                         \
-        call;                    \
-    } while (0)
-#else
-#define PIPER_CUDA_OR_FAIL(call) \
-    TORCH_CHECK(false, "this build of the activation op has no CUDA kernels (built by the CPU builder)")
 #endif
 
 namespace {
@@ -45,7 +38,7 @@ at::Tensor act_forward(const at::Tensor& h_in, bool swiglu) {
     const at::Tensor h = h_in.contiguous();
     at::Tensor a = at::empty({h.size(0), F}, h.options());
     if (h.is_cuda()) {
-        PIPER_CUDA_OR_FAIL(act_forward_cuda(h, swiglu, a));
+        PIPER_CUDA_OR_FAIL("activation", act_forward_cuda(h, swiglu, a));
         return a;
     }
     const at::Tensor x = h.to(math_type(h));
@@ -66,7 +59,7 @@ std::vector<at::Tensor> act_backward(const at::Tensor& da_in, const at::Tensor& 
     at::Tensor dh = at::empty_like(h);
     at::Tensor a = recompute ? at::empty({h.size(0), F}, h.options()) : at::Tensor();
     if (h.is_cuda()) {
-        PIPER_CUDA_OR_FAIL(act_backward_cuda(da, h, swiglu, dh, a));
+        PIPER_CUDA_OR_FAIL("activation", act_backward_cuda(da, h, swiglu, dh, a));
         return {dh, a};
     }
     const at::Tensor x = h.to(math_type(h)), d = da.to(math_type(h));

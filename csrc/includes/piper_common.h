@@ -13,6 +13,18 @@
 #define PIPER_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, __VA_ARGS__)
 #define PIPER_CHECK_INDEX(cond, ...) TORCH_CHECK_INDEX(cond, __VA_ARGS__)
 
+// A binding's call of its CUDA kernels: made when the op is built with them (PIPER_WITH_CUDA), else an error
+// naming the op (the CPU builders compile the same bindings without kernels).
+#ifdef PIPER_WITH_CUDA
+#define PIPER_CUDA_OR_FAIL(op, call) \
+    do {                             \
+        call;                        \
+    } while (0)
+#else
+#define PIPER_CUDA_OR_FAIL(op, call) \
+    TORCH_CHECK(false, "this build of the " op " op has no CUDA kernels (built by the CPU builder)")
+#endif
+
 namespace piper {
 
 // Math type: fp32 for bf16/fp16/fp32 inputs (what the references do), fp64 for fp64 inputs (gradcheck).

@@ -31,13 +31,6 @@ void reduce_rows_cuda(const at::Tensor& y, const at::Tensor& pos, const c10::opt
                       at::Tensor& out);
 void reduce_rows_grad_cuda(const at::Tensor& g, const c10::optional<at::Tensor>& y, const at::Tensor& pos,
                            const c10::optional<at::Tensor>& w, at::Tensor& grad_y, at::Tensor& grad_w);
-#define PIPER_CUDA_OR_FAIL(call) \
-    do {                         \
-        call;                    \
-    } while (0)
-#else
-#define PIPER_CUDA_OR_FAIL(call) \
-    TORCH_CHECK(false, "this build of the permute op has no CUDA kernels (built by the CPU builder)")
 #endif
 
 namespace {
@@ -254,7 +247,7 @@ std::vector<at::Tensor> send_plan(const at::Tensor& idx_in, const at::Tensor& ra
     const at::Tensor idx = idx_in.contiguous(), rank = rank_in.to(at::kLong).contiguous();
     const at::Tensor slot = slot_in.to(at::kLong).contiguous();
     if (idx.is_cuda()) {
-        PIPER_CUDA_OR_FAIL(return send_plan_cuda(idx, rank, slot, ep_size, num_rows));
+        PIPER_CUDA_OR_FAIL("permute", return send_plan_cuda(idx, rank, slot, ep_size, num_rows));
     }
     auto out = send_plan_cpu(idx, rank, slot, ep_size);
     check_num_rows(out[0].size(0), num_rows, "send_plan");
@@ -276,7 +269,7 @@ std::vector<at::Tensor> route_plan(const at::Tensor& ids_in, const c10::optional
     }
     const at::Tensor ids = ids_in.contiguous();
     if (ids.is_cuda()) {
-        PIPER_CUDA_OR_FAIL(return route_plan_cuda(ids, map, num_local, num_rows, bounded));
+        PIPER_CUDA_OR_FAIL("permute", return route_plan_cuda(ids, map, num_local, num_rows, bounded));
     }
     auto out = route_plan_cpu(ids, map, num_local, bounded);
     if (!bounded) check_num_rows(out[0].size(0), num_rows, "route_plan");
@@ -292,7 +285,7 @@ at::Tensor expand_rows(const at::Tensor& x_in, const at::Tensor& pos_in, int64_t
     const at::Tensor x = x_in.contiguous(), pos = pos_in.contiguous();
     at::Tensor out = at::empty({num_rows, x.size(1)}, x.options());
     if (x.is_cuda()) {
-        PIPER_CUDA_OR_FAIL(expand_rows_cuda(x, pos, out));
+        PIPER_CUDA_OR_FAIL("permute", expand_rows_cuda(x, pos, out));
         return out;
     }
     check_fan(pos, num_rows, "expand_rows");
@@ -308,7 +301,7 @@ at::Tensor reduce_rows(const at::Tensor& y_in, const at::Tensor& pos_in, const c
     const auto w = prep_weight(w_in, y, pos);
     at::Tensor out = at::empty({pos.size(0), y.size(1)}, y.options());
     if (y.is_cuda()) {
-        PIPER_CUDA_OR_FAIL(reduce_rows_cuda(y, pos, w, out));
+        PIPER_CUDA_OR_FAIL("permute", reduce_rows_cuda(y, pos, w, out));
         return out;
     }
     check_fan(pos, y.size(0), "reduce_rows");
@@ -346,7 +339,7 @@ std::vector<at::Tensor> reduce_rows_backward(const at::Tensor& g_in, const c10::
                                             : at::zeros({num_rows, g.size(1)}, g.options());
     at::Tensor grad_w = need_w ? at::empty(pos.sizes(), g.options().dtype(acc_dtype(g))) : at::Tensor();
     if (g.is_cuda()) {
-        PIPER_CUDA_OR_FAIL(reduce_rows_grad_cuda(g, y, pos, w, grad_y, grad_w));
+        PIPER_CUDA_OR_FAIL("permute", reduce_rows_grad_cuda(g, y, pos, w, grad_y, grad_w));
     } else {
         check_fan(pos, num_rows, "reduce_rows backward");
         PIPER_DISPATCH_FLOATS(g.scalar_type(), "reduce_rows_grad_cpu", [&] {

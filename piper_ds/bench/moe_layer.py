@@ -92,15 +92,13 @@ def check_against_reference(layer, x, rank, ep) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def rows_to_other_ranks(topk_idx_TK: torch.Tensor, rank_of_E: torch.Tensor, my_rank: int, ep: int) -> int:
-    """Rows PiperMoE's dispatch sends to other EP ranks: one per (token, other rank holding any of its experts).
-    topk_idx_TK int64 [T, K] (-1 = dropped), rank_of_E int64 [E]."""
-    kept = topk_idx_TK >= 0
-    dest_TK = torch.where(kept, rank_of_E[topk_idx_TK.clamp_min(0)], torch.full_like(topk_idx_TK, ep))
-    hit_TR = torch.zeros(topk_idx_TK.shape[0], ep + 1, dtype=torch.bool, device=topk_idx_TK.device)
-    hit_TR.scatter_(1, dest_TK, True)
-    hit_TR[:, my_rank] = False
-    return int(hit_TR[:, :ep].sum())
+def rows_to_other_ranks(topk_idx_TK: torch.Tensor, placement, my_rank: int) -> int:
+    """Rows PiperMoE's dispatch sends to other EP ranks: one per (token, other rank holding any of its experts),
+    as the dispatcher counts them (:func:`piper_ds.moe.dispatcher.chunk_counts`). topk_idx_TK int64 [T, K]
+    (-1 = dropped); ``placement``: the layer's :class:`~piper_ds.moe.placement.ExpertPlacement`."""
+    from piper_ds.moe.dispatcher import chunk_counts
+    rows_R = chunk_counts(topk_idx_TK, placement, 1)[:, 0, 0]
+    return int(rows_R.sum() - rows_R[my_rank])
 
 
 def a2a_bytes(layer, peer: str, shape: dict, x: torch.Tensor, ep: int) -> float:
@@ -112,7 +110,7 @@ def a2a_bytes(layer, peer: str, shape: dict, x: torch.Tensor, ep: int) -> float:
         core = layer.deepspeed_moe
         with torch.no_grad():
             topk_idx = core.gate(x.reshape(-1, shape["d"])).topk_idx_TK
-        rows = rows_to_other_ranks(topk_idx, layer.placement.rank_of.to(x.device), dist.get_rank(core.ep_group), ep)
+        rows = rows_to_other_ranks(topk_idx, layer.placement.to(x.device), dist.get_rank(core.ep_group))
         return 2.0 * rows * shape["d"] * elt
     if peer == "autoep":  # one row per (token, expert) on another rank, each way (expected, uniform routing)
         return 2.0 * tokens * shape["k"] * (ep - 1) / ep * shape["d"] * elt
