@@ -16,11 +16,13 @@ built fresh for each peer from the same seed. Peers, each with its library's def
 All three get the DeepSpeed settings of ``ds_configs/h200_x1.json`` (ZeRO-2, bf16, torch's fused AdamW,
 micro-batch 4, gradient clipping 1.0; on CPU fp32 and unfused) and train ``--steps`` steps on the same random
 tokens (seq 2048) with the model's own loss, ``engine(input_ids=x, labels=x).loss``. Reported per peer: the
-median step time after ``--warmup`` steps, tokens/s, MFU (``6 * active params + 6 * L * seq * d`` FLOPs per token
-over ``--peak-tflops``), peak memory (CUDA max allocated from the model's construction on; on CPU the process's
-peak resident set, which only grows) and the first and last losses (the same weights and tokens: the first loss
-agrees across peers). On a GPU each peer runs in a fresh process (a destroyed DeepSpeed engine keeps part of its
-memory), so none starts with another's memory; a peer that fails is reported with its error and the others run. ``--out`` writes one JSON record per peer with the command, commit and GPU.
+median step time after ``--warmup`` steps and its split into forward + backward and the optimizer step
+(``engine.step()``, timed with CUDA events), tokens/s, MFU (``6 * active params + 6 * L * seq * d`` FLOPs per
+token over ``--peak-tflops``), peak memory (CUDA max allocated from the model's construction on; on CPU the
+process's peak resident set, which only grows) and the first and last losses (the same weights and tokens: the
+first loss agrees across peers). On a GPU each peer runs in a fresh process (a destroyed DeepSpeed engine keeps
+part of its memory), so none starts with another's memory; a peer that fails is reported with its error and the
+others run. ``--out`` writes one JSON record per peer with the command, commit and GPU.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
+import time
 from typing import Any, Dict, List
 
 import torch
@@ -99,16 +103,21 @@ def run_peer(peer: str, args, config, seq: int, flops_per_token: float, device: 
     data = RandomTokens(config.vocab_size, seq, args.micro_batch, seed=7)
     tput = Throughput(args.micro_batch * seq, flops_per_token, 1, args.peak_tflops)
     losses: List[float] = []
+    optimizer_s: List[float] = []
     for step in range(args.steps):
         ids = data.get("train", step, 0, 0)[0].to(device)
         tput.start()
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
-        engine.step()
+        with _Timed(device) as opt:
+            engine.step()
         tput.stop()
         losses.append(loss.item())
+        optimizer_s.append(opt.seconds)
     summary = tput.summary(args.warmup)
+    step_opt = statistics.median(optimizer_s[args.warmup:])
     record = dict(peer=peer, step_s=summary["median_step_time_s"], tokens_per_s=summary["tokens_per_s"],
+                  optimizer_step_s=step_opt, forward_backward_s=summary["median_step_time_s"] - step_opt,
                   mfu_pct=summary["mfu_pct"], tflops=summary["tflops_per_gpu"], peak_gb=peak_memory_gb(),
                   resident_before_gb=resident, first_loss=losses[0], last_loss=losses[-1], steps=args.steps,
                   warmup=args.warmup)
@@ -118,6 +127,36 @@ def run_peer(peer: str, args, config, seq: int, flops_per_token: float, device: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return record
+
+
+class _Timed:
+    """Seconds of the block's device work: CUDA events on a GPU (read after the step's own sync), else wall
+    clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._seconds = 0.0
+
+    def __enter__(self) -> "_Timed":
+        if self.cuda:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self._end.record()
+        else:
+            self._seconds = time.perf_counter() - self._t0
+
+    @property
+    def seconds(self) -> float:
+        if self.cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1e3
+        return self._seconds
 
 
 def _init() -> torch.device:
@@ -205,11 +244,12 @@ def _report(records: List[Dict[str, Any]]) -> None:
     for r in failed:
         print(f"{r['peer']}: failed ({r['error']})")
     base = {r["peer"]: r["tokens_per_s"] for r in records}.get("autoep")
-    print(f"{'peer':<8} {'step s':>8} {'tokens/s':>10} {'MFU %':>6} {'peak GB':>8} {'first loss':>10} "
-          f"{'last loss':>10} {'vs AutoEP':>9}")
+    print(f"{'peer':<8} {'step s':>8} {'fwd+bwd s':>9} {'optim s':>8} {'tokens/s':>10} {'MFU %':>6} {'peak GB':>8} "
+          f"{'first loss':>10} {'last loss':>10} {'vs AutoEP':>9}")
     for r in records:
         rel = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        print(f"{r['peer']:<8} {r['step_s']:>8.3f} {r['tokens_per_s']:>10,.0f} {r['mfu_pct']:>6.1f} "
+        print(f"{r['peer']:<8} {r['step_s']:>8.3f} {r['forward_backward_s']:>9.3f} {r['optimizer_step_s']:>8.3f} "
+              f"{r['tokens_per_s']:>10,.0f} {r['mfu_pct']:>6.1f} "
               f"{r['peak_gb']:>8.1f} {r['first_loss']:>10.4f} {r['last_loss']:>10.4f} {rel:>9}")
 
 
