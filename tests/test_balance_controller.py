@@ -119,7 +119,8 @@ def test_controller_monitors_without_migrating(monkeypatch):
 
 
 def test_controller_refuses_migration_it_cannot_do(monkeypatch):
-    with pytest.raises(ValueError, match=r"layers \[1\] have ep_size 1 \(of ep_sizes \[2, 1\]\)"):
+    with pytest.raises(ValueError, match=r"1 PiperMoE layer\(s\) have ep_size 1 \(this rank's layers \[1\] of "
+                                         r"ep_sizes \[2, 1\]\)"):
         _setup(monkeypatch, layers=[_layer(), _layer(8, 1)])
     with pytest.raises(ValueError, match="no PiperMoE layer"):
         _setup(monkeypatch, layers=[])
@@ -145,6 +146,7 @@ def _skew(layers, pattern):
 # tokens go to experts 0 and 1 (rank 0 of ep 2 under the contiguous placement) 3 times as often as elsewhere
 PATTERN = [0, 1, 0, 1, 0, 1, 2, 3, 4, 5, 6, 7]
 BALANCE = {"migration": True, "window": 2, "threshold": 1.05}
+MOE = {"kernels": "reference", "transport": "flat"}
 
 
 def _config(out_dir, job, pp, extra=None):
@@ -153,7 +155,7 @@ def _config(out_dir, job, pp, extra=None):
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
            "csv_monitor": {"enabled": True, "output_path": out_dir, "job_name": job},
            "piper": {"parallel": {"ep_size": 2, "pp_size": pp}, "balance": BALANCE,
-                     "moe": {"kernels": "reference", "transport": "flat"}}}
+                     "moe": MOE}}
     cfg.update(extra or {})
     return cfg
 
@@ -170,7 +172,7 @@ def _worker(rank, world, out_dir):
     spec = ModelSpec.preset("tiny", n_layers=3, n_dense_layers=1, num_experts=8, seq_len=8, vocab_size=64)
     out = {}
     # pp = 1: 4 ranks, two EP groups of 2
-    model = build_model(spec, {"kernels": "reference", "transport": "flat"}, ep_size=2, seed=0)
+    model = build_model(spec, MOE, ep_size=2, seed=0)
     _skew(model.moe_layers(), PATTERN)
     engine, *_ = piper_ds.initialize(model=model, config=_config(out_dir, "pp1", 1))
     data = RandomTokens(64, 8, 2, seed=1)
@@ -183,9 +185,12 @@ def _worker(rank, world, out_dir):
                   for r in engine.balance.reports]
     out["pp1_rank_of"] = [m.placement.rank_of.tolist() for m in model.moe_layers()]
     engine.destroy()
+    # migration with ep_size 1 is refused at engine setup, on every rank (here pp = 1, below pp = 2; in this
+    # order: DeepSpeed keeps the pipeline's model-parallel state for later engines)
+    out["refused"] = [_refused(lambda cfg: piper_ds.initialize(model=build_model(spec, MOE, ep_size=1, seed=0),
+                                                               config=cfg), 1)]
     # pp = 2 x ep = 2: stage 0 holds the embedding, the dense block and one MoE block, stage 1 the other
-    module = PiperPipelineModule(spec, {"kernels": "reference", "transport": "flat"}, ep_size=2, num_stages=2,
-                                 micro_batch=2, seed=0)
+    module = PiperPipelineModule(spec, MOE, ep_size=2, num_stages=2, micro_batch=2, seed=0)
     layers = [m for m in module.modules() if isinstance(m, PiperMoE)]
     _skew(layers, PATTERN)
     pipe, *_ = initialize_pipeline(model=module, config=_config(out_dir, "pp2", 2, {"pipeline": {
@@ -198,8 +203,22 @@ def _worker(rank, world, out_dir):
     out["pp2_layers"] = len(pipe.piper_moe_layers)
     out["stage"] = pipe.stage_id
     pipe.destroy()
+    out["refused"].append(_refused(lambda cfg: initialize_pipeline(
+        model=PiperPipelineModule(spec, MOE, ep_size=1, num_stages=2, micro_batch=2, seed=0), config=cfg), 2))
     piper_ds.shutdown()
     return out
+
+
+def _refused(build, pp):
+    """The ValueError's message when ``build(ds_config)`` sets up an engine with migration on and ep_size 1."""
+    cfg = _config("unused", "unused", pp, {"pipeline": {"use_reentrant": False}})
+    del cfg["csv_monitor"]
+    cfg["piper"]["parallel"]["ep_size"] = 1
+    try:
+        build(cfg)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _csv(path):
@@ -236,3 +255,6 @@ def test_engines_migrate_and_report(tmp_path):
         path = tmp_path / "pp2" / f"Train_Samples_balance_rank_load_max_over_mean_layer_{layer}.csv"
         assert [float(v) for _, v in _csv(path)] == [1.5, 1.0]
     assert os.path.exists(tmp_path / "pp2" / "Train_Samples_balance_migration_s.csv")
+    for r in res:
+        assert all(m is not None and "piper.balance.migration is on but" in m and "have ep_size 1" in m
+                   for m in r["refused"]) and len(r["refused"]) == 2, r["refused"]

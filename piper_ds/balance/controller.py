@@ -72,13 +72,8 @@ class BalanceController:
                  pipe_group=None, device=None):
         if len(bytes_per_expert) != len(layers):
             raise ValueError(f"{len(bytes_per_expert)} expert sizes for {len(layers)} layers")
-        if config.migration and pipe_group is None and not layers:
-            raise ValueError("piper.balance.migration is on but the model has no PiperMoE layer to migrate")
-        single = [i for i, layer in enumerate(layers) if layer.ep_size == 1]
-        if config.migration and single:
-            raise ValueError(f"piper.balance.migration is on but MoE layers {single} have ep_size 1 (of ep_sizes "
-                             f"{[layer.ep_size for layer in layers]}): experts can only move between EP ranks; "
-                             "set piper.parallel.ep_size > 1 or turn migration off")
+        if config.migration:
+            _check_migratable(layers, pipeline=pipe_group is not None)
         self.config, self.layers, self.counter = config, list(layers), counter
         self.indices = [counter.index_of(layer) for layer in self.layers]
         self.bytes_per_expert = [int(b) for b in bytes_per_expert]
@@ -166,6 +161,26 @@ class BalanceController:
             out[f"{PREFIX}bytes_moved"] = float(sum(s[3] for s in stages))
             out[f"{PREFIX}migration_s"] = max(s[4] for s in stages)
         return out
+
+
+def _check_migratable(layers: Sequence, pipeline: bool) -> None:
+    """ValueError naming the layers unless every PiperMoE layer has ep_size > 1 and there is one. Under pp > 1
+    a stage sees only its own layers, so the stages agree first (one all-reduce over the world: every rank
+    raises, none waits for a rank that did)."""
+    ep_sizes = [layer.ep_size for layer in layers]
+    single = [i for i, ep in enumerate(ep_sizes) if ep == 1]
+    found, bad = len(layers), len(single)
+    if pipeline and dist.is_initialized() and dist.get_world_size() > 1:
+        from deepspeed.accelerator import get_accelerator
+        both = torch.tensor([found, bad], dtype=torch.int64, device=get_accelerator().current_device_name())
+        dist.all_reduce(both)
+        found, bad = (int(v) for v in both.tolist())
+    if bad:
+        raise ValueError(f"piper.balance.migration is on but {bad} PiperMoE layer(s) have ep_size 1 (this rank's "
+                         f"layers {single} of ep_sizes {ep_sizes}): experts can only move between EP ranks; set "
+                         "piper.parallel.ep_size > 1 or turn migration off")
+    if not found:
+        raise ValueError("piper.balance.migration is on but the model has no PiperMoE layer to migrate")
 
 
 def expert_bytes(engine, layer) -> int:
