@@ -1,18 +1,19 @@
 """Expert migration on CPU: EP-rank load with and without migration under a skewed, drifting router.
 
-Run (4 gloo ranks spawned on this machine; under a launcher such as ``deepspeed --num_gpus 4 -m ...`` the
-launched ranks are used instead)::
+Run on the CPU (4 gloo ranks spawned on this machine; under a launcher on a CPU machine, such as
+``deepspeed --num_gpus 4 -m piper_ds.bench.migration ...``, the launched ranks are used instead)::
 
     python -m piper_ds.bench.migration --out docs/results/migration_cpu_x4.json --plot docs/expert_migration_cpu_x4.png
 
 The model is the reference transformer (piper_ds.models) at the tiny preset's dimensions with E = 16 experts,
-top-2, every block a PiperMoE, ep = 4 (4 experts per rank, DeepSpeed's contiguous placement to start), fp32,
-ZeRO-1, AdamW, trained on random tokens through ``piper_ds.initialize``. The router is skewed by a benchmark
-gate (:class:`SkewedGate`, swapped into the model here; the layer's code is untouched): each token's top-2
-experts are drawn from a Zipf(``--zipf``) popularity over the experts (Gumbel top-k: the first choice with
-probability proportional to popularity, the second from the rest), the popularity order a random permutation
-per layer that drifts (every ``--drift-every`` steps two experts adjacent in the order trade places). The
-draws depend on the seeds only, so both runs route exactly the same tokens to the same experts.
+top-4 (``--top-k``; docs/expert_migration.md says why not 2), every block a PiperMoE, ep = 4 (4 experts per
+rank, DeepSpeed's contiguous placement to start), fp32, ZeRO-1, AdamW, trained on random tokens through
+``piper_ds.initialize``. The router is skewed by a benchmark gate (:class:`SkewedGate`, swapped into the model
+here; the layer's code is untouched): each token's top-k experts are drawn from a Zipf(``--zipf``) popularity
+over the experts (Gumbel top-k: the first choice with probability proportional to popularity, each next one
+likewise from the rest), the popularity order a random permutation per layer that drifts (every
+``--drift-every`` steps two experts adjacent in the order trade places). The draws depend on the seeds only,
+so both runs route exactly the same tokens to the same experts.
 
 Two runs of ``--steps`` optimizer steps: ``static`` (``piper.balance.migration`` off) and ``migration`` (on,
 ``--window`` steps per window, the library's defaults otherwise). After every step's backward, before the
