@@ -37,8 +37,14 @@ def fake_migrate_experts(engine, moves):
     return FakeMigrationReport(moved, FAKE_BYTES_PER_EXPERT * sent, 0.001)
 
 
-def install() -> None:
-    """Makes ``piper_ds.balance.mover`` this fake in the current process."""
+def as_module() -> types.ModuleType:
+    """A module standing for ``piper_ds.balance.mover`` whose ``migrate_experts`` is the fake."""
     module = types.ModuleType("piper_ds.balance.mover")
     module.migrate_experts = fake_migrate_experts
-    sys.modules["piper_ds.balance.mover"] = module
+    return module
+
+
+def install() -> None:
+    """Makes ``piper_ds.balance.mover`` this fake for the rest of the current process (a spawned worker; in the
+    test process itself use ``monkeypatch.setitem(sys.modules, "piper_ds.balance.mover", as_module())``)."""
+    sys.modules["piper_ds.balance.mover"] = as_module()

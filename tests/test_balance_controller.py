@@ -4,6 +4,7 @@ summed over the layer's replicas, the same plan on every rank, the mover called 
 through the monitor (CSV) for the whole pipeline. The mover is the placement-only fake of tests/fake_mover.py."""
 import csv
 import os
+import sys
 import types
 
 import pytest
@@ -72,7 +73,7 @@ def _layer(num_experts=8, ep=2):
 
 
 def _setup(monkeypatch, migration=True, window=2, layers=None):
-    fake_mover.install()
+    monkeypatch.setitem(sys.modules, "piper_ds.balance.mover", fake_mover.as_module())
     monkeypatch.setattr(fake_mover, "CALLS", [])
     ticks = iter(range(0, 10**6, 1))  # the controller's clock: one second per reading
     monkeypatch.setattr(controller, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
@@ -160,7 +161,7 @@ def _config(out_dir, job, pp, extra=None):
     return cfg
 
 
-def _worker(rank, world, out_dir):
+def _worker(rank, world, out_dir, fake):
     import piper_ds
     from piper_ds.data import RandomTokens
     from piper_ds.models import build_model
@@ -168,7 +169,8 @@ def _worker(rank, world, out_dir):
     from piper_ds.pipeline.engine import initialize_pipeline
     from piper_ds.pipeline.model import PiperPipelineModule
     from piper_ds.system.specs import ModelSpec
-    fake_mover.install()
+    if fake:
+        fake_mover.install()
     spec = ModelSpec.preset("tiny", n_layers=3, n_dense_layers=1, num_experts=8, seq_len=8, vocab_size=64)
     out = {}
     # pp = 1: 4 ranks, two EP groups of 2
@@ -184,6 +186,7 @@ def _worker(rank, world, out_dir):
     out["pp1"] = [(r.step, r.ratios, [p.swaps for p in r.plans], r.moves, r.bytes_sent, r.metrics)
                   for r in engine.balance.reports]
     out["pp1_rank_of"] = [m.placement.rank_of.tolist() for m in model.moe_layers()]
+    out["pp1_bytes_per_expert"] = engine.balance.bytes_per_expert
     engine.destroy()
     # migration with ep_size 1 is refused at engine setup, on every rank (here pp = 1, below pp = 2; in this
     # order: DeepSpeed keeps the pipeline's model-parallel state for later engines)
@@ -201,6 +204,7 @@ def _worker(rank, world, out_dir):
     out["pp2"] = [(r.step, r.ratios, [p.swaps for p in r.plans], r.moves, r.bytes_sent, r.metrics)
                   for r in pipe.balance.reports]
     out["pp2_layers"] = len(pipe.piper_moe_layers)
+    out["pp2_bytes_per_expert"] = pipe.balance.bytes_per_expert
     out["stage"] = pipe.stage_id
     pipe.destroy()
     out["refused"].append(_refused(lambda cfg: initialize_pipeline(
@@ -227,15 +231,27 @@ def _csv(path):
 
 
 def test_engines_migrate_and_report(tmp_path):
-    res = run_distributed(_worker, 4, str(tmp_path), timeout=420)
+    _check_engines(run_distributed(_worker, 4, str(tmp_path), True, timeout=420), tmp_path, fake=True)
+
+
+def test_engines_with_the_mover(tmp_path):
+    """The same runs with the real mover (weights and optimizer state move too): it must accept the controller's
+    calls from both engines' optimizer-step hooks."""
+    pytest.importorskip("piper_ds.balance.mover", reason="the mover (piper_ds.balance.mover) is not on this branch")
+    _check_engines(run_distributed(_worker, 4, str(tmp_path), False, timeout=420), tmp_path, fake=False)
+
+
+def _check_engines(res, tmp_path, fake):
     # pp = 1: every rank the same windows; the skew is the same on both MoE layers
     assert all(r["pp1"] == res[0]["pp1"] for r in res)
     first, second = res[0]["pp1"]
     step, ratios, swaps, moves, sent, metrics = first
     assert step == 2 and ratios == (1.5, 1.5)  # EP rank 0 (experts 0-3) gets 24 of every 32 assignments
     assert swaps[0] == swaps[1] and len(swaps[0]) >= 1 and moves == 2 * len(swaps[0])
-    # every swap: one expert sent by each of its two EP ranks, in both EP groups (the stage's 4 ranks)
-    assert sent == fake_mover.FAKE_BYTES_PER_EXPERT * 2 * 2 * moves
+    # every swap: one expert sent by each of its two EP ranks, in both EP groups (4 ranks); the real mover's
+    # count must match the controller's bytes rule (it also sends a few bytes of bookkeeping per expert)
+    per_rank = fake_mover.FAKE_BYTES_PER_EXPERT if fake else res[0]["pp1_bytes_per_expert"][0]
+    assert sent == pytest.approx(4 * moves * per_rank, rel=0 if fake else 1e-3)
     assert metrics["balance/bytes_moved"] == sent and metrics["balance/moves"] == moves
     assert second[1] == (1.0, 1.0) and second[3] == 0  # balanced after the move: nothing more
     assert all(r["pp1_rank_of"] == res[0]["pp1_rank_of"] for r in res)
@@ -251,6 +267,9 @@ def test_engines_migrate_and_report(tmp_path):
     assert metrics["balance/rank_load_max_over_mean/layer_0"] == metrics["balance/rank_load_max_over_mean/layer_1"] \
         == 1.5
     assert metrics["balance/moves"] == 2 * len(res[0]["pp2"][0][2][0])  # both stages' swaps
+    per_rank = fake_mover.FAKE_BYTES_PER_EXPERT if fake else res[0]["pp2_bytes_per_expert"][0]
+    assert metrics["balance/bytes_moved"] == pytest.approx(2 * metrics["balance/moves"] * per_rank,
+                                                           rel=0 if fake else 1e-3)  # one EP group per stage
     for layer in (0, 1):
         path = tmp_path / "pp2" / f"Train_Samples_balance_rank_load_max_over_mean_layer_{layer}.csv"
         assert [float(v) for _, v in _csv(path)] == [1.5, 1.0]

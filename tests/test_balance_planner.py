@@ -16,11 +16,13 @@ CONTIGUOUS_8x2 = [0, 0, 0, 0, 1, 1, 1, 1]
 def test_expert_bytes_rule():
     assert expert_migration_bytes(1000) == 16_000  # bf16 weight + grad, fp32 master + two moments: Table IV
     assert expert_migration_bytes(1000, with_grads=False) == 14_000  # right after an optimizer step
-    assert expert_migration_bytes(1000, with_grads=False, state_shards=4) == 2_000 + 3_000  # ZeRO: 12 / 4
-    assert expert_migration_bytes(1000, weight_bytes=4, master_copy=False, with_grads=False) == 12_000  # fp32
-    assert expert_migration_bytes(3, with_grads=False, state_shards=2) == 6 + 18  # ceil(3 * 12 / 2)
-    for bad in ({"expert_params": 0}, {"expert_params": 10, "state_shards": 0}, {"expert_params": 10,
-                                                                                   "weight_bytes": 1.5}):
+    # the runtime's mover: the receiver casts the weights from the master copy, so only 12 B/param travel
+    assert expert_migration_bytes(1000, with_grads=False, weights_from_master=True) == 12_000
+    for from_master in (False, True):  # fp32 without a master copy: the weights themselves and the moments
+        assert expert_migration_bytes(1000, weight_bytes=4, master_copy=False, with_grads=False,
+                                      weights_from_master=from_master) == 12_000
+    for bad in ({"expert_params": 0}, {"expert_params": 10, "weight_bytes": 0}, {"expert_params": 10,
+                                                                                 "weight_bytes": 1.5}):
         with pytest.raises(ValueError, match=str(list(bad.values())[-1])):
             expert_migration_bytes(**bad)
 

@@ -184,17 +184,11 @@ def _check_migratable(layers: Sequence, pipeline: bool) -> None:
 
 
 def expert_bytes(engine, layer) -> int:
-    """Bytes one rank sends per migrated expert of ``layer`` right after an optimizer step (no gradient):
-    16-bit or fp32 weights as the layer holds them, an fp32 master copy with 16-bit training or ZeRO >= 1,
-    and the master copy and Adam moments split over the expert-data-parallel ranks under ZeRO >= 1
-    (:func:`piper_ds.system.migration.expert_migration_bytes`)."""
+    """Bytes one rank sends per migrated expert of ``layer`` right after an optimizer step (no gradient): the fp32
+    master copy (16-bit training or ZeRO >= 1; the receiver casts the weights from it) or else the weights as
+    the layer holds them, and the Adam moments (:func:`piper_ds.system.migration.expert_migration_bytes`)."""
     params = list(layer.deepspeed_moe.experts.parameters())
     per_expert = sum(p.numel() for p in params) // layer.num_local_experts
-    zero = engine.zero_optimization_stage()
-    shards = 1
-    if zero >= 1 and dist.is_initialized():
-        from deepspeed.utils import groups
-        shards = groups._get_expert_data_parallel_world_size(layer.expert_group_name)
-    master = zero >= 1 or engine.bfloat16_enabled() or engine.fp16_enabled()
+    master = engine.zero_optimization_stage() >= 1 or engine.bfloat16_enabled() or engine.fp16_enabled()
     return expert_migration_bytes(per_expert, weight_bytes=params[0].element_size(), master_copy=master,
-                                  with_grads=False, state_shards=shards)
+                                  with_grads=False, weights_from_master=True)

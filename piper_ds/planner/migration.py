@@ -21,8 +21,7 @@ class MigrationCost:
 
     ``table_iv_bytes``: bytes of one expert with weights, gradient, fp32 master copy and Adam moments (16 per
     parameter in bf16, the Piper paper's Table IV); ``sent_bytes``: what one rank sends per migrated expert
-    right after an optimizer step (no gradient; ZeRO-1/2 split the master copy and moments over ``edp``
-    ranks); ``swap_seconds``: one swap (one expert each way at once) over ``link``; ``layer_seconds``: the
+    right after an optimizer step (no gradient; the weights are cast from the master copy on arrival); ``swap_seconds``: one swap (one expert each way at once) over ``link``; ``layer_seconds``: the
     layer's routed-expert and exposed all-to-all time per step when balanced; ``break_even``: the max/mean
     EP-rank load above which removing the imbalance repays one swap within ``window`` steps."""
 
@@ -47,7 +46,7 @@ def migration_cost(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
     bf16 = layout.precision == "bf16"
     sent = expert_migration_bytes(model.expert_params(), weight_bytes=2 if bf16 else 4,
                                   master_copy=bf16 or layout.zero_stage >= 1, with_grads=False,
-                                  state_shards=layout.edp if layout.zero_stage >= 1 else 1)
+                                  weights_from_master=True)
     link = slowest_tier(cluster, range(layout.ep))  # an EP group: ep consecutive ranks of a stage
     tier = prof.p2p_tier(cluster, link)
     swap = tier.seconds(sent)

@@ -5,9 +5,11 @@ Three rules, pure Python:
 * **bytes per expert** (:func:`expert_migration_bytes`): what moves when one routed expert changes rank — its
   16-bit weights, the fp32 master copy, both Adam moments and, mid-accumulation, its gradient. With all of them
   in bf16 training that is 2 + 4 + 4 + 4 + 2 = 16 bytes per parameter, the Piper paper's Table IV (48·d·f for
-  a SwiGLU expert). The runtime migrates right after an applied optimizer step, when the gradients are gone
-  (14 bytes per parameter), and under ZeRO-1/2 each rank holds only its 1/edp share of the master copy and the
-  moments.
+  a SwiGLU expert). The runtime migrates right after an applied optimizer step, when the gradients are gone,
+  and the receiver casts the 16-bit weights from the master copy as DeepSpeed does after every step: 12 bytes
+  per parameter (fp32 without a master copy: the weights and the moments, 12 too). Under ZeRO-1/2 the mover
+  first gathers an expert's sharded state inside its expert-data-parallel group; each replica then sends the
+  whole expert, so the bytes one rank sends do not depend on the ZeRO stage.
 * **transfer time** (:func:`transfer_seconds`): bytes over a point-to-point bandwidth in GB/s (1e9 B/s).
 * **saving and break-even** (:func:`migration_saving_seconds`, :func:`break_even_ratio`): a MoE layer waits
   for its busiest EP rank, so its routed-expert time is proportional to the max rank load. Measured at a
@@ -38,22 +40,21 @@ FP32_BYTES = 4
 
 
 def expert_migration_bytes(expert_params: int, weight_bytes: int = 2, master_copy: bool = True,
-                           with_grads: bool = True, state_shards: int = 1) -> int:
+                           with_grads: bool = True, weights_from_master: bool = False) -> int:
     """Bytes one rank sends to migrate one routed expert of ``expert_params`` parameters.
 
     ``weight_bytes``: bytes per weight (2 for bf16/fp16, 4 for fp32), also the gradient's; ``master_copy``:
     an fp32 master copy exists (16-bit training, or any ZeRO stage >= 1, whose partition is an fp32 copy);
-    ``with_grads``: the gradient moves too (mid-accumulation); ``state_shards``: ranks sharing the master copy
-    and the two Adam moments (ZeRO-1/2: the expert-data-parallel degree), each sending its share. The
-    defaults give the Piper paper's 16 bytes per parameter.
+    ``with_grads``: the gradient moves too (mid-accumulation); ``weights_from_master``: with a master copy the
+    weights are not sent, the receiver casts them from it. The defaults give the Piper paper's 16 bytes per
+    parameter.
     """
-    for name, value in (("expert_params", expert_params), ("weight_bytes", weight_bytes),
-                        ("state_shards", state_shards)):
+    for name, value in (("expert_params", expert_params), ("weight_bytes", weight_bytes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     states = (FP32_BYTES if master_copy else 0) + 2 * FP32_BYTES
-    per_param_local = weight_bytes + (weight_bytes if with_grads else 0)
-    return expert_params * per_param_local + math.ceil(expert_params * states / state_shards)
+    weights = 0 if (master_copy and weights_from_master) else weight_bytes
+    return expert_params * (weights + (weight_bytes if with_grads else 0) + states)
 
 
 def transfer_seconds(nbytes: float, gbps: float) -> float:
