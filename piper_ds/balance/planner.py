@@ -5,7 +5,7 @@ all-reduced counts (the controller all-reduces them first). Two steps:
 
 1. :func:`greedy_swaps` — the Piper paper's greedy rule (section VI-A): take the most-loaded EP rank and the
    least-loaded one (ties: the lower rank), and among the pairs (expert a on the hot rank, expert b on the cold
-   one) swap the pair that leaves the lower of the two ranks' new loads ``max(H - d, C + d)`` smallest, where
+   one) swap the pair whose larger new rank load ``max(H - d, C + d)`` is smallest, where
    ``d = load[a] - load[b]`` (ties: the smaller (a, b) ids). Only swaps that lower the hot rank's load below
    its old value are taken; each one strictly lowers the sum of squared rank loads, so the loop ends. An
    expert moves at most once per plan, so the swaps are independent of the order they run in. Stops at

@@ -111,6 +111,7 @@ STATE_BYTES: Dict[Tuple[str, int], Dict[str, Tuple[int, int]]] = {
 #: bf16 ZeRO-0 under pipeline parallelism (BF16_Optimizer); see the module table.
 BF16_ZERO0_PIPELINE: Dict[str, Tuple[int, int]] = {"weights": (2, 0), "grads": (4, 4), "optimizer": (0, 12)}
 
+
 def migration_bytes(model: ModelSpec) -> int:
     """Bytes moved to migrate one routed expert with its optimizer state: bf16 weight and gradient, fp32 master
     copy and two Adam moments, 16 per parameter (48*d*f for SwiGLU; the Piper paper's Table IV). The rule is

@@ -21,9 +21,11 @@ class MigrationCost:
 
     ``table_iv_bytes``: bytes of one expert with weights, gradient, fp32 master copy and Adam moments (16 per
     parameter in bf16, the Piper paper's Table IV); ``sent_bytes``: what one rank sends per migrated expert
-    right after an optimizer step (no gradient; the weights are cast from the master copy on arrival); ``swap_seconds``: one swap (one expert each way at once) over ``link``; ``layer_seconds``: the
-    layer's routed-expert and exposed all-to-all time per step when balanced; ``break_even``: the max/mean
-    EP-rank load above which removing the imbalance repays one swap within ``window`` steps."""
+    right after an optimizer step (no gradient; the weights are cast from the master copy on arrival);
+    ``swap_seconds``: one swap (one expert each way at once) over ``link`` (``link_gbps`` GB/s);
+    ``layer_seconds``: the layer's routed-expert and exposed all-to-all time per step when balanced;
+    ``break_even``: the max/mean EP-rank load above which removing the imbalance repays one swap within
+    ``window`` steps."""
 
     moe_layers: int
     expert_params: int
