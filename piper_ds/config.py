@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from piper_ds.comm.topology import TopologyConfig  # the all-to-all's own model: one definition
 from piper_ds.moe.config import MoEConfig
+from piper_ds.system.migration import DEFAULT_MOE_TIME_FRACTION, DEFAULT_P2P_GBPS, DEFAULT_WINDOW
 from piper_ds.system.pipeline import PipelineConfig
 from piper_ds.system.specs import ModelSpec
 
@@ -55,6 +56,32 @@ class TrackingConfig(BaseModel):
         989.5, gt=0, description="Peak dense TFLOP/s of one accelerator used for MFU (H100/H200 bf16: 989.5).")
     log_config_to_wandb: bool = Field(
         True, description="Put the full ds_config (piper block included) into the W&B run config.")
+
+
+class BalanceConfig(BaseModel):
+    """Expert-load monitoring per window and expert migration between EP ranks (:mod:`piper_ds.balance`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    migration: bool = Field(
+        False, description="Swap experts between EP ranks at the end of a window when the predicted saving over "
+        "the next window exceeds the transfer cost. Needs PiperMoE layers with ep_size > 1. Off: the window's "
+        "rank loads are still reported.")
+    window: int = Field(
+        DEFAULT_WINDOW, ge=1, description="Applied optimizer steps per window: loads are summed over it, written "
+        "through the monitor and planned at its end.")
+    threshold: float = Field(
+        1.1, gt=1.0, description="A layer is planned only when its max/mean EP-rank load over the window is "
+        "above this (1.0 = balanced).")
+    max_moves_per_layer: int = Field(
+        4, ge=1, description="Most expert swaps per layer per window (a swap moves two experts, one each way).")
+    p2p_gbps: float = Field(
+        DEFAULT_P2P_GBPS, gt=0, description="Point-to-point bandwidth assumed for the cost of a move, GB/s; the "
+        "default, 50, is one 400 Gb/s NIC per GPU (NVLink is faster: the cost is then overstated).")
+    moe_time_fraction: float = Field(
+        DEFAULT_MOE_TIME_FRACTION, gt=0, le=1, description="Share of a step's time spent in the routed experts "
+        "and all-to-alls of the MoE layers (split evenly over them), the part that scales with the max rank "
+        "load; prices the predicted saving.")
 
 
 class DataConfig(BaseModel):
@@ -131,6 +158,8 @@ class PiperConfig(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig,
                                    description="Timeouts, heartbeat, divergence guard, log noise, config lint.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Atomic checkpoints.")
+    balance: BalanceConfig = Field(default_factory=BalanceConfig,
+                                   description="Expert-load window and expert migration between EP ranks.")
 
     @field_validator("model", mode="before")
     @classmethod

@@ -6,7 +6,8 @@ What it adds to ``DeepSpeedEngine`` (DeepSpeed 0.19.x):
   stage with MoE (ZeRO-3 is refused with a pointer to ZeRO-1/2), pipeline size, batch sizes;
 * builds the optimizer parameter groups itself with ``split_params_into_different_moe_groups_for_optimizer``
   and checks that every trainable parameter is in exactly one group, expert parameters in MoE groups only;
-* after every optimizer step calls ``update_selection_bias()`` on every PiperMoE (aux-loss-free balancing);
+* after every applied optimizer step calls ``update_selection_bias()`` on every PiperMoE (aux-loss-free
+  balancing), then the balance controller (:mod:`piper_ds.balance`: per-window rank loads, expert migration);
 * counts expert load per MoE layer (forward hooks) and writes metrics through ``engine.monitor``, so the
   ds_config's "wandb" / "csv_monitor" / "tensorboard" blocks work unchanged;
 * checkpoints atomically, resumes verified and only under the saved layout, runs a heartbeat watchdog and a
@@ -21,6 +22,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
 
+from piper_ds.balance import BalanceController
 from piper_ds.config import PiperConfig, parse_piper_config, zero_stage
 from piper_ds.moe import PiperMoE
 from piper_ds.runtime.guards import RuntimeGuards
@@ -140,6 +142,7 @@ class PiperEngine(RuntimeGuards, DeepSpeedEngine):
                          dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
                          config_class=config_class, mesh_device=mesh_device, dont_change_device=dont_change_device)
         self._apply_topology_override()
+        self.balance = BalanceController.for_engine(self, self.piper_config.balance)  # the world holds every layer
         if self.piper_config.tracking.log_config_to_wandb:
             log_config_to_wandb(self.monitor, self.config)
         self._setup_runtime(self.piper_config)
@@ -157,8 +160,10 @@ class PiperEngine(RuntimeGuards, DeepSpeedEngine):
             layer.bind_ep_group(layer.deepspeed_moe.ep_group, layer.dp_group, topology)
 
     def step(self, lr_kwargs=None):
-        """DeepSpeed's step; after an applied optimizer step, every PiperMoE updates its selection bias. After
-        every optimizer step the divergence guard looks at it (DivergenceError after too many skipped)."""
+        """DeepSpeed's step; after an applied optimizer step, every PiperMoE updates its selection bias, then the
+        balance controller counts the step (every ``piper.balance.window`` steps it reports the rank loads and
+        may migrate experts). After every optimizer step the divergence guard looks at it (DivergenceError
+        after too many skipped)."""
         boundary = self.is_gradient_accumulation_boundary()
         skipped = self.skipped_steps
         super().step(lr_kwargs)
@@ -167,6 +172,7 @@ class PiperEngine(RuntimeGuards, DeepSpeedEngine):
             if applied:
                 for layer in self.piper_moe_layers:
                     layer.update_selection_bias()
+                self.balance.after_applied_step(self)
             self._after_optimizer_step(applied)
 
     @torch.no_grad()

@@ -5,7 +5,8 @@ Example::
     python -m piper_ds.plan --model xmoe-small --cluster h200-nvlink-ib400 --gpus 4 \\
         --global-batch 512 --seq 2048 --out ds_configs/plan.json --plot plots/
 
-prints the ranked layouts (throughput, MFU, step and memory breakdowns), writes the best layout's ds_config
+prints the ranked layouts (throughput, MFU, step and memory breakdowns) and the best layout's expert-migration
+cost per MoE layer (bytes per expert, one swap's time, the break-even imbalance), writes the best layout's ds_config
 (checked by DeepSpeed's own config parser) and prints the launch command. Exit status: 0 = written,
 2 = bad arguments, 3 = nothing fits (the message names the binding constraint and by how much).
 """
@@ -143,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"({model.param_counts()['active'] / 1e9:.2f} B active), seq {model.seq_len}; cluster "
                   f"{cluster.name}; {args.gpus} GPUs; global batch {args.global_batch} sequences; profile "
                   f"{profile.source}")
-    report.print_plan(console, result.ranked, args.top)
+    report.print_plan(console, result.ranked, args.top, profile)
     if result.rejected:
         console.print("rejected: " + ", ".join(f"{k} {n}" for k, n in result.rejected.most_common()))
     cfg = dsconfig.build_ds_config(model, top.layout, top, lr=args.lr)

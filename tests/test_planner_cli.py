@@ -105,3 +105,32 @@ def test_fit_tier_from_points():
     noisy = calibrate.fit_tier([(1e3, 5e-4), (1e6, 1e-4)])
     assert noisy.bw_gbps == pytest.approx(1e6 / 1e-4 / 1e9) and noisy.latency_us == pytest.approx(100)
     assert calibrate.fit_tier([]) is None
+
+
+def test_plan_reports_expert_migration_cost(tmp_path, capsys):
+    from piper_ds.planner.cluster import ClusterSpec
+    from piper_ds.planner.migration import migration_cost
+    from piper_ds.planner.resources import moe_block_seconds
+    from piper_ds.system.layout import Layout
+    from piper_ds.system.specs import ModelSpec
+    spec, cluster, prof = ModelSpec.preset("xmoe-small"), ClusterSpec.preset("h200-nvlink-ib400"), PlatformProfile()
+    lay = Layout(dp=4, ep=4, zero_stage=1, micro_batch=4, grad_accum=32)
+    cost = migration_cost(spec, cluster, lay, prof, window=100)
+    assert cost.table_iv_bytes == 92_274_688  # Table IV: 16 bytes per parameter of a 2048 x 1408 GELU expert
+    # after a step: fp32 master + two moments, 12 B (the weights are cast from the master on arrival)
+    assert cost.sent_bytes == 12 * spec.expert_params() and cost.link == "intra_node"
+    assert cost.swap_seconds == pytest.approx(45e-6 + 1e-6 + cost.sent_bytes / 335e9)
+    balanced = moe_block_seconds(spec, cluster, lay, prof) / prof.load_imbalance
+    assert cost.layer_seconds == pytest.approx(balanced)
+    assert cost.break_even == pytest.approx(1 + cost.swap_seconds / (100 * balanced))
+    sharded = migration_cost(spec, cluster, Layout(dp=8, ep=4, zero_stage=1, micro_batch=4, grad_accum=16), prof)
+    assert sharded.sent_bytes == cost.sent_bytes  # ZeRO shards are gathered first: every replica sends it all
+    assert migration_cost(spec, cluster, Layout(dp=4, ep=1), prof) is None
+    rc = plan.main(["--model", "xmoe-small", "--gpus", "4", "--ep", "4", "--global-batch", "512", "--seq", "2048",
+                    "--out", str(tmp_path / "x.json"), "--no-ds-check", "--top", "2"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert rc == 0 and "Expert migration per MoE layer (28 layers; piper.balance window 100 steps)" in text
+    assert "88.0 MiB" in text and "intra_node 335 GB/s" in text and "break-even max/mean" in text
+    rc = plan.main(["--model", "tiny", "--gpus", "2", "--ep", "1", "--global-batch", "8",
+                    "--out", str(tmp_path / "y.json"), "--no-ds-check"])
+    assert rc == 0 and "expert migration: none possible at ep = 1" in capsys.readouterr().out

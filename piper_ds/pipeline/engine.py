@@ -10,7 +10,9 @@ What it adds to ``PipelineEngine``:
   micro-batches per stage on two CUDA streams, see :mod:`piper_ds.pipeline.schedules`); 'dualpipev' runs on
   :class:`PiperDualPipeVEngine`, the same additions on DeepSpeed's ``DualPipeVEngine``. All by overriding
   ``_train_schedule`` and extending ``_INSTRUCTION_MAP`` (DeepSpeed's DualPipeVEngine pattern);
-* after each optimizer step, updates every PiperMoE's selection bias (aux-loss-free balancing);
+* after each applied optimizer step, updates every PiperMoE's selection bias (aux-loss-free balancing), then
+  calls the balance controller (:mod:`piper_ds.balance`: per-window rank loads of the stage's layers, gathered
+  over the pipeline for the monitor; expert migration inside the stage);
 * counts expert load and router losses per MoE layer of the stage (forward hooks) and reports them for the
   whole pipeline (:meth:`PiperPipelineEngine.collect_expert_load`), as PiperEngine does at pp = 1;
 * checkpoints atomically, resumes verified and only under the saved layout, runs a heartbeat watchdog and a
@@ -30,7 +32,9 @@ from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine, DualPipeVModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 
+from piper_ds.balance import BalanceController
 from piper_ds.config import load_ds_config, parse_piper_config, zero_stage
+from piper_ds.moe import PiperMoE
 from piper_ds.pipeline.groups import MeshLayout, check_groups
 from piper_ds.pipeline.schedules import OverlapBackwardPass, OverlapForwardPass, make_schedule
 from piper_ds.runtime.guards import RuntimeGuards
@@ -162,21 +166,25 @@ class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
         if not isinstance(model, PipelineModule):
             raise ValueError(f"PiperPipelineEngine needs a PipelineModule, got {type(model).__name__}")
         self.mesh = mesh_of(model, config, dist.get_world_size(), gpus_per_node, allow_cross_node_ep)
-        self.piper_moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+        self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]  # stock DeepSpeed MoE included
+        self.piper_moe_layers = [m for m in self.moe_layers if isinstance(m, PiperMoE)]
         self.expert_load = ExpertLoadCounter(model)
         opt = kwargs.get("optimizer")
         if not isinstance(opt, torch.optim.Optimizer) and kwargs.get("model_parameters") is None:
             kwargs["model_parameters"] = moe_param_groups(model, model.mpu().get_pipe_parallel_group())
         super().__init__(*args, **kwargs)
         self._check_stage_group_counts()
-        if self.piper_moe_layers:
-            check_groups(self.mesh, dist.get_rank(), self.piper_moe_layers[0].expert_group_name)
+        if self.moe_layers:
+            check_groups(self.mesh, dist.get_rank(), self.moe_layers[0].expert_group_name)
         if schedule == "overlap" and self.micro_batch_size % 2:
             raise ValueError(f"the overlap schedule splits each micro-batch in two halves: "
                              f"train_micro_batch_size_per_gpu ({self.micro_batch_size}) must be even")
         if timeline is not None:
             timeline.attach(self)
-        self._setup_runtime(parse_piper_config(load_ds_config(config)))
+        piper = parse_piper_config(load_ds_config(config))
+        self.balance = BalanceController.for_engine(self, piper.balance, self.grid.get_data_parallel_group(),
+                                                    self.grid.get_pipe_parallel_group())
+        self._setup_runtime(piper)
 
     def _check_stage_group_counts(self) -> None:
         """ZeRO all-reduces the gradient norm over the stages once per parameter group: unequal group counts
@@ -235,8 +243,8 @@ class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
         applied = self.skipped_steps == skipped
         if applied:
             for layer in self.piper_moe_layers:
-                if hasattr(layer, "update_selection_bias"):
-                    layer.update_selection_bias()
+                layer.update_selection_bias()
+            self.balance.after_applied_step(self)
         self._after_optimizer_step(applied)
 
     def _exec_schedule(self, pipe_schedule):

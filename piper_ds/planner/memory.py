@@ -92,6 +92,7 @@ from piper_ds.planner.profile import PlatformProfile
 from piper_ds.system.activations import block_activations
 from piper_ds.system.deepspeed_rules import greedy_groups
 from piper_ds.system.layout import Layout
+from piper_ds.system.migration import expert_migration_bytes
 from piper_ds.system.specs import ModelSpec
 from piper_ds.system.stages import rank_stages, stage_blocks
 
@@ -110,13 +111,12 @@ STATE_BYTES: Dict[Tuple[str, int], Dict[str, Tuple[int, int]]] = {
 #: bf16 ZeRO-0 under pipeline parallelism (BF16_Optimizer); see the module table.
 BF16_ZERO0_PIPELINE: Dict[str, Tuple[int, int]] = {"weights": (2, 0), "grads": (4, 4), "optimizer": (0, 12)}
 
-#: Bytes that move when one expert migrates: bf16 weight + bf16 grad + fp32 master + 2 fp32 Adam moments.
-MIGRATION_BYTES_PER_PARAM = 16
-
 
 def migration_bytes(model: ModelSpec) -> int:
-    """Bytes moved to migrate one routed expert with its optimizer state (48*d*f for SwiGLU, Piper)."""
-    return MIGRATION_BYTES_PER_PARAM * model.expert_params()
+    """Bytes moved to migrate one routed expert with its optimizer state: bf16 weight and gradient, fp32 master
+    copy and two Adam moments, 16 per parameter (48*d*f for SwiGLU; the Piper paper's Table IV). The rule is
+    :func:`piper_ds.system.migration.expert_migration_bytes`, which the runtime uses too."""
+    return expert_migration_bytes(model.expert_params())
 
 
 def state_rule(precision: str, zero: int, pp: int = 1) -> Dict[str, Tuple[int, int]]:

@@ -1,14 +1,17 @@
-"""Human output of a plan: the ranked table, the detail of the chosen layout, and PNG plots."""
+"""Human output of a plan: the ranked table, the detail of the chosen layout, its expert-migration cost, and
+PNG plots."""
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
 from piper_ds.planner.cluster import GIB
 from piper_ds.planner.memory import KINDS
+from piper_ds.planner.migration import MigrationCost, migration_cost
+from piper_ds.planner.profile import PlatformProfile
 from piper_ds.planner.resources import STEP_PARTS, Estimate
 
 
@@ -62,11 +65,31 @@ def detail_tables(e: Estimate) -> List[Table]:
     return [mem, step]
 
 
-def print_plan(console: Console, ests: Sequence[Estimate], top: int) -> None:
-    """Prints the ranked table and the detail of the first layout."""
+def migration_table(cost: MigrationCost) -> Table:
+    """One MoE layer's expert-migration cost (bytes per expert, one swap's time) and break-even imbalance."""
+    t = Table(title=f"Expert migration per MoE layer ({cost.moe_layers} layers; piper.balance window "
+                    f"{cost.window} steps)")
+    for col in ("params / expert", "bytes / expert (Table IV)", "sent / expert after a step", "EP link",
+                "swap ms", "layer MoE ms / step", "break-even max/mean"):
+        t.add_column(col, justify="left" if col == "EP link" else "right")
+    t.add_row(f"{cost.expert_params / 1e6:,.2f} M", f"{cost.table_iv_bytes / 2**20:,.1f} MiB",
+              f"{cost.sent_bytes / 2**20:,.1f} MiB", f"{cost.link} {cost.link_gbps:g} GB/s",
+              _ms(cost.swap_seconds), _ms(cost.layer_seconds), f"1 + {cost.break_even - 1:.2g}")
+    return t
+
+
+def print_plan(console: Console, ests: Sequence[Estimate], top: int,
+               profile: Optional[PlatformProfile] = None) -> None:
+    """Prints the ranked table, the detail of the first layout and its expert-migration cost."""
     console.print(ranked_table(ests, top))
     for t in detail_tables(ests[0]):
         console.print(t)
+    e = ests[0]
+    cost = migration_cost(e.model, e.cluster, e.layout, profile)
+    if cost is None:
+        console.print("expert migration: none possible at ep = 1 (every rank holds every expert)")
+    else:
+        console.print(migration_table(cost))
 
 
 def _save(plt, fig, ax, path: str) -> str:

@@ -128,6 +128,14 @@ def _block_time(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: Pl
     return out
 
 
+def moe_block_seconds(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: PlatformProfile) -> float:
+    """Seconds per optimizer step one MoE block spends in its routed experts and its exposed all-to-all
+    (forward and backward of the step's ``grad_accum`` micro-batches), at the profile's load imbalance: the part
+    of the block that waits for the busiest EP rank."""
+    part = _block_time(model, cluster, layout, prof, moe=True)
+    return layout.grad_accum * (part["experts"] + part["a2a"])
+
+
 def stage_time(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: PlatformProfile,
                stage: int) -> Dict[str, float]:
     """Forward + backward seconds of one micro-batch on ``stage``, by part (+ 'a2a_hidden')."""

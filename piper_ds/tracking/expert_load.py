@@ -18,11 +18,16 @@ from torch import nn
 
 class ExpertLoadCounter:
     """Accumulates, for every MoE layer of ``model`` in module order, the tokens sent to each expert (int64
-    [E]) and the dropped / total assignments, over training-mode forwards since the last :meth:`collect`."""
+    [E]) and the dropped / total assignments, over training-mode forwards since the last :meth:`collect`.
+
+    The same hook also fills a second, independent tally of tokens per expert, read and reset by
+    :meth:`take_window_counts` only: the balance window (:mod:`piper_ds.balance`) spans its own number of
+    steps, whatever interval the metrics are collected at."""
 
     def __init__(self, model: nn.Module):
         self.layers: List[Tuple[str, nn.Module]] = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
         self._reset()
+        self.window_counts: List[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.layers)]
 
         self._reset_losses()
@@ -57,6 +62,10 @@ class ExpertLoadCounter:
             self.counts[i] = counts.clone()
         else:
             self.counts[i] += counts
+        if self.window_counts[i] is None:
+            self.window_counts[i] = counts.clone()
+        else:
+            self.window_counts[i] += counts
         self.dropped[i] = dropped.clone() if self.dropped[i] is None else self.dropped[i] + dropped
         self.assigned[i] += assigned
 
@@ -74,6 +83,21 @@ class ExpertLoadCounter:
         means = [s.to(device) / n for s, n in zip(self.loss_sums, self.forwards) if s is not None]
         self._reset_losses()
         return torch.stack(means).sum(dim=0) if means else None
+
+    def index_of(self, layer: nn.Module) -> int:
+        """Position of ``layer`` among :attr:`layers` (module order); ValueError if the counter does not hook it."""
+        for i, (_, m) in enumerate(self.layers):
+            if m is layer:
+                return i
+        raise ValueError(f"{type(layer).__name__} is not one of the {len(self.layers)} MoE layers this counter hooks")
+
+    @torch.no_grad()
+    def take_window_counts(self) -> List[Optional[torch.Tensor]]:
+        """This rank's tokens per expert of each layer (int64 [E], on the layer's device; None for a layer without
+        a training forward) since the last call, and a reset of this tally only (:meth:`collect` keeps its own).
+        Local: the caller sums over the ranks it needs."""
+        out, self.window_counts = self.window_counts, [None] * len(self.layers)
+        return out
 
     @torch.no_grad()
     def collect(self, group=None) -> Tuple[Optional[torch.Tensor], float, float]:
