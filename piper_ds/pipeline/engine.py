@@ -158,6 +158,7 @@ class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
                              f"engine, got {type(self).__name__} (initialize_pipeline picks the engine)")
         # Attributes first: PipelineEngine.__init__ runs hooks and instructions that may look at them.
         self.piper_schedule, self.timeline = schedule, timeline
+        self._in_train_batch = False
         model, config = kwargs["model"], kwargs.get("config") or {}
         if not isinstance(model, PipelineModule):
             raise ValueError(f"PiperPipelineEngine needs a PipelineModule, got {type(model).__name__}")
@@ -177,6 +178,19 @@ class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
         if timeline is not None:
             timeline.attach(self)
         self._setup_runtime(parse_piper_config(load_ds_config(config)))
+
+    def train_batch(self, data_iter=None):
+        """DeepSpeed's train_batch (forward, backward and optimizer step of a whole batch)."""
+        self._in_train_batch = True
+        try:
+            return super().train_batch(data_iter)
+        finally:
+            self._in_train_batch = False
+
+    def at_optimizer_step_boundary(self) -> bool:
+        """True outside :meth:`train_batch`: a batch always ends with its optimizer step, so no gradient waits
+        (the moment expert migration may run)."""
+        return not self._in_train_batch
 
     def _check_stage_group_counts(self) -> None:
         """ZeRO all-reduces the gradient norm over the stages once per parameter group: unequal group counts

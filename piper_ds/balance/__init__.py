@@ -1,0 +1,1 @@
+"""Expert load balancing across EP ranks: migrating experts between ranks (mover.py)."""
