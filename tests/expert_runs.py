@@ -12,22 +12,21 @@ MODEL = {"preset": "tiny", "n_layers": 3, "n_dense_layers": 1, "n_shared_experts
 
 
 def ds_config(world: int, ep: int, stage: int, bf16: bool = False, fp32_grads: bool = False, clip: float = 0.0,
-              aux: float = 0.0, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+              aux: float = 0.0, model: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """fp32 (or bf16; ``fp32_grads``: accumulate gradients in fp32) AdamW with a warm-up schedule; router aux loss
-    off by default (it depends on which tokens share a rank, so it would change with the world size)."""
+    off by default (it depends on which tokens share a rank, so it would change with the world size). ``model``
+    replaces fields of :data:`MODEL`."""
     cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
            "steps_per_print": 10**6, "gradient_clipping": clip, "zero_optimization": {"stage": stage},
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
-           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 1e-3, "warmup_max_lr": 1e-2,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}},
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 1e-4, "warmup_max_lr": 1e-3,
                                                          "warmup_num_steps": 4}},
-           "piper": {"model": MODEL, "moe": {"kernels": "reference", "aux_loss_coef": aux, "transport": "flat"},
+           "piper": {"model": {**MODEL, **(model or {})}, "moe": {"kernels": "reference", "aux_loss_coef": aux, "transport": "flat"},
                      "parallel": {"ep_size": ep}, "runtime": {"heartbeat": False}}}
     if bf16:
         cfg["bf16"] = {"enabled": True}
     if fp32_grads:
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-    if checkpoint:
-        cfg["piper"]["checkpoint"] = checkpoint
     return cfg
 
 
