@@ -5,8 +5,9 @@ DeepSpeed's own reconstruction (``safe_get_full_fp32_param`` / ``safe_get_full_o
 partitioned optimizers, the torch optimizer's state of the fp32 copy for ZeRO-0) bit for bit, the master weights equal the module
 parameters (cast to bf16 where the module is bf16), a row slice equals those rows of the whole, and the fp32
 runs' moments equal the unsharded ZeRO-0 run's (to 1e-5: ZeRO reduces gradients in another order). SET then GET
-round-trips; SET into a fresh engine's empty optimizer, then one more step in both engines, gives the same
-parameters and moments bit for bit."""
+round-trips; SET into a fresh engine's optimizer, then one more step in both engines, gives the same parameters
+and moments bit for bit. DeepSpeed's FP16_Optimizer (flat fp32 copies, unpartitioned) is checked on its own, and
+ZeRO-3 and optimizer offload are refused."""
 import pytest
 import torch
 
@@ -173,3 +174,56 @@ def test_set_fills_a_fresh_optimizer(runs, case):
             assert step == other[3] and step >= STEPS + 1, f"rank {rank} {key}: steps {step}, {other[3]}"
             assert sorted(moments) == sorted(other[2]) == ["exp_avg", "exp_avg_sq"]
             assert all(torch.equal(moments[k], other[2][k]) for k in moments), f"rank {rank} {key}"
+
+
+def _fused_fp16_worker(rank, world):
+    """DeepSpeed's FP16_Optimizer (what ZeRO-0 with bf16 and DeepSpeed's fused Adam builds on GPUs; here around
+    torch's AdamW, which it accepts): flat fp32 copies per group, not partitioned."""
+    import deepspeed
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from torch._utils import _unflatten_dense_tensors
+    from piper_ds.runtime.optim_state import SliceState, optimizer_state, step_value
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4)).to(torch.bfloat16)
+    opt = FP16_Optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), low_precision_dtype=torch.bfloat16)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    access, problems = optimizer_state(opt), []
+    for i, group in enumerate(opt.fp16_groups):
+        flat = opt.fp32_groups_flat[i]
+        views = {k: _unflatten_dense_tensors(t, group) for k, t in
+                 [("master", flat)] + [(k, opt.optimizer.state[flat][k]) for k in ("exp_avg", "exp_avg_sq")]}
+        for j, p in enumerate(group):
+            s = access.get(p)
+            if not torch.equal(s.master, views["master"][j]) or step_value(s.step) != 3 or \
+                    not all(torch.equal(s.moments[k], views[k][j]) for k in ("exp_avg", "exp_avg_sq")):
+                problems.append(f"group {i} param {j}: GET differs from the flat fp32 copy")
+            new = SliceState(s.master[1:3] + 1, {k: v[1:3] * 3 for k, v in s.moments.items()}, s.step)
+            access.set(p, new, rows=(1, 3))
+            back = access.get(p, rows=(1, 3))
+            if not torch.equal(back.master, new.master) or not torch.equal(p.detach()[1:3], new.master.to(p.dtype)) \
+                    or not all(torch.equal(back.moments[k], new.moments[k]) for k in new.moments):
+                problems.append(f"group {i} param {j}: SET then GET does not round-trip")
+    return problems, type(access).__name__
+
+
+def test_fused_fp16_optimizer_flat_groups():
+    (problems, kind), = run_distributed(_fused_fp16_worker, 1, timeout=120)
+    assert kind == "PartitionedState" and problems == []
+
+
+def test_optimizers_without_reachable_state_are_refused():
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from piper_ds.runtime.optim_state import optimizer_state
+    with pytest.raises(TypeError, match="got DeepSpeedZeroOptimizer_Stage3 \\(ZeRO-3 is not supported\\)"):
+        optimizer_state(object.__new__(DeepSpeedZeroOptimizer_Stage3))  # the class decides; no state needed
+    offloading = object.__new__(DeepSpeedZeroOptimizer)
+    offloading.cpu_offload = True
+    with pytest.raises(TypeError, match="optimizer offload"):
+        optimizer_state(offloading)
+    with pytest.raises(TypeError, match="got dict"):
+        optimizer_state({})
