@@ -198,3 +198,25 @@ def test_bad_moves_are_refused_naming_them(runs):
         assert errors["ranks_disagree"][0] == "ValueError" and "different moves" in errors["ranks_disagree"][1]
         assert errors["pending"][0] == "RuntimeError" and "optimizer-step boundary" in errors["pending"][1]
         assert errors["empty"] == (0, 0, True)
+
+
+def test_moves_take_integer_like_ids_and_refuse_the_rest():
+    """Checked before any communication (no processes needed): NumPy and 0-dim torch ids are taken."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from piper_ds.balance.mover import _validated
+    from piper_ds.moe import PiperMoE
+    layer = PiperMoE(8, 4, 8, ep_size=2, kernels="reference")
+    engine = SimpleNamespace(piper_moe_layers=[layer])
+    assert _validated(engine, {np.int64(0): [(np.int64(0), torch.tensor(3))], }) == {0: [(0, 3)]}
+    assert _validated(engine, {0: []}) == {}
+    with pytest.raises(ValueError, match="names MoE layer 0 twice"):
+        _validated(engine, {0: [], torch.tensor(0): []})
+    with pytest.raises(ValueError, match=r"a move must be a pair \(a, b\) of global expert ids, got \(True, 2\)"):
+        _validated(engine, {0: [(True, 2)]})
+    with pytest.raises(ValueError, match="moves names MoE layer 1, but the engine has 1 MoE layers"):
+        _validated(engine, {1: [(0, 2)]})
+    with pytest.raises(TypeError, match="moves must map a layer index"):
+        _validated(engine, [(0, 2)])

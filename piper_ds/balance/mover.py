@@ -22,6 +22,7 @@ checks (RuntimeError otherwise) rather than moves.
 from __future__ import annotations
 
 import hashlib
+import operator
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence, Tuple
@@ -72,15 +73,16 @@ def _validated(engine, moves) -> Dict[int, List[Tuple[int, int]]]:
     if not isinstance(moves, Mapping):
         raise TypeError(f"moves must map a layer index to pairs of expert ids, got {type(moves).__name__}")
     layers = engine.piper_moe_layers
-    plan = {}
-    for index in sorted(moves):
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(layers):
-            raise ValueError(f"moves names MoE layer {index!r}, but the engine has {len(layers)} MoE layers "
-                             f"(indices 0..{len(layers) - 1} of engine.piper_moe_layers)")
+    plan, seen = {}, set()
+    for key in moves:
+        index = _layer_index(key, len(layers))
+        if index in seen:
+            raise ValueError(f"moves names MoE layer {index} twice")
+        seen.add(index)
         layer = layers[index]
         if not isinstance(layer, PiperMoE):
             raise TypeError(f"MoE layer {index} is a {type(layer).__name__}; only PiperMoE layers can migrate experts")
-        pairs = [_pair(index, pair) for pair in moves[index]]
+        pairs = [_pair(index, pair) for pair in moves[key]]
         layer.placement.swapped(pairs)  # ids in range, each expert in one pair at most (ValueError)
         for a, b in pairs:
             ra, rb = int(layer.placement.rank_of[a]), int(layer.placement.rank_of[b])
@@ -89,14 +91,30 @@ def _validated(engine, moves) -> Dict[int, List[Tuple[int, int]]]:
                                  "experts between different EP ranks")
         if pairs:
             plan[index] = pairs
-    return plan
+    return dict(sorted(plan.items()))
+
+
+def _layer_index(key, count: int) -> int:
+    try:
+        index = None if isinstance(key, bool) else operator.index(key)
+    except TypeError:
+        index = None
+    if index is None or not 0 <= index < count:
+        raise ValueError(f"moves names MoE layer {key!r}, but the engine has {count} MoE layers (indices "
+                         f"0..{count - 1} of engine.piper_moe_layers)")
+    return index
 
 
 def _pair(index: int, pair) -> Tuple[int, int]:
+    """(a, b) as Python ints; integer-like ids (NumPy, 0-dim torch) are taken, bools and anything else refused."""
     items = tuple(pair) if isinstance(pair, (tuple, list)) else ()
-    if len(items) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) for e in items):
-        raise ValueError(f"MoE layer {index}: a move must be a pair (a, b) of global expert ids, got {pair!r}")
-    return items
+    try:
+        if len(items) != 2 or any(isinstance(e, bool) for e in items):
+            raise TypeError
+        return operator.index(items[0]), operator.index(items[1])
+    except TypeError:
+        raise ValueError(f"MoE layer {index}: a move must be a pair (a, b) of global expert ids, got {pair!r}") \
+            from None
 
 
 def _check_agreement(engine, plan: Dict[int, List[Tuple[int, int]]]) -> None:

@@ -68,10 +68,14 @@ def expert_file_redirects(engine, save_dir: str, tag: str) -> Dict[str, Tuple[st
         for slot, true_id in enumerate(layer.placement.local_experts(ep_rank)):
             deepspeed_id = ep_rank * layer.num_local_experts + slot
             if deepspeed_id != true_id:
-                name = lambda e: engine._get_expert_ckpt_name(save_dir, layer_id, e, tag,  # noqa: E731
-                                                              checkpoint_mp_rank=engine.checkpoint_mp_rank)
-                redirects[name(deepspeed_id)] = (name(true_id), deepspeed_id, true_id)
+                redirects[_expert_path(engine, save_dir, tag, layer_id, deepspeed_id)] = \
+                    (_expert_path(engine, save_dir, tag, layer_id, true_id), deepspeed_id, true_id)
     return redirects
+
+
+def _expert_path(engine, folder: str, tag: str, layer_id: int, expert: int) -> str:
+    """DeepSpeed's name of expert ``expert``'s file of MoE layer ``layer_id`` (this rank's model-parallel rank)."""
+    return engine._get_expert_ckpt_name(folder, layer_id, expert, tag, checkpoint_mp_rank=engine.checkpoint_mp_rank)
 
 
 def rekey_expert(state_dict: Dict[str, torch.Tensor], old: int, new: int) -> Dict[str, torch.Tensor]:
@@ -93,8 +97,7 @@ def restore_placements(engine, records: Dict[str, MoELayerRecord], load_dir: str
             continue
         experts = layer.deepspeed_moe.experts
         for slot, expert in enumerate(target.local_experts(layer.ep_rank)):
-            path = engine._get_expert_ckpt_name(load_dir, layer_id, expert, tag,
-                                                checkpoint_mp_rank=engine.checkpoint_mp_rank)
+            path = _expert_path(engine, load_dir, tag, layer_id, expert)
             marker = f".{PER_EXPERT}.{expert}."
             weights = {key.split(marker, 1)[1]: value
                        for key, value in engine.checkpoint_engine.load(path, map_location="cpu").items()
