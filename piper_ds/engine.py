@@ -9,8 +9,8 @@ What it adds to ``DeepSpeedEngine`` (DeepSpeed 0.19.x):
 * after every optimizer step calls ``update_selection_bias()`` on every PiperMoE (aux-loss-free balancing);
 * counts expert load per MoE layer (forward hooks) and writes metrics through ``engine.monitor``, so the
   ds_config's "wandb" / "csv_monitor" / "tensorboard" blocks work unchanged;
-* checkpoints atomically, resumes verified and only under the saved layout, runs a heartbeat watchdog and a
-  divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`).
+* checkpoints atomically (experts by global id), resumes verified, also under another world, dp or EP size,
+  runs a heartbeat watchdog and a divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`).
 """
 from __future__ import annotations
 

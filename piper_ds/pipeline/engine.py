@@ -13,8 +13,8 @@ What it adds to ``PipelineEngine``:
 * after each optimizer step, updates every PiperMoE's selection bias (aux-loss-free balancing);
 * counts expert load and router losses per MoE layer of the stage (forward hooks) and reports them for the
   whole pipeline (:meth:`PiperPipelineEngine.collect_expert_load`), as PiperEngine does at pp = 1;
-* checkpoints atomically, resumes verified and only under the saved layout, runs a heartbeat watchdog and a
-  divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`);
+* checkpoints atomically (experts by global id), resumes verified, also under another world, dp or EP size,
+  runs a heartbeat watchdog and a divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`);
 * optionally records a timeline (:class:`~piper_ds.pipeline.timeline.TimelineRecorder`) of every instruction
   and every all-to-all.
 """
