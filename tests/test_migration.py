@@ -3,7 +3,8 @@ between EP ranks after steps 1 and 3 end, after 6 steps, with the same losses, t
 global expert id) and the same optimizer state (fp32 master, exp_avg, exp_avg_sq, step) as the same runs without
 migration: ep = 2 under ZeRO-0, 1 and 2 (expert state partitioned over the 2 expert-data-parallel ranks under
 ZeRO-1/2), ep = 4 under ZeRO-2 only (the ZeRO-0/1 paths are the ep = 2 ones; this keeps the test short), and
-pp = 2 x ep = 2 under ZeRO-1 (each stage swaps in its own layers).
+pp = 2 x ep = 2 under ZeRO-1 (each stage swaps in its own layers; its checkpoint after the migrations resumes at
+pp = 2 x ep = 1 with the same losses, to 1e-6 relative).
 
 Bit for bit without gradient clipping: a swapped expert computes on the same rows in the same order, each token
 sums its two (top-2) expert outputs, a sum of two terms is the same in either order, and Adam is elementwise.
@@ -106,42 +107,58 @@ def _pipe_batch(step, dp_rank, micro):
     return ids, torch.roll(ids, -1, dims=1)
 
 
-def _pipe_run(rank, migrate):
-    from expert_runs import training_state
-    from piper_ds.balance.mover import migrate_experts
+def _pipe_engine(ep):
     from piper_ds.pipeline.engine import initialize_pipeline
     from piper_ds.pipeline.model import PiperPipelineModule
     from piper_ds.system.specs import ModelSpec
     spec = ModelSpec.preset("tiny", n_layers=4, n_dense_layers=1, n_shared_experts=1, seq_len=8, vocab_size=64)
-    module = PiperPipelineModule(spec, {"kernels": "reference", "transport": "flat"}, ep_size=2, num_stages=2,
+    module = PiperPipelineModule(spec, {"kernels": "reference", "transport": "flat"}, ep_size=ep, num_stages=2,
                                  micro_batch=2, seed=7)
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 10**6,
               "zero_optimization": {"stage": 1}, "gradient_clipping": 0.0, "pipeline": {"use_reentrant": False},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
-              "piper": {"parallel": {"ep_size": 2, "pp_size": 2}, "topology": {"gpus_per_node": 4},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              "piper": {"parallel": {"ep_size": ep, "pp_size": 2}, "topology": {"gpus_per_node": 4},
                         "runtime": {"heartbeat": False}}}
-    eng, *_ = initialize_pipeline(model=module, config=config)
+    return initialize_pipeline(model=module, config=config)[0]
+
+
+def _pipe_steps(eng, start, stop):
+    return [float(eng.train_batch(iter([_pipe_batch(step, eng.grid.data_parallel_id, m) for m in range(2)])))
+            for step in range(start, stop)]
+
+
+def _pipe_run(rank, migrate, save_dir):
+    from expert_runs import training_state
+    from piper_ds.balance.mover import migrate_experts
+    eng = _pipe_engine(2)
     losses = []
     for step in range(STEPS):
-        losses.append(float(eng.train_batch(iter([_pipe_batch(step, eng.grid.data_parallel_id, m)
-                                                  for m in range(2)]))))
+        losses += _pipe_steps(eng, step, step + 1)
         if migrate and step in PIPE_MOVES:
             migrate_experts(eng, PIPE_MOVES[step][eng.stage_id])
     res = dict(losses=losses, state=training_state(eng),
                placements=[layer.placement.as_lists() for layer in eng.piper_moe_layers])
+    if migrate:  # the migrated run's checkpoint, resumed at ep = 1 below
+        eng.save_checkpoint(save_dir, tag="pipe")
+        res["after"] = _pipe_steps(eng, STEPS, STEPS + 4)
     eng.destroy()
     return res
 
 
-def _pipe_worker(rank, world):
+def _pipe_worker(rank, world, save_dir):
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
-    return {False: _pipe_run(rank, False), True: _pipe_run(rank, True)}
+    out = {False: _pipe_run(rank, False, save_dir), True: _pipe_run(rank, True, save_dir)}
+    eng = _pipe_engine(1)
+    eng.load_checkpoint(save_dir, tag="pipe")
+    out["resumed_at_ep1"] = _pipe_steps(eng, STEPS, STEPS + 4)
+    eng.destroy()
+    return out
 
 
 @pytest.fixture(scope="module")
-def pipe_runs():
-    return run_distributed(_pipe_worker, WORLD, timeout=400)
+def pipe_runs(tmp_path_factory):
+    return run_distributed(_pipe_worker, WORLD, str(tmp_path_factory.mktemp("pipe")), timeout=400)
 
 
 def test_pipeline_stages_migrate_their_own_layers_exactly(pipe_runs):
@@ -152,6 +169,12 @@ def test_pipeline_stages_migrate_their_own_layers_exactly(pipe_runs):
     assert set(a) == set(b) and sum("#" in k for k in a) == 3 * 2 * 4  # 3 MoE layers x 2 params x 4 experts
     different = [k for k in a if not _equal(b[k], a[k])]
     assert not different, f"differ after migration: {different[:5]}"
+
+
+def test_pipeline_checkpoint_after_migration_resumes_at_another_ep_size(pipe_runs):
+    for rank, res in enumerate(pipe_runs):
+        torch.testing.assert_close(torch.tensor(res["resumed_at_ep1"]), torch.tensor(res[True]["after"]), rtol=1e-6,
+                                   atol=0, msg=lambda m: f"rank {rank}: {m}")
 
 
 @pytest.fixture(scope="module")
