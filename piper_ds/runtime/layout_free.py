@@ -81,25 +81,25 @@ def load_state(engine, folder: str) -> None:
     """Fills the optimizer of ``engine`` from checkpoint ``folder``'s layout-free state: every trainable parameter's
     master weights (and module values), moments and step, and every optimizer group's hyperparameters. Each
     expert slot takes the records of the global expert the layer's placement puts there. ValueError on every rank
-    of the stage, before anything is written, when the saved parameters do not match this model's."""
+    of the stage, before anything is written, when the saved parameters do not match this model's or the
+    parameters of one optimizer group bring different hyperparameters."""
     access = optimizer_state(engine.optimizer)
     dense = engine.checkpoint_engine.load(os.path.join(folder, dense_file(engine.checkpoint_mp_rank)),
                                           map_location="cpu")
     params = list(_dense_params(engine))
     _agree_or_raise(engine, _dense_mismatch(folder, dense, params))
-    applied = _Hyperparameters(access)
-    for name, p in params:
-        access.set(p, _state(dense[name], p.device))
-        applied.take(p, dense[name])
+    items = [(p, None, dense[name]) for name, p in params]  # (parameter, rows, record)
     for _, layer_name, layer in piper_moe_layers(engine):
         named = list(layer.deepspeed_moe.experts.named_parameters())
         for slot, expert in enumerate(layer.placement.local_experts(layer.ep_rank)):
             records = engine.checkpoint_engine.load(os.path.join(folder, expert_file(layer_name, expert)),
                                                     map_location="cpu")
-            for name, p in named:
-                access.set(p, _state(records[name], p.device, rows=True), rows=(slot, slot + 1))
-                applied.take(p, records[name])
-    applied.apply()
+            items += [(p, (slot, slot + 1), records[name]) for name, p in named]
+    options = _Hyperparameters(access)
+    _agree_or_raise(engine, options.take_all(items))
+    for p, rows, record in items:
+        access.set(p, _state(record, p.device, rows is not None), rows)
+    options.apply()
 
 
 def _state(record: Dict[str, Any], device, rows: bool = False) -> SliceState:
@@ -124,7 +124,7 @@ def _dense_mismatch(folder: str, saved: Dict[str, Any], params: List[Tuple[str, 
 
 def _agree_or_raise(engine, problem: Optional[str]) -> None:
     """Raises ValueError on every rank of the stage when any of them found a problem (the others would otherwise
-    wait in the next collective)."""
+    wait in the next collective, or load what the others refused)."""
     import deepspeed.comm as dist
     from deepspeed.utils import groups
     flag = torch.tensor([int(problem is not None)], dtype=torch.int64, device=engine.device)
@@ -132,25 +132,27 @@ def _agree_or_raise(engine, problem: Optional[str]) -> None:
     if problem is not None:
         raise ValueError(problem)
     if int(flag):
-        raise ValueError("another rank of this pipeline stage found the checkpoint's parameters do not match the "
-                         "model (see its error)")
+        raise ValueError("another rank of this pipeline stage refused the checkpoint's layout-free state (see its "
+                         "error)")
 
 
 class _Hyperparameters:
-    """Collects the saved hyperparameters of each optimizer group's parameters; all of a group's parameters must
-    bring the same ones (ValueError otherwise), which then replace the group's (only keys it already has)."""
+    """The saved hyperparameters of each optimizer group, taken from its parameters' records; they must agree
+    within a group, and then replace the group's options (only keys the group already has)."""
 
     def __init__(self, access: OptimizerState):
         self.access = access
         self.by_group: Dict[int, Tuple[Dict[str, Any], Dict[str, Any]]] = {}
 
-    def take(self, param: torch.Tensor, record: Dict[str, Any]) -> None:
-        group = self.access.param_group(param)
-        saved = record["hyperparameters"]
-        known = self.by_group.setdefault(id(group), (group, saved))[1]
-        if known != saved:
-            raise ValueError(f"parameters of one optimizer group were saved with different hyperparameters "
-                             f"({known} and {saved}): cannot restore that group's options")
+    def take_all(self, items) -> Optional[str]:
+        """Collects the hyperparameters of ``items`` ((parameter, rows, record)); the first disagreement or None."""
+        for param, _, record in items:
+            group, saved = self.access.param_group(param), record["hyperparameters"]
+            known = self.by_group.setdefault(id(group), (group, saved))[1]
+            if known != saved:
+                return (f"parameters of one optimizer group were saved with different hyperparameters ({known} and "
+                        f"{saved}): cannot restore that group's options")
+        return None
 
     def apply(self) -> None:
         for group, saved in self.by_group.values():
