@@ -136,6 +136,10 @@ class CheckpointConfig(BaseModel):
     verify: Literal["sha256", "size"] = Field(
         "sha256", description="What a resume checks against the manifest before loading: every file's size and "
         "SHA-256 (`sha256`), or sizes only (`size`, faster for large checkpoints).")
+    layout_free_state: bool = Field(
+        True, description="Also write the optimizer state by parameter name and global expert id (piper_state/: "
+        "fp32 master weights, moments, step), so the checkpoint resumes under another world, data-parallel or EP "
+        "size; costs one more copy of the optimizer state on disk and a gather at every save.")
 
 
 class PiperConfig(BaseModel):

@@ -10,8 +10,8 @@ What it adds to ``DeepSpeedEngine`` (DeepSpeed 0.19.x):
   balancing), then the balance controller (:mod:`piper_ds.balance`: per-window rank loads, expert migration);
 * counts expert load per MoE layer (forward hooks) and writes metrics through ``engine.monitor``, so the
   ds_config's "wandb" / "csv_monitor" / "tensorboard" blocks work unchanged;
-* checkpoints atomically, resumes verified and only under the saved layout, runs a heartbeat watchdog and a
-  divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`).
+* checkpoints atomically (experts by global id), resumes verified, also under another world, dp or EP size,
+  runs a heartbeat watchdog and a divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`).
 """
 from __future__ import annotations
 
@@ -137,6 +137,7 @@ class PiperEngine(RuntimeGuards, DeepSpeedEngine):
         else:
             model_parameters = build_param_groups(model, model_parameters)
         self.expert_load = ExpertLoadCounter(model)
+        self._pending_backwards = 0  # backward passes whose gradients no optimizer step has consumed yet
         super().__init__(args, model, optimizer=optimizer, model_parameters=model_parameters,
                          training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
                          dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
@@ -159,6 +160,16 @@ class PiperEngine(RuntimeGuards, DeepSpeedEngine):
         for layer in self.piper_moe_layers:
             layer.bind_ep_group(layer.deepspeed_moe.ep_group, layer.dp_group, topology)
 
+    def backward(self, loss, *args, **kwargs):
+        """DeepSpeed's backward (same arguments and result); counted until the optimizer step that uses it."""
+        self._pending_backwards += 1
+        return super().backward(loss, *args, **kwargs)
+
+    def at_optimizer_step_boundary(self) -> bool:
+        """True when no backward pass waits for an optimizer step (before the first one, or right after
+        :meth:`step` ended a gradient-accumulation cycle): the moment expert migration may run."""
+        return self._pending_backwards == 0
+
     def step(self, lr_kwargs=None):
         """DeepSpeed's step; after an applied optimizer step, every PiperMoE updates its selection bias, then the
         balance controller counts the step (every ``piper.balance.window`` steps it reports the rank loads and
@@ -168,6 +179,7 @@ class PiperEngine(RuntimeGuards, DeepSpeedEngine):
         skipped = self.skipped_steps
         super().step(lr_kwargs)
         if boundary:
+            self._pending_backwards = 0
             applied = self.skipped_steps == skipped
             if applied:
                 for layer in self.piper_moe_layers:

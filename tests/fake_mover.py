@@ -1,8 +1,6 @@
 """A stand-in for ``piper_ds.balance.mover.migrate_experts`` in the balance tests: it rewrites the layers'
 placement (in place, as the dispatcher holds the placement object) and moves no parameter or optimizer state.
 The controller's tests use it to check what the controller asks for, independently of the mover."""
-import sys
-import types
 from dataclasses import dataclass
 
 #: Bytes the fake reports per expert a rank sends (so that the controller's sums can be checked).
@@ -37,14 +35,8 @@ def fake_migrate_experts(engine, moves):
     return FakeMigrationReport(moved, FAKE_BYTES_PER_EXPERT * sent, 0.001)
 
 
-def as_module() -> types.ModuleType:
-    """A module standing for ``piper_ds.balance.mover`` whose ``migrate_experts`` is the fake."""
-    module = types.ModuleType("piper_ds.balance.mover")
-    module.migrate_experts = fake_migrate_experts
-    return module
-
-
 def install() -> None:
-    """Makes ``piper_ds.balance.mover`` this fake for the rest of the current process (a spawned worker; in the
-    test process itself use ``monkeypatch.setitem(sys.modules, "piper_ds.balance.mover", as_module())``)."""
-    sys.modules["piper_ds.balance.mover"] = as_module()
+    """Makes the balance controller call this fake for the rest of the current process (a spawned worker; in the
+    test process itself use ``monkeypatch.setattr(controller, "migrate_experts", fake_migrate_experts)``)."""
+    from piper_ds.balance import controller
+    controller.migrate_experts = fake_migrate_experts

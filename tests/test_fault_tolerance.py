@@ -5,6 +5,7 @@ SIGSTOPped after a chosen step. The cases and what each proves are listed in doc
 import json
 import os
 import re
+import shutil
 
 import pytest
 
@@ -14,11 +15,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "examples", "train.py")
 
 
-def _config(folder, name="ds_config.json", ep_size=2, lr=None, **runtime):
+def _config(folder, name="ds_config.json", ep_size=2, lr=None, zero_stage=2, **runtime):
     """ds_configs/cpu_tiny.json with a metrics line every step, a short process-group timeout and ``runtime``."""
     with open(os.path.join(ROOT, "ds_configs", "cpu_tiny.json")) as f:
         cfg = json.load(f)
     cfg["steps_per_print"] = 1
+    cfg["zero_optimization"]["stage"] = zero_stage
     cfg["piper"]["parallel"]["ep_size"] = ep_size
     cfg["piper"]["runtime"] = {"timeout_s": 30, **runtime}
     if lr is not None:
@@ -77,15 +79,31 @@ def test_rank_killed_during_a_save_resumes_bit_identical(uninterrupted, tmp_path
     assert {step: straight[step] for step in resumed} == resumed  # bit-identical (loss, aux loss)
 
 
-def test_resume_under_another_expert_parallel_size_is_refused(uninterrupted, tmp_path):
-    config = _config(str(tmp_path), ep_size=1)
+def test_resume_under_another_expert_parallel_size_continues_the_run(uninterrupted, tmp_path):
+    save_dir, metrics = str(tmp_path / "ckpt"), str(tmp_path / "m.json")
+    shutil.copytree(uninterrupted["save_dir"], save_dir)  # the resumed run saves too: keep the fixture's folder
+    runs = _train(_config(str(tmp_path), ep_size=1), "--steps", "8", "--save-dir", save_dir, "--resume",
+                  "global_step3", "--metrics-out", metrics)
+    assert [r.returncode for r in runs] == [0, 0], _show(runs)
+    assert (f"loaded checkpoint {os.path.join(save_dir, 'global_step3')} (step 3, saved under [world 2, dp 2, ep 2, "
+            "pp 1, ZeRO-2, 4 experts], optimizer state from piper_state/)") in runs[0].output
+    resumed, straight = _losses(metrics), uninterrupted["losses"]
+    assert sorted(resumed) == [4, 5, 6, 7, 8]
+    # the same tokens per rank (so the same aux loss); gradient norms and ZeRO partitions sum in another order
+    for step, (loss, aux) in resumed.items():
+        assert loss == pytest.approx(straight[step][0], rel=1e-5) and aux == pytest.approx(straight[step][1], rel=1e-5)
+
+
+def test_resume_under_another_zero_stage_is_refused(uninterrupted, tmp_path):
+    config = _config(str(tmp_path), zero_stage=1)
     runs = _train(config, "--steps", "9", "--save-dir", uninterrupted["save_dir"], "--resume")
     assert [r.returncode for r in runs] == [1, 1], _show(runs)
     saved = "world 2, dp 2, ep 2, pp 1, ZeRO-2, 4 experts"
-    now = "world 2, dp 2, ep 1, pp 1, ZeRO-2, 4 experts"
+    now = "world 2, dp 2, ep 2, pp 1, ZeRO-1, 4 experts"
     full = [r for r in runs if "Traceback" in r.output]
     assert len(full) == 1, _show(runs)  # one traceback, from the rank that failed first
-    assert f"saved under layout [{saved}], this run has [{now}]" in full[0].output
+    assert f"saved under layout [{saved}], this run has [{now}]: resuming under another pipeline size or ZeRO " \
+           "stage is refused" in full[0].output
     other = runs[1 - full[0].rank].output.strip().splitlines()[-1]
     assert other.startswith(f"[piper_ds] [rank {1 - full[0].rank}] ValueError: checkpoint "), other
     assert other.endswith(f"(rank {full[0].rank} reported the same error first; see its traceback)"), other

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from piper_ds.balance.load import rank_load_ratios, reduce_window
+from piper_ds.balance.mover import migrate_experts
 from piper_ds.balance.planner import LayerPlan, plan_layer
 from piper_ds.system.migration import expert_migration_bytes
 from piper_ds.tracking.monitor import write_scalars
@@ -132,7 +133,6 @@ class BalanceController:
 
     def _migrate(self, engine, moves: Dict[int, List[Tuple[int, int]]]) -> Tuple[int, float]:
         """Runs the mover; (bytes sent by the stage's ranks, the slowest rank's seconds)."""
-        from piper_ds.balance.mover import migrate_experts  # the mover needs the engine's optimizer internals
         report = migrate_experts(engine, moves)
         sent = torch.tensor([int(report.bytes_sent)], dtype=torch.int64, device=self.device)
         secs = torch.tensor([float(report.seconds)], dtype=torch.float64, device=self.device)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,7 +26,8 @@ from piper_ds.moe.config import MoEConfig
 from piper_ds.ops.experts import grouped_mlp
 
 _WEIGHTS = ("w1", "w2", "w3")
-_PER_EXPERT = "deepspeed_experts"
+#: The state-dict name of the per-expert ModuleList DeepSpeed splits into one checkpoint file per expert.
+PER_EXPERT = "deepspeed_experts"
 
 #: Standard deviation of the expert weights when drawn (the reference model's linear layers use the same).
 INIT_STD = 0.02
@@ -90,6 +91,27 @@ class GroupedExperts(nn.Module):
             self.w_up[slot].copy_(torch.cat(up, dim=1))
             self.w_down[slot].copy_(draw((F, D), seed, e, "w2"))
 
+    @torch.no_grad()
+    def load_expert(self, slot: int, weights: Dict[str, torch.Tensor]) -> None:
+        """Copies one expert's matrices into ``slot``: ``weights`` maps w1 [D, F], w2 [F, D] and (SwiGLU) w3
+        [D, F], the names of the per-expert state dict. ValueError naming the matrix on a missing name or a
+        shape mismatch."""
+        if not 0 <= slot < self.num_local:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_local})")
+        D, F = self.hidden_size, self.d_ffn
+        want = {"w1": (D, F), "w2": (F, D), **({"w3": (D, F)} if self.swiglu else {})}
+        if set(weights) != set(want):
+            raise ValueError(f"expert weights {sorted(weights)} do not match this {self.activation} expert's "
+                             f"{sorted(want)}")
+        for name, shape in want.items():
+            if tuple(weights[name].shape) != shape:
+                raise ValueError(f"expert matrix {name} has shape {tuple(weights[name].shape)}, the layer's experts "
+                                 f"need {shape}")
+        self.w_up[slot, :, :F].copy_(weights["w1"])
+        if self.swiglu:
+            self.w_up[slot, :, F:].copy_(weights["w3"])
+        self.w_down[slot].copy_(weights["w2"])
+
     @property
     def w1(self) -> torch.Tensor:
         """[E_local, D, F] gate (SwiGLU) or up (GELU) projections: a view of ``w_up``."""
@@ -122,10 +144,10 @@ def _per_expert_state_dict(module: GroupedExperts, state_dict, prefix: str, loca
         return
     F = module.d_ffn
     for i in range(up.shape[0]):
-        state_dict[f"{prefix}{_PER_EXPERT}.{i}.w1"] = up[i, :, :F]
+        state_dict[f"{prefix}{PER_EXPERT}.{i}.w1"] = up[i, :, :F]
         if module.swiglu:
-            state_dict[f"{prefix}{_PER_EXPERT}.{i}.w3"] = up[i, :, F:]
-        state_dict[f"{prefix}{_PER_EXPERT}.{i}.w2"] = down[i]
+            state_dict[f"{prefix}{PER_EXPERT}.{i}.w3"] = up[i, :, F:]
+        state_dict[f"{prefix}{PER_EXPERT}.{i}.w2"] = down[i]
 
 
 def _stack_per_expert_state_dict(state_dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys,
@@ -133,7 +155,7 @@ def _stack_per_expert_state_dict(state_dict, prefix: str, local_metadata, strict
     """Inverse of :func:`_per_expert_state_dict` at load time (also accepts the stacked ``w_up``/``w_down``)."""
     stacked = {}
     for name in _WEIGHTS:
-        keys = [f"{prefix}{_PER_EXPERT}.{i}.{name}" for i in range(_count_experts(state_dict, prefix, name))]
+        keys = [f"{prefix}{PER_EXPERT}.{i}.{name}" for i in range(_count_experts(state_dict, prefix, name))]
         if keys:
             stacked[name] = torch.stack([state_dict.pop(k) for k in keys])
     if "w1" in stacked:
@@ -145,6 +167,6 @@ def _stack_per_expert_state_dict(state_dict, prefix: str, local_metadata, strict
 
 def _count_experts(state_dict, prefix: str, name: str) -> int:
     n = 0
-    while f"{prefix}{_PER_EXPERT}.{n}.{name}" in state_dict:
+    while f"{prefix}{PER_EXPERT}.{n}.{name}" in state_dict:
         n += 1
     return n

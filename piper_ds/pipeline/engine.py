@@ -15,8 +15,8 @@ What it adds to ``PipelineEngine``:
   over the pipeline for the monitor; expert migration inside the stage);
 * counts expert load and router losses per MoE layer of the stage (forward hooks) and reports them for the
   whole pipeline (:meth:`PiperPipelineEngine.collect_expert_load`), as PiperEngine does at pp = 1;
-* checkpoints atomically, resumes verified and only under the saved layout, runs a heartbeat watchdog and a
-  divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`);
+* checkpoints atomically (experts by global id), resumes verified, also under another world, dp or EP size,
+  runs a heartbeat watchdog and a divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`);
 * optionally records a timeline (:class:`~piper_ds.pipeline.timeline.TimelineRecorder`) of every instruction
   and every all-to-all.
 """
@@ -162,6 +162,7 @@ class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
                              f"engine, got {type(self).__name__} (initialize_pipeline picks the engine)")
         # Attributes first: PipelineEngine.__init__ runs hooks and instructions that may look at them.
         self.piper_schedule, self.timeline = schedule, timeline
+        self._gradients_pending = False
         model, config = kwargs["model"], kwargs.get("config") or {}
         if not isinstance(model, PipelineModule):
             raise ValueError(f"PiperPipelineEngine needs a PipelineModule, got {type(model).__name__}")
@@ -185,6 +186,19 @@ class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
         self.balance = BalanceController.for_engine(self, piper.balance, self.grid.get_data_parallel_group(),
                                                     self.grid.get_pipe_parallel_group())
         self._setup_runtime(piper)
+
+    def train_batch(self, data_iter=None):
+        """DeepSpeed's train_batch (forward, backward and optimizer step of a whole batch)."""
+        self._gradients_pending = True
+        try:
+            return super().train_batch(data_iter)
+        finally:
+            self._gradients_pending = False
+
+    def at_optimizer_step_boundary(self) -> bool:
+        """True when no gradient waits for an optimizer step: outside :meth:`train_batch`, and inside it once the
+        optimizer step (the schedule's last instruction) has run: the moment expert migration may run."""
+        return not self._gradients_pending
 
     def _check_stage_group_counts(self) -> None:
         """ZeRO all-reduces the gradient norm over the stages once per parameter group: unequal group counts
@@ -240,6 +254,7 @@ class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
     def _exec_optimizer_step(self, lr_kwargs=None):
         skipped = self.skipped_steps
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+        self._gradients_pending = False  # the step consumed them
         applied = self.skipped_steps == skipped
         if applied:
             for layer in self.piper_moe_layers:

@@ -15,12 +15,22 @@ save (every rank calls it)
 
 So ``latest`` only ever names a complete checkpoint.
 
+Experts are stored by global id: DeepSpeed's per-expert files are written under the id of the expert each slot
+really holds (:mod:`piper_ds.runtime.expert_files`), the manifest records every PiperMoE layer's placement, and
+``piper_state/`` holds the optimizer state by parameter name and global expert id
+(:mod:`piper_ds.runtime.layout_free`; ``piper.checkpoint.layout_free_state``). Every file is in the manifest.
+
 load
-  The layout saved in the manifest must equal this run's (ValueError naming both otherwise), and every file
-  must match its manifest entry (the ranks share the checks). With a tag: that checkpoint or a
+  Every file must match its manifest entry (the ranks share the checks). With a tag: that checkpoint or a
   :class:`CheckpointError` naming the bad file. Without: the one ``latest`` names, else the newest complete
   one, saying which and why. A folder without a manifest (written by DeepSpeed itself) loads unverified, with
   a warning. Any file DeepSpeed cannot read is a CheckpointError naming it.
+
+  Under the saved layout DeepSpeed loads everything itself; the saved placements are then restored. Under
+  another world, data-parallel or EP size DeepSpeed loads the module, the LR scheduler and the step counters,
+  the placements are restored (EP size unchanged) or reset to contiguous, and the optimizer state comes from
+  ``piper_state/``. Another pipeline size or ZeRO stage, other expert counts or shapes: a ValueError naming both
+  (:func:`piper_ds.runtime.manifest.resume_refusal`).
 """
 from __future__ import annotations
 
@@ -34,10 +44,13 @@ import torch
 from deepspeed.moe.layer import MoE
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
+from piper_ds.runtime import layout_free
+from piper_ds.runtime.expert_files import (expert_file_redirects, gather_records, has_only_piper_moe,
+                                           restore_placements, rekey_expert)
 from piper_ds.runtime.faults import inject
-from piper_ds.runtime.manifest import (MANIFEST, STAGING_PREFIX, FileEntry, Layout, Manifest, check_file,
-                                       complete_checkpoints, describe_problem, fsync_dir, fsync_file, read_latest,
-                                       read_manifest, sha256_of, write_atomic)
+from piper_ds.runtime.manifest import (MANIFEST, STAGING_PREFIX, FileEntry, Layout, Manifest, MoELayerRecord,
+                                       check_file, complete_checkpoints, describe_problem, fsync_dir, fsync_file,
+                                       read_latest, read_manifest, resume_refusal, sha256_of, write_atomic)
 from piper_ds.runtime.messages import say
 
 _PARTS = ".parts"
@@ -49,24 +62,31 @@ class CheckpointError(RuntimeError):
 
 class RecordingCheckpointEngine(CheckpointEngine):
     """Wraps DeepSpeed's checkpoint engine: records the files this rank writes into the staging folder (and
-    reports each to :func:`piper_ds.runtime.faults.inject`), and names the file when a load fails."""
+    reports each to :func:`piper_ds.runtime.faults.inject`), writes expert files under their true global id
+    (``redirects``, see :func:`piper_ds.runtime.expert_files.expert_file_redirects`), and names the file when a
+    load fails."""
 
     def __init__(self, inner: CheckpointEngine):
         super().__init__()
         self.inner, self.name = inner, inner.name
         self.written: List[str] = []
         self._staging: Optional[Tuple[str, str]] = None  # (staging folder, published tag) during a save
+        self._redirects: Dict[str, Tuple[str, int, int]] = {}
 
-    def begin(self, staging: str, tag: str) -> None:
-        """Starts recording files written under ``staging`` (to be published as ``tag``)."""
-        self._staging, self.written = (staging, tag), []
+    def begin(self, staging: str, tag: str, redirects: Optional[Dict[str, Tuple[str, int, int]]] = None) -> None:
+        """Starts recording files written under ``staging`` (to be published as ``tag``); a path of
+        ``redirects`` is written to its target with the expert id in its keys replaced."""
+        self._staging, self.written, self._redirects = (staging, tag), [], dict(redirects or {})
 
     def end(self) -> List[str]:
         """Stops recording; the paths (relative to the staging folder) written since :meth:`begin`."""
-        self._staging = None
+        self._staging, self._redirects = None, {}
         return list(self.written)
 
     def save(self, state_dict, path: str):
+        if path in self._redirects:
+            path, deepspeed_id, true_id = self._redirects[path]
+            state_dict = rekey_expert(state_dict, deepspeed_id, true_id)
         result = self.inner.save(state_dict, path)
         if self._staging is not None:
             folder, tag = self._staging
@@ -119,7 +139,8 @@ def _check_tag(tag: str) -> None:
 
 class AtomicCheckpoints:
     """Mixin for DeepSpeed engines (before the DeepSpeed class in the bases): atomic save, verified load with
-    fallback, layout check, keep-last-N. Call :meth:`_setup_atomic_checkpoints` after DeepSpeed's __init__."""
+    fallback, experts by global id, resume under another layout, keep-last-N. Call
+    :meth:`_setup_atomic_checkpoints` after DeepSpeed's __init__."""
 
     def _setup_atomic_checkpoints(self, cfg) -> None:
         """``cfg``: the ``piper.checkpoint`` block (:class:`piper_ds.config.CheckpointConfig`)."""
@@ -161,24 +182,37 @@ class AtomicCheckpoints:
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
         _check_tag(tag)
         staging = os.path.join(save_dir, STAGING_PREFIX + tag)
-        layout = self.checkpoint_layout()
+        layout, records = self.checkpoint_layout(), gather_records(self)
+        layout_free_state = self._layout_free_state()
         if self.global_rank == 0:
             os.makedirs(save_dir, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)  # left by a save of this tag that was killed half-way
         # DeepSpeed's save opens with a barrier, so no rank writes into `staging` before it was cleared
         recorder = self.checkpoint_engine
-        recorder.begin(staging, tag)
+        recorder.begin(staging, tag, expert_file_redirects(self, save_dir, STAGING_PREFIX + tag))
         try:
             super().save_checkpoint(save_dir, tag=STAGING_PREFIX + tag, client_state=client_state or {},
                                     save_latest=False, exclude_frozen_parameters=exclude_frozen_parameters)
+            if layout_free_state:
+                layout_free.save_state(self, staging)
         finally:
             written = recorder.end()
         self._write_part(staging, written)
         dist.barrier()
         if self.global_rank == 0:
-            self._publish(save_dir, tag, staging, layout, save_latest)
+            self._publish(save_dir, tag, staging, save_latest,
+                          dict(layout=layout, moe_layers=records, layout_free_state=layout_free_state))
         dist.barrier()  # nobody goes on (or exits) before the checkpoint is visible
         return True
+
+    def _layout_free_state(self) -> bool:
+        """Whether this save writes piper_state/: asked for, and every MoE layer of the run a PiperMoE (a
+        collective: pipeline stages hold different layers)."""
+        import deepspeed.comm as dist
+        ok = torch.tensor([int(self.piper_checkpoint.layout_free_state and has_only_piper_moe(self))],
+                          dtype=torch.int64, device=self.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok)
 
     def _write_part(self, staging: str, written: List[str]) -> None:
         """This rank's part of the manifest: its files, fsynced, with sizes and SHA-256."""
@@ -192,8 +226,9 @@ class AtomicCheckpoints:
         os.makedirs(parts, exist_ok=True)
         write_atomic(os.path.join(parts, f"rank{self.global_rank:06d}.json"), json.dumps(entries))
 
-    def _publish(self, save_dir: str, tag: str, staging: str, layout: Layout, save_latest: bool) -> None:
-        """Rank 0: merge the parts into the manifest, rename the staging folder to ``tag``, point ``latest``."""
+    def _publish(self, save_dir: str, tag: str, staging: str, save_latest: bool, described: dict) -> None:
+        """Rank 0: merge the parts into the manifest (with ``described``: the layout, the MoE layer records and
+        whether the layout-free state was written), rename the staging folder to ``tag``, point ``latest``."""
         import deepspeed.comm as dist
         parts = os.path.join(staging, _PARTS)
         names = sorted(os.listdir(parts))
@@ -214,8 +249,7 @@ class AtomicCheckpoints:
             problem, size = check_file(staging, rel, entry, "size")
             if problem:
                 raise CheckpointError(f"{staging}: {describe_problem(rel, problem, size, entry)} after the save")
-        manifest = Manifest(tag=tag, step=int(self.global_steps), published_at=time.time(), layout=layout,
-                            files=files)
+        manifest = Manifest(tag=tag, step=int(self.global_steps), published_at=time.time(), files=files, **described)
         write_atomic(os.path.join(staging, MANIFEST), manifest.model_dump_json(indent=1))
         final, replaced = os.path.join(save_dir, tag), os.path.join(save_dir, f".replaced.{tag}")
         if os.path.exists(final):  # saving a tag again: move the old one aside, then swap
@@ -247,21 +281,34 @@ class AtomicCheckpoints:
 
         ``tag`` None: the checkpoint ``latest`` names, or when it is damaged or missing, the newest complete
         one (saying which and why); (None, None) when the folder holds none. A ``tag``: that checkpoint, or a
-        :class:`CheckpointError` naming the damaged file. A checkpoint saved under another layout is refused
-        with a ValueError naming both layouts. Prints the folder and step loaded (rank 0)."""
-        layout = self.checkpoint_layout()
-        chosen = self._choose(load_dir, tag, layout)
+        :class:`CheckpointError` naming the damaged file. Under the saved layout DeepSpeed loads everything; under
+        another world, data-parallel or EP size the optimizer state comes from the layout-free state (see the
+        module docstring). A checkpoint this run cannot resume from is refused with a ValueError naming both
+        layouts and the reason. Prints the folder and step loaded (rank 0)."""
+        layout, records = self.checkpoint_layout(), gather_records(self)
+        chosen = self._choose(load_dir, tag, layout, records)
         if chosen is None:
             return None, None
+        folder = os.path.join(load_dir, chosen)
+        manifest = read_manifest(folder)
+        elastic = manifest is not None and manifest.layout != layout
         path, client_state = super().load_checkpoint(
-            load_dir, tag=chosen, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+            load_dir, tag=chosen, load_module_strict=load_module_strict,
+            load_optimizer_states=load_optimizer_states and not elastic,
             load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
             custom_load_fn=custom_load_fn)
-        if path is not None:
-            say(f"loaded checkpoint {os.path.join(load_dir, chosen)} (step {self.global_steps})")
+        if path is None:
+            return path, client_state
+        restore_placements(self, manifest.moe_layers if manifest is not None else {}, load_dir, chosen)
+        if elastic and load_optimizer_states and not load_module_only:
+            layout_free.load_state(self, folder)
+        how = f", saved under [{manifest.layout.describe()}], optimizer state from {layout_free.STATE_DIR}/" \
+            if elastic else ""
+        say(f"loaded checkpoint {folder} (step {self.global_steps}{how})")
         return path, client_state
 
-    def _choose(self, load_dir: str, tag: Optional[str], layout: Layout) -> Optional[str]:
+    def _choose(self, load_dir: str, tag: Optional[str], layout: Layout,
+                records: Dict[str, MoELayerRecord]) -> Optional[str]:
         """The tag to load (see :meth:`load_checkpoint`); the same on every rank."""
         if tag is not None:
             folder = os.path.join(load_dir, str(tag))
@@ -272,7 +319,7 @@ class AtomicCheckpoints:
                 say(f"warning: {folder} has no {MANIFEST} (saved by DeepSpeed itself?): loading it unverified, "
                     "its layout unchecked")
                 return str(tag)
-            problem = self._problem(folder, manifest, layout)
+            problem = self._problem(folder, manifest, layout, records)
             if problem:
                 raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
             return str(tag)
@@ -294,7 +341,7 @@ class AtomicCheckpoints:
             candidates = sorted(candidates, key=lambda m: m.tag != latest)  # latest's first, then newest first
         for manifest in candidates:
             folder = os.path.join(load_dir, manifest.tag)
-            problem = self._problem(folder, manifest, layout)
+            problem = self._problem(folder, manifest, layout, records)
             if problem is None:
                 if rejected:
                     say(f"{'; '.join(rejected)}: loading {folder} (step {manifest.step}) instead")
@@ -304,15 +351,16 @@ class AtomicCheckpoints:
             raise CheckpointError(f"no complete checkpoint in {load_dir}: {'; '.join(rejected)}")
         return None
 
-    def _problem(self, folder: str, manifest: Manifest, layout: Layout) -> Optional[str]:
+    def _problem(self, folder: str, manifest: Manifest, layout: Layout,
+                 records: Dict[str, MoELayerRecord]) -> Optional[str]:
         """None when checkpoint ``folder`` is whole; else its first problem, naming the file (a collective: file
-        i is checked by rank i mod world size). ValueError when it was saved under another layout."""
+        i is checked by rank i mod world size). ValueError when this run cannot resume from it (its layout or
+        model does not fit, :func:`piper_ds.runtime.manifest.resume_refusal`)."""
         import deepspeed.comm as dist
-        if manifest.layout != layout:
+        refusal = resume_refusal(manifest, layout, records)
+        if refusal is not None:
             raise ValueError(f"checkpoint {folder} was saved under layout [{manifest.layout.describe()}], this run "
-                             f"has [{layout.describe()}]: resuming under another layout is refused (ZeRO optimizer "
-                             "shards and expert files would load into the wrong places); resume with the saved "
-                             "layout")
+                             f"has [{layout.describe()}]: {refusal}")
         names = sorted(manifest.files)
         found = torch.zeros(2, max(len(names), 1), dtype=torch.int64, device=self.device)  # (problem, size + 1)
         world, rank = dist.get_world_size(), dist.get_rank()

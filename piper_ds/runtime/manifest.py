@@ -1,12 +1,20 @@
 """What a complete checkpoint is: its layout, its manifest (every file's size and SHA-256) and how to check it.
 
-A published checkpoint folder ``<save_dir>/<tag>/`` holds DeepSpeed's files unchanged (one per expert, ZeRO
-optimizer shards, model states) plus ``piper_manifest.json``::
+A published checkpoint folder ``<save_dir>/<tag>/`` holds DeepSpeed's files (one per expert, keyed by the
+expert's global id; ZeRO optimizer shards; model states), the layout-free optimizer state under ``piper_state/``
+(:mod:`piper_ds.runtime.layout_free`) and ``piper_manifest.json``::
 
-    {"format": 1, "tag": "global_step10", "step": 10, "published_at": 1767000000.0,
+    {"format": 2, "tag": "global_step10", "step": 10, "published_at": 1767000000.0,
      "layout": {"world_size": 2, "dp_size": 2, "ep_size": 2, "pp_size": 1, "zero_stage": 2,
                 "num_experts": 4},
+     "moe_layers": {"blocks.1.ffn.moe": {"num_experts": 4, "ep_size": 2, "rank_of": [0, 1, 1, 0],
+                                         "slot_of": [0, 1, 0, 1],
+                                         "expert_shapes": {"w_up": [64, 64], "w_down": [32, 64]}}, ...},
+     "layout_free_state": true,
      "files": {"mp_rank_00_model_states.pt": {"size": 123, "sha256": "..."}, ...}}
+
+Every file of the folder, ``piper_state/`` included, is in ``files``. Format 1 manifests (no ``moe_layers``, no
+layout-free state) still load, under their own layout only.
 
 Nothing here talks to other ranks; :mod:`piper_ds.runtime.checkpoint` does.
 """
@@ -21,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST = "piper_manifest.json"
 STAGING_PREFIX = ".staging."
-FORMAT = 1
+FORMAT = 2
 
 
 class Layout(BaseModel):
@@ -40,6 +48,19 @@ class Layout(BaseModel):
         """One line, e.g. ``world 2, dp 2, ep 2, pp 1, ZeRO-2, 4 experts``."""
         return (f"world {self.world_size}, dp {self.dp_size}, ep {self.ep_size}, pp {self.pp_size}, "
                 f"ZeRO-{self.zero_stage}, {self.num_experts} experts")
+
+
+class MoELayerRecord(BaseModel):
+    """One PiperMoE layer as saved: its expert count, EP size, placement and the shape of one expert's stacked
+    parameters (``w_up`` [D, W], ``w_down`` [F, D]): what a resume under another layout checks and restores."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_experts: int
+    ep_size: int
+    rank_of: List[int] = Field(description="EP rank of each global expert id.")
+    slot_of: List[int] = Field(description="Slot of each global expert id on its rank.")
+    expert_shapes: Dict[str, List[int]] = Field(description="Parameter name -> shape of one expert's slice.")
 
 
 class FileEntry(BaseModel):
@@ -61,6 +82,10 @@ class Manifest(BaseModel):
     step: int
     published_at: float
     layout: Layout
+    moe_layers: Dict[str, MoELayerRecord] = Field(
+        default_factory=dict, description="PiperMoE layers by module name (all pipeline stages).")
+    layout_free_state: bool = Field(
+        False, description="piper_state/ holds the optimizer state by parameter name and global expert id.")
     files: Dict[str, FileEntry]
 
 
@@ -182,3 +207,34 @@ def complete_checkpoints(save_dir: str) -> List[Manifest]:
         if manifest is not None and manifest.tag == name:
             found.append(manifest)
     return sorted(found, key=lambda m: (m.step, m.published_at), reverse=True)
+
+
+def resume_refusal(manifest: Manifest, layout: Layout, records: Dict[str, MoELayerRecord]) -> Optional[str]:
+    """Why a run with ``layout`` and PiperMoE layers ``records`` (by module name) cannot resume from the
+    checkpoint of ``manifest``, or None when it can: under the saved layout through DeepSpeed's own load, under
+    another world, data-parallel or EP size through the layout-free state. The expert counts and shapes of every
+    MoE layer must match; the pipeline size and the ZeRO stage must stay."""
+    saved = manifest.layout
+    if manifest.moe_layers or manifest.format >= 2:
+        if set(manifest.moe_layers) != set(records):
+            return (f"its MoE layers {sorted(manifest.moe_layers)} are not this model's {sorted(records)}")
+        for name, record in sorted(records.items()):
+            was = manifest.moe_layers[name]
+            if was.num_experts != record.num_experts:
+                return f"MoE layer {name!r} has {was.num_experts} experts in the checkpoint and {record.num_experts} here"
+            if was.expert_shapes != record.expert_shapes:
+                return (f"the experts of MoE layer {name!r} have shapes {was.expert_shapes} in the checkpoint and "
+                        f"{record.expert_shapes} here")
+    if saved == layout:
+        return None
+    if saved.num_experts != layout.num_experts:
+        return f"it has {saved.num_experts} experts per MoE layer and this model {layout.num_experts}"
+    if (saved.pp_size, saved.zero_stage) != (layout.pp_size, layout.zero_stage):
+        return (f"resuming under another pipeline size or ZeRO stage is refused (the optimizer state is saved per "
+                f"stage and sharded the way that ZeRO stage shards it): resume with pp {saved.pp_size} and "
+                f"ZeRO-{saved.zero_stage}")
+    if not manifest.layout_free_state:
+        return ("it has no layout-free optimizer state (saved by DeepSpeed itself, by an older piper_ds, with "
+                "piper.checkpoint.layout_free_state false or with stock DeepSpeed MoE layers), so it loads only "
+                "under the saved layout")
+    return None
