@@ -1,10 +1,10 @@
 """Expert migration is exact: on 4 gloo ranks (fp32, AdamW with a warm-up schedule), runs that swap experts
 between EP ranks after steps 1 and 3 end, after 6 steps, with the same losses, the same parameters (gathered by
 global expert id) and the same optimizer state (fp32 master, exp_avg, exp_avg_sq, step) as the same runs without
-migration: ep = 2 under ZeRO-0, 1 and 2 (expert state partitioned over the 2 expert-data-parallel ranks under
-ZeRO-1/2), ep = 4 under ZeRO-2 only (the ZeRO-0/1 paths are the ep = 2 ones; this keeps the test short), and
-pp = 2 x ep = 2 under ZeRO-1 (each stage swaps in its own layers; its checkpoint after the migrations resumes at
-pp = 2 x ep = 1 with the same losses, to 1e-6 relative).
+migration: ep = 2 and ep = 4 under ZeRO-0, 1 and 2 (at ep = 2 the expert state is partitioned over the 2
+expert-data-parallel ranks under ZeRO-1/2; at ep = 4 each expert has one rank), and pp = 2 x ep = 2 under
+ZeRO-1 (each stage swaps in its own layers; its checkpoint after the migrations resumes at pp = 2 x ep = 1 with
+the same losses, to 1e-6 relative).
 
 Bit for bit without gradient clipping: a swapped expert computes on the same rows in the same order, each token
 sums its two (top-2) expert outputs, a sum of two terms is the same in either order, and Adam is elementwise.
@@ -23,7 +23,8 @@ MOVES = {  # after step: moves (layer index -> pairs of global expert ids)
     2: {1: {0: [(0, 2)], 1: [(1, 3), (0, 2)]}, 3: {0: [(2, 3), (1, 0)]}},
     4: {1: {0: [(0, 3), (1, 2)], 1: [(0, 1)]}, 3: {0: [(3, 1)], 1: [(2, 3)]}},
 }
-CASES = [(2, 0, 0.0), (2, 1, 0.0), (2, 2, 0.0), (2, 2, 1.0), (4, 2, 0.0)]  # (ep, ZeRO stage, gradient clipping)
+#: (ep, ZeRO stage, gradient clipping)
+CASES = [(2, 0, 0.0), (2, 1, 0.0), (2, 2, 0.0), (2, 2, 1.0), (4, 0, 0.0), (4, 1, 0.0), (4, 2, 0.0)]
 
 
 def _run(rank, ep, stage, clip, migrate):

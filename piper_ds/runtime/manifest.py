@@ -221,7 +221,8 @@ def resume_refusal(manifest: Manifest, layout: Layout, records: Dict[str, MoELay
         for name, record in sorted(records.items()):
             was = manifest.moe_layers[name]
             if was.num_experts != record.num_experts:
-                return f"MoE layer {name!r} has {was.num_experts} experts in the checkpoint and {record.num_experts} here"
+                return (f"MoE layer {name!r} has {was.num_experts} experts in the checkpoint and "
+                        f"{record.num_experts} here")
             if was.expert_shapes != record.expert_shapes:
                 return (f"the experts of MoE layer {name!r} have shapes {was.expert_shapes} in the checkpoint and "
                         f"{record.expert_shapes} here")
