@@ -68,12 +68,13 @@ def save_state(engine, folder: str) -> None:
     for _, layer_name, layer in piper_moe_layers(engine):
         writer = groups._get_expert_data_parallel_rank(layer.expert_group_name) == 0
         params = list(layer.deepspeed_moe.experts.named_parameters())
-        states = [(name, access.get(p), access.param_group(p)) for name, p in params]
-        if not writer:
-            continue
         for slot, expert in enumerate(layer.placement.local_experts(layer.ep_rank)):
-            records = {name: _record(state, group, slot) for name, state, group in states}
-            engine.checkpoint_engine.save(records, os.path.join(folder, expert_file(layer_name, expert)))
+            # one slot at a time: gathering a whole stacked parameter would hold the fp32 master weights and both
+            # moments of all its experts at once (every rank of the expert-data-parallel group joins each get)
+            records = {name: _record(access.get(p, rows=(slot, slot + 1)), access.param_group(p), 0)
+                       for name, p in params}
+            if writer:
+                engine.checkpoint_engine.save(records, os.path.join(folder, expert_file(layer_name, expert)))
 
 
 # ---------------------------------------------------------------------------------------------------- load
