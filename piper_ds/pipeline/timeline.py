@@ -66,7 +66,7 @@ class TimelineRecorder:
         import deepspeed.comm as dist
         self.rank, self.stage = dist.get_rank(), engine.stage_id
         if self.cuda is None:
-            self.cuda = engine.device.type == "cuda" if hasattr(engine.device, "type") else "cuda" in str(engine.device)
+            self.cuda = torch.device(engine.device).type == "cuda"  # DeepSpeed's device: a torch.device, str or int
         engine.module.timeline = self
         from piper_ds.moe import PiperMoE
         for m in engine.module.modules():
