@@ -224,7 +224,7 @@ def _target(value: Optional[float], op: str, bound: float, applies: bool = True)
 
 
 def compare(static: Dict[str, Any], moving: Dict[str, Any], window: int, skewed: bool) -> Dict[str, Any]:
-    """Migration against static placement (both summarised by :func:`summarize_run`), with the issue's targets
+    """Migration against static placement (both summarised by :func:`summarize_run`), with the benchmark's targets
     (``met``: True / False, None where it does not apply or nothing was measured)."""
     s, m = static["summary"], moving["summary"]
     migrations = [w for w in moving["windows"] if w["moves"]]
