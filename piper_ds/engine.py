@@ -181,10 +181,7 @@ class PiperEngine(RuntimeGuards, DeepSpeedEngine):
         if boundary:
             self._pending_backwards = 0
             applied = self.skipped_steps == skipped
-            if applied:
-                for layer in self.piper_moe_layers:
-                    layer.update_selection_bias()
-                self.balance.after_applied_step(self)
+            self.balance.after_optimizer_step(self, applied)
             self._after_optimizer_step(applied)
 
     @torch.no_grad()

@@ -93,6 +93,15 @@ class BalanceController:
         return cls(config, layers, engine.expert_load, [expert_bytes(engine, layer) for layer in layers],
                    reduce_group=reduce_group, pipe_group=pipe_group, device=engine.device)
 
+    def after_optimizer_step(self, engine, applied: bool) -> Optional[WindowReport]:
+        """What the engines run after every optimizer step: when it was ``applied``, every PiperMoE updates its
+        selection bias (aux-loss-free balancing), then :meth:`after_applied_step` counts the step."""
+        if not applied:
+            return None
+        for layer in self.layers:
+            layer.update_selection_bias()
+        return self.after_applied_step(engine)
+
     def after_applied_step(self, engine) -> Optional[WindowReport]:
         """Counts an applied optimizer step; at the end of a window runs steps 1-4 of the module docstring and
         returns the :class:`WindowReport` (also kept in :attr:`reports`), else None. A collective at a

@@ -1,5 +1,5 @@
-"""What every measurement tool needs: timing of one call on the device, the distributed start of a benchmark
-launch, and the metadata of a record (commit, device name)."""
+"""What every measurement tool needs: timing of one call on the device, marks on the device's queue (:class:`Clock`),
+the distributed start of a benchmark launch, and the metadata of a record (commit, device name)."""
 from __future__ import annotations
 
 import os
@@ -88,3 +88,21 @@ def commit() -> Optional[str]:
 def device_name(device: torch.device) -> str:
     """The GPU's name, or 'cpu'."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+class Clock:
+    """Marks on the device's queue: CUDA events recorded on the current stream on a GPU, the host clock on CPU.
+    Read :meth:`seconds` after the device has reached both marks (after a synchronisation)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start

@@ -32,12 +32,11 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any, Dict, List
 
 import torch
 
-from piper_ds.bench.common import commit, device_name, init_distributed
+from piper_ds.bench.common import Clock, commit, device_name, init_distributed
 
 SHAPES = {
     "xmoe-small": dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
@@ -104,16 +103,18 @@ def run_peer(peer: str, args, config, seq: int, flops_per_token: float, device: 
     tput = Throughput(args.micro_batch * seq, flops_per_token, 1, args.peak_tflops)
     losses: List[float] = []
     optimizer_s: List[float] = []
+    clock = Clock(device)
     for step in range(args.steps):
         ids = data.get("train", step, 0, 0)[0].to(device)
         tput.start()
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
-        with _Timed(device) as opt:
-            engine.step()
-        tput.stop()
+        before = clock.mark()
+        engine.step()
+        after = clock.mark()
+        tput.stop()  # synchronises: both marks are reached
         losses.append(loss.item())
-        optimizer_s.append(opt.seconds)
+        optimizer_s.append(clock.seconds(before, after))
     summary = tput.summary(args.warmup)
     step_opt = statistics.median(optimizer_s[args.warmup:])
     record = dict(peer=peer, step_s=summary["median_step_time_s"], tokens_per_s=summary["tokens_per_s"],
@@ -127,36 +128,6 @@ def run_peer(peer: str, args, config, seq: int, flops_per_token: float, device: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return record
-
-
-class _Timed:
-    """Seconds of the block's device work: CUDA events on a GPU (read after the step's own sync), else wall
-    clock."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self._seconds = 0.0
-
-    def __enter__(self) -> "_Timed":
-        if self.cuda:
-            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self._end.record()
-        else:
-            self._seconds = time.perf_counter() - self._t0
-
-    @property
-    def seconds(self) -> float:
-        if self.cuda:
-            self._end.synchronize()
-            return self._start.elapsed_time(self._end) / 1e3
-        return self._seconds
 
 
 def _init() -> torch.device:

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from piper_ds.bench.common import Clock
 from piper_ds.moe.router import RouterOutput, TopKGateFP32
 
 
@@ -76,24 +77,6 @@ class Popularity:
         out = torch.empty_like(self.log_p_R)
         out[self.order] = self.log_p_R
         return out
-
-
-class Clock:
-    """Marks on the device's queue: CUDA events recorded on the current stream on a GPU, the host clock on CPU.
-    Read :meth:`seconds` after the device has reached both marks (after a synchronisation)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, start, end) -> float:
-        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
 
 
 class MoEForwardTimer:

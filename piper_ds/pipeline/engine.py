@@ -256,10 +256,7 @@ class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
         self._gradients_pending = False  # the step consumed them
         applied = self.skipped_steps == skipped
-        if applied:
-            for layer in self.piper_moe_layers:
-                layer.update_selection_bias()
-            self.balance.after_applied_step(self)
+        self.balance.after_optimizer_step(self, applied)
         self._after_optimizer_step(applied)
 
     def _exec_schedule(self, pipe_schedule):
