@@ -8,6 +8,8 @@
     piper_permute_cpu  dispatch plans and row moves, CPU only    (any C++ compiler)
     piper_activation   expert SwiGLU/GELU, CUDA kernels + CPU path
     piper_activation_cpu  the same, CPU path only
+    piper_adamw        Adam(W) over fp32 master weights (the ZeRO step), CUDA + CPU
+    piper_adamw_cpu    the same, CPU path only
 
 It is found by scanning this package's modules for concrete builders (as DeepSpeed does for its own), so an op
 registers itself by adding a module here. Importing this package is light: the builders (which import

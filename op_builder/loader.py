@@ -20,8 +20,10 @@ from typing import Dict, Optional, Tuple
 
 BACKENDS = ("auto", "cuda", "cpu", "reference")
 
-_CUDA_BUILDER = {"gating": "GatingBuilder", "permute": "PermuteBuilder", "activation": "ActivationBuilder"}
-_CPU_BUILDER = {"gating": "GatingCPUBuilder", "permute": "PermuteCPUBuilder", "activation": "ActivationCPUBuilder"}
+_CUDA_BUILDER = {"gating": "GatingBuilder", "permute": "PermuteBuilder", "activation": "ActivationBuilder",
+                 "adamw": "AdamWBuilder"}
+_CPU_BUILDER = {"gating": "GatingCPUBuilder", "permute": "PermuteCPUBuilder", "activation": "ActivationCPUBuilder",
+                "adamw": "AdamWCPUBuilder"}
 _cache: Dict[Tuple[str, str, str], object] = {}
 _failed: Dict[str, str] = {}
 
@@ -33,8 +35,8 @@ def check_backend(backend: str) -> None:
 
 
 def _builder(op: str, cuda: bool):
-    from . import activation, gating, permute  # the modules hold the builder classes
-    module = {"gating": gating, "permute": permute, "activation": activation}[op]
+    from . import activation, adamw, gating, permute  # the modules hold the builder classes
+    module = {"gating": gating, "permute": permute, "activation": activation, "adamw": adamw}[op]
     return getattr(module, (_CUDA_BUILDER if cuda else _CPU_BUILDER)[op])()
 
 
@@ -67,7 +69,7 @@ def _auto_cpu(op: str):
 
 
 def get_op(op: str, device_type: str, backend: str = "auto") -> Optional[object]:
-    """The compiled module that runs ``op`` ("gating", "permute" or "activation") on ``device_type`` tensors, or None.
+    """The compiled module that runs ``op`` (a key of ``_CUDA_BUILDER``) on ``device_type`` tensors, or None.
 
     None means: use the PyTorch reference. Raises ValueError for a backend that cannot serve the device and
     RuntimeError when a forced backend cannot be built.

@@ -142,6 +142,19 @@ class CheckpointConfig(BaseModel):
         "size; costs one more copy of the optimizer state on disk and a gather at every save.")
 
 
+class OptimizerConfig(BaseModel):
+    """How the engines run DeepSpeed's optimizer (piper_ds.runtime.zero_step)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fused_step: Literal["auto", "on", "off"] = Field(
+        "auto", description="ZeRO stage 1/2 step with one fused Adam(W) pass per gradient tensor (reads the bf16 "
+        "gradient, clips, updates the fp32 master and moments, writes the bf16 weights) instead of DeepSpeed's five "
+        "passes. 'auto': where supported (torch Adam/AdamW, i.e. \"torch_adam\": true; bf16 or fp32; no "
+        "offload), else DeepSpeed's step with a log line saying why; 'on': an error if unsupported; 'off': "
+        "DeepSpeed's step.")
+
+
 class PiperConfig(BaseModel):
     """The ``"piper"`` block. ``model`` is a :class:`ModelSpec` block: ``{"preset": name, **overrides}`` or all
     fields; ``moe`` holds the routing/dispatch options of every MoE layer (its ``top_k``, ``activation`` and
@@ -164,6 +177,8 @@ class PiperConfig(BaseModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Atomic checkpoints.")
     balance: BalanceConfig = Field(default_factory=BalanceConfig,
                                    description="Expert-load window and expert migration between EP ranks.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig,
+                                       description="The ZeRO optimizer step (fused or DeepSpeed's).")
 
     @field_validator("model", mode="before")
     @classmethod

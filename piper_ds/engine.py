@@ -11,7 +11,8 @@ What it adds to ``DeepSpeedEngine`` (DeepSpeed 0.19.x):
 * counts expert load per MoE layer (forward hooks) and writes metrics through ``engine.monitor``, so the
   ds_config's "wandb" / "csv_monitor" / "tensorboard" blocks work unchanged;
 * checkpoints atomically (experts by global id), resumes verified, also under another world, dp or EP size,
-  runs a heartbeat watchdog and a divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`).
+  runs a heartbeat watchdog and a divergence guard (:class:`piper_ds.runtime.guards.RuntimeGuards`);
+* under ZeRO-1/2 runs the fused optimizer step (:mod:`piper_ds.runtime.zero_step`, ``piper.optimizer``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from piper_ds.balance import BalanceController
 from piper_ds.config import PiperConfig, parse_piper_config, zero_stage
 from piper_ds.moe import PiperMoE
 from piper_ds.runtime.guards import RuntimeGuards
+from piper_ds.runtime.zero_step import FusedZeroStep
 from piper_ds.tracking.expert_load import ExpertLoadCounter, mean_router_losses
 from piper_ds.tracking.monitor import log_config_to_wandb, log_expert_histograms, write_scalars
 
@@ -117,7 +119,7 @@ def check_param_groups(model: torch.nn.Module, groups: List[Mapping[str, Any]]) 
 
 
 # ------------------------------------------------------------------------------------------------ engine
-class PiperEngine(RuntimeGuards, DeepSpeedEngine):
+class PiperEngine(RuntimeGuards, FusedZeroStep, DeepSpeedEngine):
     """``DeepSpeedEngine`` for MoE models built on :class:`piper_ds.moe.PiperMoE` (or stock DeepSpeed MoE).
 
     Same constructor as ``DeepSpeedEngine`` plus ``piper_config`` (parsed from ``config["piper"]`` when None).

@@ -23,12 +23,15 @@ except ImportError:  # a source checkout without `pip install -e .`
     from op_builder import ALL_OPS, builder as ob_builder, loader
 
 
+OPS = ("gating", "permute", "activation", "adamw")
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_ops():
-    """{"gating": module, "permute": module}: the CPU builds, compiled in parallel on first use."""
+    """{"gating": module, "permute": module, ...}: the CPU builds, compiled in parallel on first use."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        mods = list(pool.map(lambda op: loader.get_op(op, "cpu", "cpu"), ("gating", "permute", "activation")))
-    return dict(zip(("gating", "permute", "activation"), mods))
+        mods = list(pool.map(lambda op: loader.get_op(op, "cpu", "cpu"), OPS))
+    return dict(zip(OPS, mods))
 
 
 def _nvcc_found() -> bool:
@@ -37,8 +40,7 @@ def _nvcc_found() -> bool:
 
 
 def test_all_ops_are_named_and_point_at_absolute_sources():
-    assert {"piper_gating", "piper_gating_cpu", "piper_permute", "piper_permute_cpu", "piper_activation",
-            "piper_activation_cpu"} <= set(ALL_OPS)
+    assert {f"piper_{op}{flavour}" for op in OPS for flavour in ("", "_cpu")} <= set(ALL_OPS)
     for name, cls in ALL_OPS.items():
         b = cls()
         assert name == b.NAME == b.name and name.startswith("piper_")
@@ -101,7 +103,7 @@ def test_backend_argument_is_checked():
 def test_cpu_ops_build_and_auto_uses_them_once_built():
     mods = cpu_ops()
     assert not mods["gating"].has_cuda() or torch.cuda.is_available()
-    for op in ("gating", "permute", "activation"):
+    for op in OPS:
         assert loader.get_op(op, "cpu", "auto") is not None  # built: "auto" picks the C++ op for CPU tensors
         assert loader.get_op(op, "cpu", "reference") is None
 
@@ -111,7 +113,7 @@ def test_env_report_lists_every_op(capsys):
     from piper_ds import env
     rows = {r["op"]: r for r in env.op_rows()}
     assert set(rows) == set(ALL_OPS)
-    for name in ("piper_gating_cpu", "piper_permute_cpu", "piper_activation_cpu"):
+    for name in (f"piper_{op}_cpu" for op in OPS):
         assert rows[name]["compatible"] == "True" and rows[name]["built"] in ("JIT cache", "AOT")
     info = env.environment()
     assert info["torch"] == torch.__version__ and "sm_90" in info["CUDA targets"]

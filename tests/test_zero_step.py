@@ -47,3 +47,26 @@ def test_calibrate_keeps_the_measured_step_or_warns(monkeypatch, capsys):
     prof = calibrate._calibrate_optimizer(PlatformProfile(), torch.device("cuda", 0))
     assert prof.optimizer_ns_per_param is None and "out of memory" in prof.measurements["zero_step"]["error"]
     assert "WARNING: ZeRO step benchmark failed (CUDA out of memory)" in capsys.readouterr().out
+
+
+def test_zero_step_cli_times_both_steps_on_cpu(tmp_path, capsys):
+    import json
+
+    from piper_ds.bench.zero_step import main
+    out = tmp_path / "zero_step.json"
+    records = main(["--numel", str(3 * 4096), "--tensor-numel", "4096", "--iters", "1", "--warmup", "0",
+                    "--out", str(out)])
+    assert [r["step"] for r in records] == ["fused", "deepspeed"] and [r["peer"] for r in records] == ["piper",
+                                                                                                      "deepspeed"]
+    assert json.loads(out.read_text()) == records
+    for r in records:
+        assert r["numel"] == 3 * 4096 and r["ms"] > 0 and r["command"].startswith("python -m piper_ds.bench")
+    assert "fused" in capsys.readouterr().out
+
+
+def test_zero_step_rejects_unknown_steps():
+    from piper_ds.bench.zero_step import main
+    with pytest.raises(ValueError, match="step must be one of"):
+        bench_zero_step(torch.device("cpu"), step="apex")
+    with pytest.raises(ValueError, match="unknown steps"):
+        main(["--steps", "fused,apex"])

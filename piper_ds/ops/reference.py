@@ -260,3 +260,36 @@ def unpack_segments_reference(packed_ND: torch.Tensor, dst_SD: torch.Tensor, sta
     """Scatters a packed message's consecutive pieces to the K row segments of dst (in place); returns dst."""
     dst_SD[segment_row_index(starts_K, lengths_K)] = packed_ND
     return dst_SD
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+def adamw_reference(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                    lowp: Optional[torch.Tensor], step: float, lr: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, decoupled: bool = True,
+                    grad_multiplier: Optional[torch.Tensor] = None) -> None:
+    """One Adam(W) step of a 1-D fp32 ``master`` range, in place, from ``grad`` (any float dtype, as many elements).
+
+    torch.optim.Adam's single-tensor update in its own order of operations (so fp32 results are bit-identical
+    to it), with two additions: the gradient is first multiplied by ``grad_multiplier`` (a 0-dim fp32 tensor:
+    gradient clipping or loss-scale division), and ``lowp`` (1-D, as long as master) receives the updated
+    master, rounded. ``step``: the step count of this update (>= 1). ``decoupled``: AdamW's weight decay on
+    the weights, else Adam's L2 term added to the gradient. ``grad`` is never written.
+    """
+    g = grad.reshape(-1).to(torch.float32)
+    if grad_multiplier is not None:
+        g = g * grad_multiplier
+    if weight_decay != 0:
+        if decoupled:
+            master.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(master, alpha=weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2 ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    master.addcdiv_(exp_avg, denom, value=-step_size)
+    if lowp is not None:
+        lowp.copy_(master)

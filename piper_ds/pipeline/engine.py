@@ -38,6 +38,7 @@ from piper_ds.moe import PiperMoE
 from piper_ds.pipeline.groups import MeshLayout, check_groups
 from piper_ds.pipeline.schedules import OverlapBackwardPass, OverlapForwardPass, make_schedule
 from piper_ds.runtime.guards import RuntimeGuards
+from piper_ds.runtime.zero_step import FusedZeroStep
 from piper_ds.system.deepspeed_rules import MOE_GROUP_MAX_NUMEL, greedy_groups
 from piper_ds.tracking.expert_load import ExpertLoadCounter, mean_router_losses
 from piper_ds.tracking.monitor import log_expert_histograms
@@ -144,7 +145,7 @@ def _agree_across_stages(pipe_group, has_dense: bool, names: List[str], counts: 
     return [int(c) for c in torch.minimum(most, fewest).tolist()]
 
 
-class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
+class PiperPipelineEngine(RuntimeGuards, FusedZeroStep, PipelineEngine):
     """``PipelineEngine`` running a pipelined MoE model. Same constructor as ``PipelineEngine`` plus:
 
     Args:
@@ -170,6 +171,7 @@ class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]  # stock DeepSpeed MoE included
         self.piper_moe_layers = [m for m in self.moe_layers if isinstance(m, PiperMoE)]
         self.expert_load = ExpertLoadCounter(model)
+        self.piper_config = parse_piper_config(load_ds_config(config))
         opt = kwargs.get("optimizer")
         if not isinstance(opt, torch.optim.Optimizer) and kwargs.get("model_parameters") is None:
             kwargs["model_parameters"] = moe_param_groups(model, model.mpu().get_pipe_parallel_group())
@@ -182,10 +184,10 @@ class PiperPipelineEngine(RuntimeGuards, PipelineEngine):
                              f"train_micro_batch_size_per_gpu ({self.micro_batch_size}) must be even")
         if timeline is not None:
             timeline.attach(self)
-        piper = parse_piper_config(load_ds_config(config))
-        self.balance = BalanceController.for_engine(self, piper.balance, self.grid.get_data_parallel_group(),
+        self.balance = BalanceController.for_engine(self, self.piper_config.balance,
+                                                    self.grid.get_data_parallel_group(),
                                                     self.grid.get_pipe_parallel_group())
-        self._setup_runtime(piper)
+        self._setup_runtime(self.piper_config)
 
     def train_batch(self, data_iter=None):
         """DeepSpeed's train_batch (forward, backward and optimizer step of a whole batch)."""
