@@ -1,8 +1,8 @@
 """The fused ZeRO step (piper_ds.runtime.zero_step) against DeepSpeed's own step, on 2 gloo ranks (tier 3).
 
 Without active clipping the two steps give the same bits (losses, weights, Adam moments); with clipping the
-coefficient comes from a norm accumulated in fp32 instead of fp64, so they agree to its rounding. Checkpoints
-written by one step resume under the other.
+coefficient comes from a norm accumulated in fp32 instead of fp64, so they agree to its rounding. The pipeline
+engine takes the same step. Checkpoints written by one step resume under the other.
 """
 import pytest
 import torch
@@ -113,6 +113,46 @@ def test_checkpoints_resume_under_either_step(tmp_path):
             assert res["losses"] == whole["losses"][4:], first
             for name, value in whole["params"].items():
                 assert torch.equal(res["params"][name], value), (first, name)
+
+
+def _pipeline_worker(rank, world_size):
+    import deepspeed
+
+    from piper_ds.pipeline.engine import initialize_pipeline
+    from piper_ds.pipeline.model import PiperPipelineModule
+    from piper_ds.system.specs import ModelSpec
+    deepspeed.init_distributed(dist_backend="gloo")
+    spec = ModelSpec.preset("tiny", n_layers=4, n_dense_layers=1, n_shared_experts=1, seq_len=8, vocab_size=64)
+    out = {}
+    for mode in ("on", "off"):
+        module = PiperPipelineModule(spec, {"kernels": "reference", "transport": "flat"}, ep_size=1, num_stages=2,
+                                     micro_batch=2, seed=7)
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 10**6,
+                  "zero_optimization": {"stage": 1}, "gradient_clipping": 0.0, "pipeline": {"use_reentrant": False},
+                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}},
+                  "piper": {"parallel": {"pp_size": 2}, "optimizer": {"fused_step": mode},
+                            "runtime": {"heartbeat": False}}}
+        engine = initialize_pipeline(model=module, config=config)[0]
+        losses = []
+        for step in range(3):
+            batches = []
+            for micro in range(2):
+                ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(10 * step + micro))
+                batches.append((ids, torch.roll(ids, -1, dims=1)))
+            losses.append(float(engine.train_batch(iter(batches))))
+        out[mode] = dict(kind=type(engine.optimizer).__name__, losses=losses,
+                         params={n: p.detach().clone() for n, p in module.named_parameters()})
+        engine.destroy()
+    return out
+
+
+def test_pipeline_engine_takes_the_fused_step_with_the_same_result():
+    for res in run_distributed(_pipeline_worker, 2, timeout=300):  # pp = 2: each rank one stage
+        fused, ds = res["on"], res["off"]
+        assert (fused["kind"], ds["kind"]) == ("FusedStepZeroOptimizer", "DeepSpeedZeroOptimizer")
+        assert fused["losses"] == ds["losses"] and fused["losses"][0] != fused["losses"][-1]
+        for name, value in ds["params"].items():
+            assert torch.equal(fused["params"][name], value), name
 
 
 def _unsupported_worker(rank, world_size, mode, stage, sgd):
