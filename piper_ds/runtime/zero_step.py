@@ -25,8 +25,8 @@ import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.constants import PIPE_REPLICATED
 from deepspeed.runtime.utils import all_gather_dp_groups, is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
-from deepspeed.runtime.zero.stage_1_and_2 import (INITIAL_MICRO_STEP_ID, OPTIMIZER_STEP_TIMER, OPTIMIZER_TIMERS,
-                                                  DeepSpeedZeroOptimizer)
+from deepspeed.runtime.zero.stage_1_and_2 import (INITIAL_MICRO_STEP_ID, OPTIMIZER_ALLGATHER_TIMER,
+                                                  OPTIMIZER_STEP_TIMER, OPTIMIZER_TIMERS, DeepSpeedZeroOptimizer)
 from deepspeed.utils import log_dist
 
 from piper_ds.ops.adamw import adamw_step
@@ -190,11 +190,13 @@ class FusedStepZeroOptimizer(DeepSpeedZeroOptimizer):
         self._lazy_init_hp_params_optimizer_state()
         self.timers(OPTIMIZER_STEP_TIMER).stop()
 
+        self.timers(OPTIMIZER_ALLGATHER_TIMER).start()
         all_gather_dp_groups(groups_flat=self.bit16_groups_flat,
                              partitioned_param_groups=self.parallel_partitioned_bit16_groups,
                              dp_process_group=self.real_dp_process_group,
                              start_alignment_factor=self.nccl_start_alignment_factor,
                              allgather_bucket_size=self.allgather_bucket_size)
+        self.timers(OPTIMIZER_ALLGATHER_TIMER).stop()
         for i in range(len(self.bit16_groups)):
             self._update_model_bit16_weights(i)
         self.timers.log(OPTIMIZER_TIMERS)
