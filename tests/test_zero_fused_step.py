@@ -6,23 +6,9 @@ engine takes the same step. Checkpoints written by one step resume under the oth
 """
 import pytest
 import torch
-from torch import nn
 
-from piper_ds.moe import PiperMoE
 from piper_ds.testing import run_distributed
-
-D, F, E = 16, 24, 4
-
-
-class TinyMoEModel(nn.Module):
-    def __init__(self, ep_size):
-        super().__init__()
-        self.inp = nn.Linear(D, D)
-        self.moe = PiperMoE(D, E, F, ep_size=ep_size, top_k=2, n_shared_experts=1, aux_loss_coef=0.01)
-
-    def forward(self, x):
-        y, aux, _ = self.moe(torch.tanh(self.inp(x)))
-        return y.square().mean() + aux
+from test_moe_engine_step import D, TinyMoEModel
 
 
 def _config(mode, stage, ep, clip, precision):

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from piper_ds.ops.compiled import compiled_op
 from piper_ds.ops.reference import activation_reference
 
 __all__ = ["activation_forward", "activation_backward", "compiled_available", "ACTIVATIONS"]
@@ -22,11 +23,7 @@ ACTIVATIONS = ("swiglu", "gelu")
 
 
 def _get_op(device: torch.device, backend: str):
-    try:
-        from piper_ds.op_builder import loader
-    except ImportError:  # a source checkout that is not pip-installed: op_builder/ is top level
-        from op_builder import loader
-    return loader.get_op("activation", device.type, backend)
+    return compiled_op("activation", device, backend)
 
 
 def compiled_available(device: torch.device, backend: str = "auto") -> bool:

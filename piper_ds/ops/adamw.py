@@ -17,22 +17,14 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from piper_ds.ops.compiled import compiled_op
 from piper_ds.ops.reference import adamw_reference
 
-__all__ = ["adamw_step", "compiled_available"]
+__all__ = ["adamw_step"]
 
 
 def _get_op(device: torch.device, backend: str):
-    try:
-        from piper_ds.op_builder import loader
-    except ImportError:  # a source checkout that is not pip-installed: op_builder/ is top level
-        from op_builder import loader
-    return loader.get_op("adamw", device.type, backend)
-
-
-def compiled_available(device: torch.device, backend: str = "auto") -> bool:
-    """Whether ``backend`` runs the compiled op (not the reference) for tensors on ``device``."""
-    return _get_op(device, backend) is not None
+    return compiled_op("adamw", device, backend)
 
 
 def _check(grads: Sequence[torch.Tensor], master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

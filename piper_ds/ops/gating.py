@@ -21,25 +21,13 @@ from typing import Optional
 
 import torch
 
+from piper_ds.ops.compiled import loader as compiled_loader
 from piper_ds.ops.reference import GatingOutput, gating_reference
 
 __all__ = ["fused_gating", "GatingOutput"]
 
 _SCORE_FUNCS = {"softmax": 0, "sigmoid": 1}
 _CUDA_MAX_EXPERTS, _CUDA_MAX_K, _CUDA_MAX_GROUPS = 1024, 32, 32
-
-
-_LOADER = []
-
-
-def _loader():
-    if not _LOADER:
-        try:
-            from piper_ds.op_builder import loader
-        except ImportError:  # a source checkout that is not pip-installed: op_builder/ is top level
-            from op_builder import loader
-        _LOADER.append(loader)
-    return _LOADER[0]
 
 
 def _check_args(logits: torch.Tensor, top_k: int, score_func: str, bias: Optional[torch.Tensor], n_groups: int,
@@ -80,7 +68,7 @@ def _select_op(logits: torch.Tensor, top_k: int, n_groups: int, backend: str):
     key = (logits.device.type, backend)
     op = _OPS.get(key)
     if op is None:
-        loader = _loader()
+        loader = compiled_loader()
         loader.check_backend(backend)
         op = loader.get_op("gating", key[0], backend)
         if op is not None:  # None is not kept: a later build may make the op available

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from piper_ds.ops.compiled import compiled_op
 from piper_ds.ops.plans import RoutePlan, SendPlan
 from piper_ds.ops.reference import (expand_rows_reference, reduce_rows_reference, route_plan_reference,
                                     send_plan_reference)
@@ -34,11 +35,7 @@ _MAX_FAN = 32  # the row kernels stage a row's fan in one warp
 
 
 def _get_op(device: torch.device, backend: str):
-    try:
-        from piper_ds.op_builder import loader
-    except ImportError:  # a source checkout that is not pip-installed: op_builder/ is top level
-        from op_builder import loader
-    return loader.get_op("permute", device.type, backend)
+    return compiled_op("permute", device, backend)
 
 
 def _check_num_rows(num_rows: Optional[int]) -> int:
