@@ -21,6 +21,8 @@ def test_tiny_run_trains_the_same_model_three_ways(tmp_path):
     records = run_distributed(bench_worker, 1, out, timeout=300)[0]
     assert json.loads(open(out).read()) == records
     assert [r["peer"] for r in records] == ["piper", "autoep", "hf"]
+    # the library's default step for the converted model; DeepSpeed's own under deepspeed.initialize
+    assert [r["optimizer"] for r in records] == ["FusedStepZeroOptimizer"] + ["DeepSpeedZeroOptimizer"] * 2
     for r in records:
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["mfu_pct"] > 0 and r["peak_gb"] > 0, r
         assert r["command"].startswith("python -m piper_ds.bench.hf_model --tiny") and r["commit"] and r["gpu"]

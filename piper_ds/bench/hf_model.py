@@ -121,7 +121,7 @@ def run_peer(peer: str, args, config, seq: int, flops_per_token: float, device: 
                   optimizer_step_s=step_opt, forward_backward_s=summary["median_step_time_s"] - step_opt,
                   mfu_pct=summary["mfu_pct"], tflops=summary["tflops_per_gpu"], peak_gb=peak_memory_gb(),
                   resident_before_gb=resident, first_loss=losses[0], last_loss=losses[-1], steps=args.steps,
-                  warmup=args.warmup)
+                  warmup=args.warmup, optimizer=type(engine.optimizer).__name__)  # which ZeRO step ran
     engine.destroy()
     del engine
     gc.collect()
