@@ -155,3 +155,23 @@ def test_rescore_sets_stored_measurements_against_the_current_planner(tmp_path, 
     path.write_text(json.dumps(report))
     with pytest.raises(ValueError, match="gone.json"):
         L.rescore(str(path), str(out))
+
+
+def test_rescore_predicts_deepspeeds_step_for_layouts_stored_before_fused_step(tmp_path):
+    from piper_ds.planner.resources import estimate
+    from piper_ds.system.layout import Layout
+    spec = ModelSpec.preset("xmoe-small-swiglu", n_layers=4, n_dense_layers=1)
+    lay = Layout(dp=4, ep=4, zero_stage=2, micro_batch=4)
+    old_config = {k: v for k, v in lay.model_dump(mode="json").items() if k != "fused_step"}
+    results = [{"layout": lay.short(), "role": role, "config": config, "step_s": 1.0, "peak_gb": 50.0,
+                "predicted": {"step_s": 0.5, "peak_gb": 40.0, "peak_wo_fragmentation_gb": 40.0}}
+               for role, config in (("top 1", old_config), ("top 2", lay.model_dump(mode="json")))]
+    report = {"model": spec.to_block(), "cluster": H200.name, "profile": None, "gpus": 4,
+              "candidates": [[r["role"], lay.short()] for r in results], "results": [L.add_errors(r) for r in results]}
+    path = tmp_path / "stored.json"
+    path.write_text(json.dumps(report))
+    old, new = L.rescore(str(path), str(tmp_path / "rescored.json"))["results"]
+    for r, fused_step in ((old, False), (new, True)):
+        est = estimate(spec, H200, lay.model_copy(update={"fused_step": fused_step}), PlatformProfile())
+        assert r["predicted"]["step_s"] == pytest.approx(est.step_time)
+    assert old["predicted"]["step_s"] > new["predicted"]["step_s"]  # DeepSpeed's step moves more bytes

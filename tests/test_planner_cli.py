@@ -34,6 +34,21 @@ def test_issue_command_writes_a_config_deepspeed_accepts(tmp_path):
     piper = parse_piper_config(cfg)
     assert piper.model.name == "xmoe-small" and piper.model.seq_len == 2048
     assert piper.moe_for_model().top_k == 6
+    # the planner predicts the engines' fused ZeRO step, and the config leaves it on
+    assert lay["fused_step"] is True and piper.optimizer.fused_step == "auto"
+
+
+def test_config_names_the_zero_step_the_layout_predicts():
+    from piper_ds.config import parse_piper_config
+    from piper_ds.planner.dsconfig import build_ds_config
+    from piper_ds.system.layout import Layout
+    from piper_ds.system.specs import ModelSpec
+    spec = ModelSpec.preset("tiny")
+    for fused_step, mode in ((True, "auto"), (False, "off")):
+        cfg = build_ds_config(spec, Layout(dp=2, ep=2, zero_stage=2, fused_step=fused_step))
+        assert cfg["piper"]["optimizer"] == {"fused_step": mode}
+        assert parse_piper_config(cfg).optimizer.fused_step == mode
+        assert cfg["piper_plan"]["layout"]["fused_step"] is fused_step
 
 
 def test_cli_runs_deepspeed_check(tmp_path, capsys, monkeypatch):

@@ -134,16 +134,23 @@ def test_phase_accounting_by_hand_zero2_bf16():
     # 1000 dense params over dp 4 (partition 250), 4000 expert params over edp 2 (partition 2000)
     dense, expert, dp, edp = 1000, 4000, 4, 2
     weights, opt, part = 2 * 5000, 12 * (250 + 2000), 250 + 2000
-    fused = phase_state_bytes(dense, expert, dp, edp, zero=2, precision="bf16", fused=True)
+    # the engines' fused step (the default): the updates read the 16-bit buffer in place, nothing is allocated
+    # whatever torch's AdamW implementation, so the step phase holds the buffer alone
+    for fused_adam in (True, False):
+        ph = phase_state_bytes(dense, expert, dp, edp, zero=2, precision="bf16", fused=fused_adam)
+        assert ph["backward"] == {"weights": weights, "grads": 2 * part, "optimizer": opt}
+        assert ph["step"] == {"weights": weights, "grads": 2 * part, "optimizer": opt}
+    # DeepSpeed's own step (fused_step: off)
+    fused = phase_state_bytes(dense, expert, dp, edp, zero=2, precision="bf16", fused=True, fused_step=False)
     assert fused["backward"] == {"weights": weights, "grads": 2 * part, "optimizer": opt}
     # step: the largest instant is the expert group's fp32 cast: 16-bit buffer 2*2250 + flat 2*2000 + fp32 4*2000
     assert fused["step"] == {"weights": weights, "grads": 2 * part + 6 * 2000, "optimizer": opt}
-    foreach = phase_state_bytes(dense, expert, dp, edp, zero=2, precision="bf16", fused=False)
+    foreach = phase_state_bytes(dense, expert, dp, edp, zero=2, precision="bf16", fused=False, fused_step=False)
     # the expert update: buffer already freed (last group), fp32 grad 4*2000 + exp_avg_sq_sqrt 4*2000 = 16000,
     # below the cast (16500); the dense update with foreach: 4500 + 4*250 + 4*250 = 6500
     assert foreach["step"] == fused["step"]
     # one group only: cast 2*P + 6*P = 8P vs update 4P + 4P = 8P: equal; the cast is kept (strictly larger wins)
-    one = phase_state_bytes(0, 800, 1, 4, zero=2, precision="bf16", fused=False)["step"]
+    one = phase_state_bytes(0, 800, 1, 4, zero=2, precision="bf16", fused=False, fused_step=False)["step"]
     assert one["grads"] + one["optimizer"] == 8 * 200 + 12 * 200
     # the backward phase holds DeepSpeed's estimator sum (2 + 18/D) less the fp32 gradients (4/D)
     total = sum(model_state_bytes(dense, expert, dp, edp, zero=2).values())
@@ -153,25 +160,36 @@ def test_phase_accounting_by_hand_zero2_bf16():
 def test_phase_accounting_by_hand_zero1_bf16_foreach():
     dense, expert, dp, edp = 1000, 4000, 4, 2
     weights, opt = 2 * 5000, 12 * 2250
+    # the fused step: the dense group's update (the first) holds the buffer 2*2250 and the expert group's
+    # gradients outside the partition, not yet freed, 2*(4000 - 2000); no copies, no foreach temporary
     ph = phase_state_bytes(dense, expert, dp, edp, zero=1, precision="bf16", fused=False)
     assert ph["backward"]["grads"] == 2 * 5000  # every parameter keeps its 16-bit grad until the boundary
+    assert ph["step"] == {"weights": weights, "grads": 2 * 2250 + 2 * (4000 - 2000), "optimizer": opt}
+    # DeepSpeed's step
+    ph = phase_state_bytes(dense, expert, dp, edp, zero=1, precision="bf16", fused=False, fused_step=False)
+    assert ph["backward"]["grads"] == 2 * 5000
     # dense cast: buffer 4500 + expert non-partition 2*2000 + 6*250 = 10000; dense update: 4500 + 4000 + 1000 + 1000
     # expert cast: 4500 + 12000 = 16500; expert update: 0 + 8000 + temporaries 8000 = 16000
     assert ph["step"] == {"weights": weights, "grads": 16500, "optimizer": opt}
-    ph = phase_state_bytes(dense, expert, dp, edp=4, zero=1, precision="bf16", fused=False)
+    ph = phase_state_bytes(dense, expert, dp, edp=4, zero=1, precision="bf16", fused=False, fused_step=False)
     # expert partition 1000: expert cast = buffer 2*1250 + 6*1000 = 8500; dense update = buffer 2500 +
     # expert non-partition 2*3000 + fp32 4*250 + temporaries 4*250 = 10500 is the largest instant
     assert ph["step"] == {"weights": weights, "grads": 2500 + 6000 + 1000, "optimizer": 12 * 1250 + 1000}
 
 
 def test_phase_accounting_fp32_and_zero0():
-    # fp32 ZeRO-2: no cast; the flat copy is the fp32 grad. buffer 4*2250 + 4*2000 = 17000 at the expert cast
-    ph = phase_state_bytes(1000, 4000, 4, 2, zero=2, precision="fp32", fused=True)
+    # fp32 ZeRO-2, DeepSpeed's step: no cast; the flat copy is the fp32 grad. buffer 4*2250 + 4*2000 = 17000 at
+    # the expert cast; the fused step reads the fp32 buffer in place
+    ph = phase_state_bytes(1000, 4000, 4, 2, zero=2, precision="fp32", fused=True, fused_step=False)
     assert ph["backward"]["grads"] == 4 * 2250 and ph["step"]["grads"] == 4 * 2250 + 4 * 2000
+    ph = phase_state_bytes(1000, 4000, 4, 2, zero=2, precision="fp32", fused=True)
+    assert ph["backward"]["grads"] == 4 * 2250 and ph["step"]["grads"] == 4 * 2250
     # fp32 ZeRO-0 keeps its grads in both phases; foreach adds exp_avg_sq_sqrt of the largest group
     z0 = phase_state_bytes(1000, 4000, 1, 1, zero=0, precision="fp32", fused=False)
     assert z0["backward"] == model_state_bytes(1000, 4000, 1, 1, zero=0, precision="fp32")
     assert z0["step"]["optimizer"] == 8 * 5000 + 4 * 4000
+    # ZeRO-0 builds no ZeRO optimizer: the fused step changes nothing there
+    assert phase_state_bytes(1000, 4000, 1, 1, zero=0, precision="fp32", fused=False, fused_step=False) == z0
     with pytest.raises(ValueError, match="zero_stage=3"):
         phase_state_bytes(1, 1, 1, 1, zero=3)
 
@@ -222,16 +240,38 @@ def test_stage_peak_is_the_larger_phase():
     assert m.phases["step"]["activations"] == 0.0 and m.phases["backward"]["activations"] > 0
     totals = {ph: sum(k.values()) for ph, k in m.phases.items()}
     assert m.total == max(totals.values()) and m.peak_phase == max(totals, key=totals.get)
-    # large expert states and short sequences: the step phase is the peak
-    big = stage_memory(ModelSpec.preset("tiny", d_model=512, d_ffn_expert=4096, seq_len=8), lay, prof, 0)
+    # large expert states and short sequences: DeepSpeed's step, with its per-group copies, is the peak
+    big_spec = ModelSpec.preset("tiny", d_model=512, d_ffn_expert=4096, seq_len=8)
+    big = stage_memory(big_spec, lay.model_copy(update={"fused_step": False}), prof, 0)
     assert big.peak_phase == "step" and big.total == sum(big.phases["step"].values())
+    # the fused step allocates nothing above the backward phase's gradients: backward is the peak
+    fused = stage_memory(big_spec, lay, prof, 0)
+    assert fused.peak_phase == "backward" and fused.phases["step"]["fragmentation"] == 0.0
+    assert fused.phases["step"]["grads"] <= fused.phases["backward"]["grads"] < big.phases["step"]["grads"]
+
+
+@pytest.mark.parametrize("zero,accum,precision", [(1, 1, "bf16"), (1, 4, "bf16"), (2, 1, "bf16"), (2, 4, "fp32")])
+def test_fused_step_phase_never_exceeds_backward(zero, accum, precision):
+    # several groups, the expert groups over another expert-DP degree: at every instant of the fused step the
+    # gradients held are at most those of the backward phase, and the optimizer states never grow
+    groups = [300.0, 500.0, 200.0]
+    for foreach in (False, True):
+        ph = phase_state_bytes(700, sum(groups), 4, 2, zero=zero, precision=precision, fused=not foreach,
+                               expert_groups=groups, grad_accum=accum)
+        assert ph["step"]["grads"] <= ph["backward"]["grads"]
+        assert ph["step"]["optimizer"] == ph["backward"]["optimizer"]
 
 
 def test_optimizer_term_reads_the_config():
     from piper_ds.planner.cluster import ClusterSpec
-    from piper_ds.planner.resources import (ADAM_FOREACH_PASSES, adam_bytes_per_param, optimizer_fused,
-                                            optimizer_seconds, zero_step_bytes_per_param)
+    from piper_ds.planner.resources import (ADAM_FOREACH_PASSES, adam_bytes_per_param, fused_step_bytes_per_param,
+                                            optimizer_fused, optimizer_seconds, zero_step_bytes_per_param)
     assert len(ADAM_FOREACH_PASSES) == 8 and adam_bytes_per_param(False) == 80 and adam_bytes_per_param(True) == 28
+    # the fused step: norm read + gradient read (g each), master and moments read and written (24), weight write
+    assert fused_step_bytes_per_param("bf16") == 2 + 2 + 24 + 2 == 30
+    assert fused_step_bytes_per_param("fp32") == 4 + 4 + 24 + 4 == 36
+    with pytest.raises(ValueError, match="fp16"):
+        fused_step_bytes_per_param("fp16")
     assert zero_step_bytes_per_param("bf16", 2) == 2 + 4 + 6 + 8 + 6
     assert optimizer_fused({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})  # DeepSpeed FusedAdam
     assert optimizer_fused({"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "fused": True}}})
@@ -241,31 +281,97 @@ def test_optimizer_term_reads_the_config():
     spec, h200, prof = ModelSpec.preset("tiny"), ClusterSpec.preset("h200-nvlink-ib400"), PlatformProfile()
     lay = Layout(dp=2, ep=2, zero_stage=2)
     n_dense, n_expert = stage_params(spec, lay, 0)
-    want = (26 + 28) * (n_dense / 2 + n_expert / 1) / prof.hbm_rate(h200)
-    assert optimizer_seconds(spec, h200, lay, prof, 0) == pytest.approx(want)
-    slow = optimizer_seconds(spec, h200, lay.model_copy(update={"fused_optimizer": False}), prof, 0)
+    n, hbm = n_dense / 2 + n_expert / 1, prof.hbm_rate(h200)
+    # the default, the fused step: its bytes, whatever torch's AdamW implementation, at ZeRO-1 and 2
+    for z in (1, 2):
+        for fused_adam in (True, False):
+            other = lay.model_copy(update={"zero_stage": z, "fused_optimizer": fused_adam})
+            assert optimizer_seconds(spec, h200, other, prof, 0) == pytest.approx(
+                fused_step_bytes_per_param("bf16") * n / hbm)
+    fp32 = lay.model_copy(update={"precision": "fp32"})
+    assert optimizer_seconds(spec, h200, fp32, prof, 0) == pytest.approx(fused_step_bytes_per_param("fp32") * n / hbm)
+    # DeepSpeed's step (fused_step: off): its bytes around torch's AdamW, fused or foreach
+    ds = lay.model_copy(update={"fused_step": False})
+    want = (zero_step_bytes_per_param("bf16", 2) + adam_bytes_per_param(True)) * n / hbm
+    assert optimizer_seconds(spec, h200, ds, prof, 0) == pytest.approx(want)
+    slow = optimizer_seconds(spec, h200, ds.model_copy(update={"fused_optimizer": False}), prof, 0)
     assert slow == pytest.approx(want * (26 + 80) / (26 + 28))
+    # ZeRO-0 has no ZeRO step: DeepSpeed's engine runs torch's AdamW, the fused step changes nothing
+    z0 = lay.model_copy(update={"zero_stage": 0})
+    want0 = (zero_step_bytes_per_param("bf16", 0) + adam_bytes_per_param(True)) * n / hbm
+    assert optimizer_seconds(spec, h200, z0, prof, 0) == pytest.approx(want0)
+    assert optimizer_seconds(spec, h200, z0.model_copy(update={"fused_step": False}), prof, 0) == pytest.approx(want0)
 
 
 def test_optimizer_term_uses_the_measured_step_rate():
     from piper_ds.planner.cluster import ClusterSpec
     from piper_ds.planner.resources import adam_bytes_per_param, optimizer_seconds
     spec, h200 = ModelSpec.preset("tiny"), ClusterSpec.preset("h200-nvlink-ib400")
-    prof = PlatformProfile(optimizer_ns_per_param=30.0)
+    prof = PlatformProfile(optimizer_ns_per_param=30.0, optimizer_step="fused")
     lay = Layout(dp=2, ep=2, zero_stage=2)
     n_dense, n_expert = stage_params(spec, lay, 0)
     n = n_dense / 2 + n_expert / 1
     assert optimizer_seconds(spec, h200, lay, prof, 0) == pytest.approx(30e-9 * n)
-    # foreach AdamW: the measured fused step plus the extra passes at the HBM rate
-    foreach = optimizer_seconds(spec, h200, lay.model_copy(update={"fused_optimizer": False}), prof, 0)
-    extra = (adam_bytes_per_param(False) - adam_bytes_per_param(True)) / prof.hbm_rate(h200)
-    assert foreach == pytest.approx(n * (30e-9 + extra))
-    # the measurement is of bf16 ZeRO-1/2: ZeRO-0 and fp32 keep the analytic bytes model
-    for other in (lay.model_copy(update={"zero_stage": 0}), lay.model_copy(update={"precision": "fp32"})):
+    # the fused step runs no torch AdamW: foreach is no slower
+    foreach = lay.model_copy(update={"fused_optimizer": False})
+    assert optimizer_seconds(spec, h200, foreach, prof, 0) == pytest.approx(30e-9 * n)
+    # the measurement is of bf16 ZeRO-1/2 with the fused step: ZeRO-0, fp32 and DeepSpeed's step keep the
+    # analytic bytes model
+    for other in (lay.model_copy(update={"zero_stage": 0}), lay.model_copy(update={"precision": "fp32"}),
+                  lay.model_copy(update={"fused_step": False})):
         assert optimizer_seconds(spec, h200, other, prof, 0) == optimizer_seconds(spec, h200, other,
                                                                                   PlatformProfile(), 0)
+    # a figure that timed DeepSpeed's step serves layouts that run it; torch's foreach AdamW adds its extra
+    # passes over the fused kernel at the HBM rate
+    ds_prof = PlatformProfile(optimizer_ns_per_param=30.0, optimizer_step="deepspeed")
+    ds = lay.model_copy(update={"fused_step": False})
+    assert optimizer_seconds(spec, h200, ds, ds_prof, 0) == pytest.approx(30e-9 * n)
+    extra = (adam_bytes_per_param(False) - adam_bytes_per_param(True)) / ds_prof.hbm_rate(h200)
+    assert optimizer_seconds(spec, h200, ds.model_copy(update={"fused_optimizer": False}), ds_prof,
+                             0) == pytest.approx(n * (30e-9 + extra))
     with pytest.raises(ValueError):
         PlatformProfile(optimizer_ns_per_param=0.0)
+    with pytest.raises(ValueError):
+        PlatformProfile(optimizer_step="foreach")
+
+
+def test_old_profile_figure_is_ignored_for_the_fused_step(tmp_path):
+    import json
+    from piper_ds.planner.cluster import ClusterSpec
+    from piper_ds.planner.resources import fused_step_bytes_per_param, optimizer_seconds
+    # a profile written before optimizer_step existed: its figure timed DeepSpeed's step
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"source": "old calibration", "optimizer_ns_per_param": 0.05}))
+    prof = PlatformProfile.load(str(old))
+    assert prof.optimizer_step == "deepspeed"
+    spec, h200 = ModelSpec.preset("tiny"), ClusterSpec.preset("h200-nvlink-ib400")
+    lay = Layout(dp=2, ep=2, zero_stage=1)
+    n_dense, n_expert = stage_params(spec, lay, 0)
+    n = n_dense / 2 + n_expert / 1
+    analytic = fused_step_bytes_per_param("bf16") * n / prof.hbm_rate(h200)
+    assert analytic != pytest.approx(0.05e-9 * n)  # the two rules give different times here
+    assert optimizer_seconds(spec, h200, lay, prof, 0) == pytest.approx(analytic)
+    # the same figure tagged as the fused step's (what calibration now writes) is used
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({**json.loads(old.read_text()), "optimizer_step": "fused"}))
+    assert optimizer_seconds(spec, h200, lay, PlatformProfile.load(str(new)), 0) == pytest.approx(0.05e-9 * n)
+
+
+def test_stored_profile_timed_deepspeeds_step():
+    import os
+    from piper_ds.planner.cluster import ClusterSpec
+    from piper_ds.planner.resources import fused_step_bytes_per_param, optimizer_seconds
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ds_configs", "profiles", "h200_x4.json")
+    prof = PlatformProfile.load(path)
+    assert prof.optimizer_ns_per_param and prof.optimizer_step == "deepspeed"
+    spec, h200 = ModelSpec.preset("tiny"), ClusterSpec.preset("h200-nvlink-ib400")
+    lay = Layout(dp=2, ep=2, zero_stage=2)
+    n_dense, n_expert = stage_params(spec, lay, 0)
+    n = n_dense / 2 + n_expert / 1
+    assert optimizer_seconds(spec, h200, lay, prof, 0) == pytest.approx(
+        fused_step_bytes_per_param("bf16") * n / prof.hbm_rate(h200))
+    ds = lay.model_copy(update={"fused_step": False})
+    assert optimizer_seconds(spec, h200, ds, prof, 0) == pytest.approx(prof.optimizer_ns_per_param * 1e-9 * n)
 
 
 def test_moe_optimizer_groups_follow_deepspeeds_cap():
@@ -280,11 +386,16 @@ def test_moe_optimizer_groups_follow_deepspeeds_cap():
     lay = Layout(dp=4, ep=4)  # 46M per matrix: one block's w_up and w_down per group
     assert moe_group_sizes(spec, lay, 0) == [3 * stack // 4] * 3
     assert sum(moe_group_sizes(spec, lay, 0)) == stage_params(spec, lay, 0)[1]
-    # the step phase casts one group at a time: with the cut, far less than one group of all experts
+    # DeepSpeed's step casts one group at a time: with the cut, far less than one group of all experts
     n_dense, n_expert = stage_params(spec, Layout(dp=1), 0)
-    one = phase_state_bytes(n_dense, n_expert, 1, 1, zero=1)["step"]["grads"]
-    cut = phase_state_bytes(n_dense, n_expert, 1, 1, zero=1, expert_groups=[stack] * 9)["step"]["grads"]
+    one = phase_state_bytes(n_dense, n_expert, 1, 1, zero=1, fused_step=False)["step"]["grads"]
+    cut = phase_state_bytes(n_dense, n_expert, 1, 1, zero=1, expert_groups=[stack] * 9,
+                            fused_step=False)["step"]["grads"]
     assert cut == 2 * (n_dense + n_expert) + 6 * max(n_dense, stack) < one
+    # the fused step casts nothing: the 16-bit gradients alone, however the groups are cut
+    for groups in (None, [stack] * 9):
+        assert phase_state_bytes(n_dense, n_expert, 1, 1, zero=1,
+                                 expert_groups=groups)["step"]["grads"] == 2 * (n_dense + n_expert)
     with pytest.raises(ValueError, match="expert_groups sum"):
         phase_state_bytes(n_dense, n_expert, 1, 1, zero=1, expert_groups=[stack])
 
@@ -315,8 +426,11 @@ def test_zero2_gradient_buffer_in_the_phases():
     assert exact["backward"]["grads"] == 2 * 200 and whole["backward"]["grads"] == 2 * 800
     accum = phase_state_bytes(0, 800, 1, 4, zero=2, precision="bf16", fused=True, grad_accum=4, grad_buffer=800)
     assert accum["backward"]["grads"] == 2 * 2 * 800  # the sum so far and the boundary's buffer
-    # step(): one group, so the buffer's last views go before its update; the cast holds buffer + copies
-    assert whole["step"]["grads"] == 2 * 800 + 6 * 200
+    # DeepSpeed's step(): one group, so the buffer's last views go before its update; the cast holds buffer +
+    # copies; the fused step reads the whole buffer in place
+    ds = phase_state_bytes(0, 800, 1, 4, zero=2, precision="bf16", fused=True, grad_accum=1, grad_buffer=800,
+                           fused_step=False)
+    assert ds["step"]["grads"] == 2 * 800 + 6 * 200 and whole["step"]["grads"] == 2 * 800
     # ZeRO-1 keeps its rules: the buffer argument is ZeRO-2's
     z1 = phase_state_bytes(0, 800, 1, 4, zero=1, precision="bf16", fused=True, grad_accum=1)
     assert phase_state_bytes(0, 800, 1, 4, zero=1, precision="bf16", fused=True, grad_accum=1,

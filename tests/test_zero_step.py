@@ -31,16 +31,19 @@ def test_calibrate_keeps_the_measured_step_or_warns(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 << 30, 141 << 30))
     seen = {}
 
-    def fake(device, numel):
-        seen["numel"] = numel
-        return {"ns_per_param": 0.031, "numel": numel, "seconds": 0.031 * numel * 1e-9, "times_s": [0.03]}
+    def fake(device, numel, step):
+        seen["numel"], seen["step"] = numel, step
+        return {"ns_per_param": 0.031, "numel": numel, "seconds": 0.031 * numel * 1e-9, "times_s": [0.03],
+                "step": step}
 
     monkeypatch.setattr(zero_step, "bench_zero_step", fake)
     prof = calibrate._calibrate_optimizer(PlatformProfile(), torch.device("cuda", 0))
     assert prof.optimizer_ns_per_param == 0.031 and prof.measurements["zero_step"]["numel"] == seen["numel"]
+    # the calibration times the engines' fused step and says so, so the planner uses the figure for it
+    assert seen["step"] == "fused" and prof.optimizer_step == "fused"
     assert seen["numel"] == (32 << 30) // calibrate.ZERO_STEP_BYTES_PER_PARAM  # half the free memory
 
-    def broken(device, numel):
+    def broken(device, numel, step):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(zero_step, "bench_zero_step", broken)

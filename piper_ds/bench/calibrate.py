@@ -12,8 +12,8 @@ Measures (on CUDA when present, else a tiny CPU mode that still writes a valid p
   (measured - the planner's own block prediction with zero overhead, see :mod:`piper_ds.planner.overheads`)
   is fitted to ``moe_layer_overhead_us`` + ``moe_overhead_ns_per_row`` x routed rows and
   ``dense_layer_overhead_us``;
-- the seconds per parameter of DeepSpeed's bf16 ZeRO-1 ``engine.step()`` with fused AdamW, on one GPU
-  (:mod:`piper_ds.bench.zero_step`; CUDA only), for the planner's optimizer term;
+- the seconds per parameter of the engines' fused bf16 ZeRO-1 ``engine.step()`` (:mod:`piper_ds.runtime.zero_step`),
+  on one GPU (:mod:`piper_ds.bench.zero_step`; CUDA only), for the planner's optimizer term;
 - when launched with several ranks (``deepspeed --num_gpus N --module piper_ds.bench.calibrate`` or
   ``torchrun --nproc_per_node N -m piper_ds.bench.calibrate``):
   all-to-all time by size inside a node and across nodes, and point-to-point, fitted to alpha-beta tiers.
@@ -361,24 +361,25 @@ def _calibrate_overheads(prof: PlatformProfile, args, device: torch.device, dtyp
     return apply_fits(prof, moe_fit, dense_fit).model_copy(update={"measurements": meas})
 
 
-#: Bytes of GPU memory per parameter the ZeRO step benchmark needs: bf16 weight and gradient, fp32 master and
-#: moments, the group's flat and fp32 gradient copies, the random gradient source (~24), with headroom.
+#: Bytes of GPU memory per parameter the ZeRO step benchmark may need, with headroom: bf16 weight and gradient,
+#: fp32 master and moments and the random gradient source, ~18 for the fused step (DeepSpeed's step adds its flat
+#: and fp32 gradient copies: ~24).
 ZERO_STEP_BYTES_PER_PARAM = 32
 
 
 def _calibrate_optimizer(prof: PlatformProfile, device: torch.device) -> PlatformProfile:
-    """``prof`` with ``optimizer_ns_per_param`` measured by rank 0 (:mod:`piper_ds.bench.zero_step`, a ZeRO-1
-    ``engine.step()`` over up to 2**30 parameters, as many as half the free memory holds, on its GPU alone);
-    the other ranks wait. When the benchmark fails, a WARNING says why and the profile keeps the analytic
-    optimizer term (``optimizer_ns_per_param`` None)."""
+    """``prof`` with ``optimizer_ns_per_param`` measured by rank 0 (:mod:`piper_ds.bench.zero_step`, the engines'
+    fused ZeRO-1 ``engine.step()`` over up to 2**30 parameters, as many as half the free memory holds, on its GPU
+    alone) and ``optimizer_step`` "fused"; the other ranks wait. When the benchmark fails, a WARNING says why and
+    the profile keeps the analytic optimizer term (``optimizer_ns_per_param`` None)."""
     from piper_ds.bench.zero_step import bench_zero_step
     record = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         free, _ = torch.cuda.mem_get_info(device)
         numel = min(1 << 30, free // 2 // ZERO_STEP_BYTES_PER_PARAM)
         try:
-            record = bench_zero_step(device, numel=numel)
-            print(f"ZeRO-1 step, fused AdamW: {record['ns_per_param'] * 1e3:.1f} ps per parameter "
+            record = bench_zero_step(device, numel=numel, step="fused")
+            print(f"ZeRO-1 fused step: {record['ns_per_param'] * 1e3:.1f} ps per parameter "
                   f"({record['seconds'] * 1e3:.1f} ms for {record['numel'] / 1e9:.2f} B parameters)")
         except (RuntimeError, ValueError) as exc:
             print(f"WARNING: ZeRO step benchmark failed ({exc}); the profile keeps the analytic optimizer term")
@@ -388,7 +389,8 @@ def _calibrate_optimizer(prof: PlatformProfile, device: torch.device) -> Platfor
     if record is None:
         return prof
     meas = dict(prof.measurements, zero_step=record)
-    return prof.model_copy(update={"optimizer_ns_per_param": record.get("ns_per_param"), "measurements": meas})
+    return prof.model_copy(update={"optimizer_ns_per_param": record.get("ns_per_param"), "optimizer_step": "fused",
+                                   "measurements": meas})
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -17,7 +17,8 @@ ranks per step) and ``torch.cuda.max_memory_allocated`` over the training steps 
 predicted vs measured with relative errors and the +-25 % / +-10 % verdicts, and whether the predicted top
 choice was the fastest measured. JSON to ``--out`` (rewritten after every layout). ``--tiny``: the tiny model
 on CPU (gloo, fp32) for smoke tests. ``--rescore results.json`` (no GPU, no run) sets the stored measurements
-against the current planner, e.g. after a change to the model.
+against the current planner, e.g. after a change to the model (a stored layout without ``fused_step``
+predates that field and ran DeepSpeed's own ZeRO step, and is predicted so).
 
 Model: ``--model`` (a preset or a ds_config JSON's piper.model block, default xmoe-small-swiglu) with
 ``--n-shared-experts`` (default 2) and ``--n-layers`` (default ``auto``: the most layers <= 14 for which dp N,
@@ -490,7 +491,9 @@ def merge(paths: List[str], out: str) -> Dict[str, Any]:
 def rescore(path: str, out: str, profile: Optional[str] = None) -> Dict[str, Any]:
     """No run: the measurements of a results JSON set against the CURRENT planner's predictions (same model,
     cluster, layouts; the report's profile unless ``profile`` is given). Each result keeps its earlier
-    prediction under ``predicted_before``; the table is printed, then each layout's errors before -> now."""
+    prediction under ``predicted_before``; the table is printed, then each layout's errors before -> now. A
+    layout stored without ``fused_step`` was run before the planner wrote that field, with DeepSpeed's own
+    ZeRO step: it is predicted with ``fused_step`` False."""
     with open(path) as f:
         report = json.load(f)
     profile = profile or report.get("profile")
@@ -500,7 +503,7 @@ def rescore(path: str, out: str, profile: Optional[str] = None) -> Dict[str, Any
     spec, cluster = ModelSpec.from_block(report["model"]), ClusterSpec.preset(report["cluster"])
     results = []
     for r in report["results"]:
-        est = estimate(spec, cluster, Layout(**r["config"]), prof)
+        est = estimate(spec, cluster, Layout(**{"fused_step": False, **r["config"]}), prof)
         before = r.get("predicted_before", r["predicted"])
         results.append(add_errors(dict(r, predicted=predicted(est), predicted_before=before,
                                        rel_err_before=r.get("rel_err_before", r["rel_err"]))))

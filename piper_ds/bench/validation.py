@@ -11,7 +11,8 @@ What the model can express, and how each row is formed:
   micro-batch 4 x seq 2048): ``Estimate.step_time`` (s) and ``Estimate.worst.total`` (bytes; the measured
   figure is ``torch.cuda.max_memory_allocated``, which does not see allocator fragmentation, so a second row
   drops the model's ``fragmentation`` kind; the peak is the larger of the backward and the step phase, see
-  :mod:`piper_ds.planner.memory`). Each run's layout takes ``fused_optimizer`` from its ds_config optimizer
+  :mod:`piper_ds.planner.memory`). The runs took DeepSpeed's own ZeRO step (they predate the engines' fused
+  step), so their layouts set ``fused_step`` False; each takes ``fused_optimizer`` from its ds_config optimizer
   block (:data:`RUN_OPTIMIZER`, read by :func:`piper_ds.planner.resources.optimizer_fused`), and a row sets
   the predicted unfused - fused step difference against the measured one;
 * one MoE layer forward + backward (no attention, no norms of a transformer block): the MoE parts of the
@@ -167,11 +168,12 @@ def calibrated_profile() -> PlatformProfile:
 
 
 def run_layout(run: str) -> Layout:
-    """The h200_x2 layout with the optimizer implementation of ``run``'s ds_config."""
+    """The h200_x2 layout with the optimizer implementation of ``run``'s ds_config, under DeepSpeed's own ZeRO
+    step (``fused_step`` False), the step the measured runs took."""
     if run not in RUN_OPTIMIZER:
         raise ValueError(f"unknown run {run!r}; known: {sorted(RUN_OPTIMIZER)}")
     fused = optimizer_fused({"optimizer": RUN_OPTIMIZER[run]})
-    return H200_X2_LAYOUT.model_copy(update={"fused_optimizer": fused})
+    return H200_X2_LAYOUT.model_copy(update={"fused_optimizer": fused, "fused_step": False})
 
 
 def compare(profile: Optional[PlatformProfile] = None) -> List[Row]:

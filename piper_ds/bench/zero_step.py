@@ -25,14 +25,15 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from piper_ds.planner.resources import fused_step_bytes_per_param
 from piper_ds.testing import free_port
 
 #: The steps the benchmark compares: piper_ds's fused step and DeepSpeed's own.
 STEPS = ("fused", "deepspeed")
 
-#: HBM bytes per bf16 parameter of the fused step: the norm reads the gradient (2), the update reads it again
-#: (2), reads and writes the fp32 master and both moments (24) and writes the bf16 weight (2).
-FUSED_STEP_BYTES_PER_PARAM = 30
+#: HBM bytes per bf16 parameter of the fused step, the planner's count: the norm reads the gradient (2), the
+#: update reads it again (2), reads and writes the fp32 master and both moments (24) and writes the bf16 weight (2).
+FUSED_STEP_BYTES_PER_PARAM = fused_step_bytes_per_param("bf16")
 
 #: Elements per parameter tensor: one expert stack of the reference model is 64 x 2048 x 1408 (185M); the
 #: dense tensors are 4M..65M. 2**25 keeps a tensor's own launches negligible, like the real groups.

@@ -2,7 +2,8 @@
 
 The JSON holds DeepSpeed's own blocks (batch split, bf16, ZeRO, optimizer, pipeline), the ``"piper"`` block
 (``model``: every :class:`ModelSpec` field; ``moe``: the routing recipe and the all-to-all, validated with
-the rest of the block when the job starts; ``parallel``: ep_size and pp_size; ``pipeline``: the schedule;
+the rest of the block when the job starts; ``parallel``: ep_size and pp_size; ``optimizer``: the ZeRO step,
+``fused_step`` "auto" or, for a layout with ``fused_step`` False, "off"; ``pipeline``: the schedule;
 ``topology``: gpus_per_node; ``tracking``: the MFU peak) and a ``"piper_plan"`` block recording the layout
 and the prediction, so that a measured run can be set beside it. DeepSpeed keeps unknown top-level keys, so
 both ride along.
@@ -44,7 +45,9 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
 
     ``cluster`` (default: the estimate's) fills ``piper.topology.gpus_per_node`` (the job's GPUs when they fit
     in one node) and the MFU peak. The optimizer is torch's AdamW (``"torch_adam": true``), fused or foreach as
-    the layout's ``fused_optimizer`` says: no kernel to build at start-up.
+    the layout's ``fused_optimizer`` says: no kernel to build at start-up; at ZeRO-1/2 the engines run it
+    through their fused step (``piper.optimizer.fused_step`` "auto", which this config allows) unless the
+    layout's ``fused_step`` is False ("off": DeepSpeed's own step).
     """
     cluster = cluster or (est.cluster if est is not None else None)
     cfg: Dict[str, Any] = {
@@ -70,6 +73,7 @@ def build_ds_config(model: ModelSpec, layout: Layout, est: Optional[Estimate] = 
         "model": model.to_block(),
         "moe": moe_block(model, layout),
         "parallel": {"ep_size": layout.ep, "pp_size": layout.pp},
+        "optimizer": {"fused_step": "auto" if layout.fused_step else "off"},
     }
     if layout.pp > 1:
         cfg["piper"]["pipeline"] = PipelineConfig(schedule=layout.schedule,

@@ -21,17 +21,22 @@ fp32       2                                      4 / 4 over D / 12 over D
 =========  =====================================  ==================================================
 
 That table (:func:`model_state_bytes`) is the SUM of the model-state allocations over a step, the quantity
-DeepSpeed's ``estimate_zero2_model_states_mem_needs`` reports. Not all of it is alive at once. The peak is
+DeepSpeed's ``estimate_zero2_model_states_mem_needs`` reports; at ZeRO-1/2 it counts DeepSpeed's own step, whose
+fp32 gradient copy (the bf16 rows' 4 over D of grads) the engines' fused step never allocates (its phases take
+only the weights and optimizer columns of the table). Not all of it is alive at once. The peak is
 taken per phase (:func:`phase_state_bytes`, :func:`stage_memory`), the larger of:
 
 * backward phase: weights + persistent optimizer states (fp32 master + Adam moments, never freed without
   offload) + the gradients held during backward + activations + all-to-all buffers + workspace;
 * step phase (inside ``step()``, activations freed): weights + optimizer states + the gradients still held
-  + the flat and fp32 copies of the parameter group being updated + the optimizer's temporaries.
+  (+ with DeepSpeed's own step: the flat and fp32 copies of the parameter group being updated and the
+  optimizer's temporaries).
 
 Read from DeepSpeed 0.19.8 ``runtime/zero/stage_1_and_2.py`` (ZeRO-1/2; bf16 keeps 16-bit gradients since
 ``engine.get_data_types`` defaults ``grad_accum_dtype`` to the model dtype, so ``use_grad_accum_attribute``
-and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
+and the fp32 ``_build_compact_grad_partition_buffer`` path are off, and ``_do_optimizer_sanity_check`` picks
+``DeepSpeedZeroOptimizer``; it picks ``BF16_Optimizer`` for bf16 ZeRO-1 only with an fp32 ``grad_accum_dtype``,
+which the planner's ds_config never sets):
 
 * ZeRO-2 backward: ``reduce_ipg_grads`` clears the gradients of parameters outside the rank's partition and
   ``copy_grads_in_partition`` moves the rest into ``grads_in_partition`` (``torch.empty(..., dtype=self.dtype)``:
@@ -45,22 +50,32 @@ and the fp32 ``_build_compact_grad_partition_buffer`` path are off):
   partition into the contiguous buffer, the total stays the same with one micro-batch per step; with
   gradient accumulation the buffer fills while every accumulated ``param.grad`` is still held, so the
   partition's 2 bytes come on top;
-* ``step()``, for each parameter group i in order: ``free_grad_in_param_list(params_not_in_partition[i])``
-  (ZeRO-1: group i's other gradients go), ``flatten(averaged_gradients[i])`` (a 16-bit copy of the group's
-  partition), ``.to(fp32)`` (4 bytes; a no-op for fp32), ``del flat_grad_partition``, ``_optimizer_step(i)``,
-  then ``single_partition_of_fp32_groups[i].grad = None``. Group i's 16-bit views are dropped before its
-  update (``free_grad_in_param_list(params_in_partition[i])``, ``averaged_gradients[i] = None``); the
-  contiguous 16-bit buffer they view is shared by all groups (``_release_ipg_buffers`` already dropped its
-  own reference), so it is freed before the LAST group's update only. Piper's groups are the dense group,
-  then the MoE groups of ``split_params_into_different_moe_groups_for_optimizer``: the expert tensors in
-  order, cut greedily at :data:`piper_ds.system.deepspeed_rules.MOE_GROUP_MAX_NUMEL` elements (a larger
-  tensor alone), sharded over dp and expert-dp (:func:`moe_group_sizes`). The cut bounds the step phase's
-  per-group copies: one 185M-element expert stack, not all experts of the stage, is cast to fp32 at a time.
+* ``step()`` goes over the parameter groups in order. Piper's groups are the dense group, then the MoE groups
+  of ``split_params_into_different_moe_groups_for_optimizer``: the expert tensors in order, cut greedily at
+  :data:`piper_ds.system.deepspeed_rules.MOE_GROUP_MAX_NUMEL` elements (a larger tensor alone), sharded over
+  dp and expert-dp (:func:`moe_group_sizes`). For each group i, ``free_grad_in_param_list(
+  params_not_in_partition[i])`` first (ZeRO-1: group i's other gradients go); group i's 16-bit views are
+  dropped after its gradients are read (``free_grad_in_param_list(params_in_partition[i])``,
+  ``averaged_gradients[i] = None``), and the contiguous 16-bit buffer they view is shared by all groups
+  (``_release_ipg_buffers`` already dropped its own reference), so it lives until the LAST group's are read;
+* the engines' fused step (the default at ZeRO-1/2, ``Layout.fused_step``; piper_ds/runtime/zero_step.py
+  ``FusedStepZeroOptimizer.step``): the gradient norm reads the gradients (model dtype) in place
+  (``torch._foreach_norm`` in fp32), then per group one ``adamw_step`` pass per gradient tensor reads them
+  where they are and updates the fp32 master and moments in place. No flat copy, no fp32 copy, no optimizer
+  temporary: the step phase holds the buffer and (ZeRO-1) the later groups' gradients, largest at the first
+  group's update, never more than the backward phase holds;
+* DeepSpeed's own step (``piper.optimizer.fused_step: off``, ``Layout.fused_step`` False),
+  ``DeepSpeedZeroOptimizer.step``: for group i ``flatten(averaged_gradients[i])`` (a 16-bit copy of the group's
+  partition), ``.to(fp32)`` (4 bytes; a no-op for fp32), ``del flat_grad_partition``, the group's views
+  dropped, ``_optimizer_step(i)``, then ``single_partition_of_fp32_groups[i].grad = None``: the buffer is freed
+  before the last group's update. The group cut bounds these per-group copies: one 185M-element expert stack,
+  not all experts of the stage, is cast to fp32 at a time. Optimizer temporaries inside it: torch's foreach
+  AdamW (``torch/optim/adam.py`` ``_multi_tensor_adam``) allocates ``exp_avg_sq_sqrt =
+  torch._foreach_sqrt(exp_avg_sqs)`` (4 bytes per element of the group); the fused kernels (torch
+  ``fused=True``, DeepSpeed's FusedAdam) update in place.
 
-Optimizer temporaries: torch's foreach AdamW (``torch/optim/adam.py`` ``_multi_tensor_adam``) allocates
-``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)`` (4 bytes per element of the group); the fused kernels
-(torch ``fused=True``, DeepSpeed's FusedAdam) update in place. ZeRO's reduction buckets (``setup_buckets``:
-``reduce_bucket_size`` 16-bit elements, two with ``overlap_comm``) fall under ``workspace_gib``.
+ZeRO's reduction buckets (``setup_buckets``: ``reduce_bucket_size`` 16-bit elements, two with ``overlap_comm``)
+fall under ``workspace_gib``.
 
 ZeRO-0 has no ZeRO optimizer; read from DeepSpeed 0.19.8 ``runtime/engine.py`` (``_do_optimizer_sanity_check``,
 ``zero_grad``), ``runtime/fp16/unfused_optimizer.py`` and ``runtime/bf16_optimizer.py``:
@@ -140,8 +155,9 @@ def model_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
 
 
 def optimizer_temp_bytes(fused: bool) -> int:
-    """Temporary bytes per updated element of one group: 0 for a fused kernel, 4 for torch's foreach AdamW
-    (its fp32 ``exp_avg_sq_sqrt``; see the module docstring)."""
+    """Temporary bytes per updated element of one group where DeepSpeed's own step runs torch's AdamW (ZeRO-0, or
+    ZeRO-1/2 without the fused step): 0 for a fused kernel, 4 for torch's foreach AdamW (its fp32
+    ``exp_avg_sq_sqrt``; see the module docstring)."""
     return 0 if fused else 4
 
 
@@ -211,12 +227,15 @@ def stage_grad_buffer(model: ModelSpec, layout: Layout, stage: int) -> float:
 def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: int, precision: str = "bf16",
                       fused: bool = True, expert_groups: Optional[Sequence[float]] = None,
                       grad_accum: int = 1, grad_buffer: Optional[float] = None, pp: int = 1,
-                      first_grads: Optional[float] = None) -> Dict[str, Dict[str, float]]:
+                      first_grads: Optional[float] = None, fused_step: bool = True) -> Dict[str, Dict[str, float]]:
     """Weights/grads/optimizer bytes alive on one GPU at the peak of each phase, ``{"backward": {...},
     "step": {...}}`` (bytes; step-phase ``optimizer`` includes the optimizer's temporaries, step-phase
-    ``grads`` the 16-bit gradients still held plus the flat/fp32 copies of the group being updated).
+    ``grads`` the 16-bit gradients still held plus, with DeepSpeed's own step, the flat/fp32 copies of the
+    group being updated).
 
-    ``fused``: the AdamW implementation (see :func:`piper_ds.planner.resources.optimizer_fused`).
+    ``fused``: the AdamW implementation where DeepSpeed's own step runs it (see
+    :func:`piper_ds.planner.resources.optimizer_fused`). ``fused_step``: ZeRO-1/2 take the engines' fused step
+    (``Layout.fused_step``; False: DeepSpeed's ``DeepSpeedZeroOptimizer.step``; no effect at ZeRO-0).
     ``expert_groups``: elements of each MoE optimizer group (summing to ``n_expert``; None: one group, see
     :func:`moe_group_sizes`). ``grad_accum`` > 1 with ZeRO-1: the last micro-batch's backward fills the
     contiguous partition buffer (``copy_grads_in_partition``) while every parameter still holds the 16-bit
@@ -226,8 +245,8 @@ def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
     ``grad_accum`` > 1 two such buffers are alive in backward. ``pp``: pipeline stages (bf16 ZeRO-0's
     optimizer wrapper). ``first_grads``: ZeRO-0 without accumulation, the parameters whose gradients are alive
     at the peak of backward (None: every parameter's). The rules are those of the module docstring;
-    the step phase is the largest of the instants "group i cast to fp32" and "group i updated" over the dense
-    group, then the MoE groups.
+    the step phase is the largest instant over the dense group, then the MoE groups: "group i updated" (fused
+    step), or "group i cast to fp32" and "group i updated" (DeepSpeed's step).
     """
     if expert_groups is None:
         expert_groups = [n_expert] if n_expert > 0 else []
@@ -258,10 +277,14 @@ def phase_state_bytes(n_dense: float, n_expert: float, dp: int, edp: int, zero: 
     best = (-1.0, 0.0, 0.0)  # (total, grads, temporaries)
     for i, (_, p_i) in enumerate(groups):
         later = g * sum(n - p for n, p in groups[i + 1:]) if zero == 1 else 0.0  # ZeRO-1: not yet freed
-        cast = buffer + later + (g + (4 if g != 4 else 0)) * p_i  # flat copy + fp32 copy (fp32: one copy)
-        # the last group drops the buffer's last views before its update
-        update = (buffer if i < len(groups) - 1 else 0.0) + later + 4 * p_i
-        for grads, tmp in ((cast, 0.0), (update, temp * p_i)):
+        if fused_step:  # the update reads the gradients where they are: nothing allocated
+            instants: Tuple[Tuple[float, float], ...] = ((buffer + later, 0.0),)
+        else:
+            cast = buffer + later + (g + (4 if g != 4 else 0)) * p_i  # flat copy + fp32 copy (fp32: one copy)
+            # the last group drops the buffer's last views before its update
+            update = (buffer if i < len(groups) - 1 else 0.0) + later + 4 * p_i
+            instants = ((cast, 0.0), (update, temp * p_i))
+        for grads, tmp in instants:
             if grads + tmp > best[0]:
                 best = (grads + tmp, grads, tmp)
     step = {"weights": weights, "grads": best[1], "optimizer": opt + best[2]}
@@ -387,7 +410,7 @@ def stage_memory(model: ModelSpec, layout: Layout, profile: PlatformProfile, sta
     first = largest_layer_params(model, layout, stage) if layout.zero_stage == 0 and layout.pp == 1 else None
     states = phase_state_bytes(n_dense, n_expert, layout.dp, layout.edp, layout.zero_stage, layout.precision,
                                layout.fused_optimizer, moe_group_sizes(model, layout, stage), layout.grad_accum,
-                               stage_grad_buffer(model, layout, stage), layout.pp, first)
+                               stage_grad_buffer(model, layout, stage), layout.pp, first, layout.fused_step)
     kinds = dict(states["backward"])
     a = 2 if layout.precision == "bf16" else 4
     t = layout.micro_batch * model.seq_len

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,8 +76,13 @@ class PlatformProfile(BaseModel):
     grad_sync_overlap: float = Field(
         0.5, ge=0, le=1, description="Share of the gradient reduction hidden under backward (no-PP ZeRO-1/2).")
     optimizer_ns_per_param: Optional[float] = Field(
-        None, gt=0, description="Measured seconds (ns) of one bf16 ZeRO-1/2 engine.step() with fused AdamW per "
-        "parameter the rank updates (python -m piper_ds.bench.calibrate); None: the analytic HBM-bytes model.")
+        None, gt=0, description="Measured seconds (ns) of one bf16 ZeRO-1 engine.step() per parameter the rank "
+        "updates, of the step named by optimizer_step (python -m piper_ds.bench.calibrate); used only for layouts "
+        "that run that step; None: the analytic HBM-bytes model.")
+    optimizer_step: Literal["deepspeed", "fused"] = Field(
+        "deepspeed", description="The ZeRO step optimizer_ns_per_param timed: 'fused' (the engines' fused step, "
+        "what calibration measures) or 'deepspeed' (DeepSpeed's own step with torch's fused AdamW; profiles "
+        "written before this field existed timed that one).")
     fragmentation: float = Field(0.08, ge=0, le=1, description="Allocator fragmentation, share of dynamic memory.")
     workspace_gib: float = Field(1.0, ge=0, description="cuBLAS/NCCL workspaces and context tensors, GiB.")
     attention_saves_scores: bool = Field(

@@ -19,8 +19,8 @@ Per micro-batch and stage (forward + backward), seconds:
 Step = m x slowest stage + (pp - 1) x slowest stage (the 1F1B bubble; DualPipeV's is smaller, see
 :func:`bubble_micro_batches`, and a rank's "stage" is then its two virtual stages) + exposed gradient sync (ZeRO
 reduce-scatter/all-reduce over DP and expert-DP, once per step, or per micro-batch with ZeRO-2; all-gather of
-updated weights) + optimizer (HBM bound: ZeRO's step() traffic + one fused AdamW pass or torch's foreach
-passes, see :func:`optimizer_seconds`).
+updated weights) + optimizer (HBM bound: at ZeRO-1/2 the engines' fused step, one pass per gradient tensor,
+or DeepSpeed's step() traffic + torch's AdamW passes; see :func:`optimizer_seconds`).
 Activation checkpointing adds one forward of compute and of overhead (x4/3: a forward is a third of
 fwd+bwd). MFU uses :meth:`ModelSpec.mfu_flops_per_token`.
 """
@@ -214,18 +214,37 @@ ADAM_FOREACH_PASSES: Tuple[Tuple[str, int, int], ...] = (
 
 
 def adam_bytes_per_param(fused: bool) -> int:
-    """HBM bytes per updated element of one AdamW update: 28 fused (one pass), 80 foreach (8 passes)."""
+    """HBM bytes per updated element of one torch/DeepSpeed AdamW update over fp32 gradients (inside DeepSpeed's
+    own optimizer steps): 28 fused (one pass), 80 foreach (8 passes)."""
     return sum(4 * (r + w) for _, r, w in (ADAM_FUSED_PASSES if fused else ADAM_FOREACH_PASSES))
 
 
-def zero_step_bytes_per_param(precision: str, zero: int) -> int:
-    """HBM bytes per sharded element that ZeRO's ``step()`` moves around the optimizer, gradient clipping on.
+def fused_step_bytes_per_param(precision: str) -> int:
+    """HBM bytes per sharded element of the engines' fused ZeRO-1/2 step (piper_ds/runtime/zero_step.py), gradient
+    clipping on; g = gradient bytes (the model dtype: 2 bf16, 4 fp32).
 
-    ZeRO-1/2, read from DeepSpeed 0.19.8 stage_1_and_2.py ``step()`` (g = gradient bytes, 2 bf16 / 4 fp32):
+    The norm reads every gradient once (``torch._foreach_norm`` accumulating in fp32, no copy: g), then one kernel
+    per gradient tensor (piper_ds/ops/adamw.py ``adamw_step``) reads it again with the clip coefficient folded in
+    (g), reads and writes the fp32 master and both moments in place (24) and writes the updated 16-bit weight
+    (g; fp32 training writes its fp32 weight): 30 bytes bf16, 36 fp32. The same whatever torch's fused/foreach
+    setting, which the fused step does not run.
+    """
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"no fused-step rule for precision={precision!r} (bf16 or fp32)")
+    g = 2 if precision == "bf16" else 4
+    return g + g + 24 + g
+
+
+def zero_step_bytes_per_param(precision: str, zero: int) -> int:
+    """HBM bytes per element that DeepSpeed's own optimizer step moves around the basic optimizer (AdamW, counted
+    by :func:`adam_bytes_per_param`), gradient clipping on.
+
+    ZeRO-1/2, DeepSpeed's ``DeepSpeedZeroOptimizer.step`` (what ``piper.optimizer.fused_step: off`` runs; read
+    from DeepSpeed 0.19.8 stage_1_and_2.py ``step()``; g = gradient bytes, 2 bf16 / 4 fp32):
     ``scaled_global_norm`` reads the gradients (g), ``flatten(averaged_gradients[i])`` copies them (2g),
     ``.to(fp32)`` casts (g + 4; nothing for fp32), ``unscale_and_clip_grads`` scales in place (8), and the
-    updated master is copied to the 16-bit partition (4 + g): 26 bytes bf16, 28 fp32. ZeRO-0 (not traced
-    line by line): norm and clip of fp32 gradients (12) plus the bf16 weight copy (6) with bf16.
+    updated master is copied to the 16-bit partition (4 + g): 26 bytes bf16, 28 fp32. ZeRO-0 (no ZeRO optimizer;
+    not traced line by line): norm and clip of fp32 gradients (12) plus the bf16 weight copy (6) with bf16.
     """
     g = 2 if precision == "bf16" else 4
     if zero == 0:
@@ -237,7 +256,8 @@ def zero_step_bytes_per_param(precision: str, zero: int) -> int:
 
 def optimizer_fused(ds_config: Mapping[str, Any]) -> bool:
     """Whether a ds_config's AdamW runs fused: DeepSpeed's FusedAdam (``torch_adam`` absent/false), or torch
-    AdamW with ``"fused": true``; torch AdamW otherwise runs foreach (its CUDA default)."""
+    AdamW with ``"fused": true``; torch AdamW otherwise runs foreach (its CUDA default). It sets the optimizer's
+    time and temporaries where DeepSpeed's own step runs the optimizer (ZeRO-0, ``fused_step: off``)."""
     opt = ds_config.get("optimizer") or {}
     kind = str(opt.get("type", "")).lower()
     if kind not in ("adam", "adamw"):
@@ -255,21 +275,32 @@ def optimizer_fused(ds_config: Mapping[str, Any]) -> bool:
 
 def optimizer_seconds(model: ModelSpec, cluster: ClusterSpec, layout: Layout, prof: PlatformProfile,
                       stage: int) -> float:
-    """Optimizer step on the local shard, seconds.
+    """Optimizer step on the local shard, seconds: a rate per element this rank updates x those elements.
 
-    With a measured ``prof.optimizer_ns_per_param`` (bf16 ZeRO-1/2, fused AdamW; :mod:`piper_ds.bench.zero_step`):
-    that x the elements this rank updates, plus, for torch's foreach AdamW, the extra bytes of its passes
-    over the fused kernel at the HBM rate. Otherwise, and for fp32 or ZeRO-0: (ZeRO ``step()`` bytes + AdamW
-    bytes, fused or foreach, per updated element) x elements / the profile's HBM rate."""
+    ZeRO-1/2 with ``layout.fused_step`` (the engines' default, piper_ds/runtime/zero_step.py; the planner's
+    ds_config, torch AdamW in bf16 or fp32 without offload or ``grad_accum_dtype``, is one it takes, and DeepSpeed
+    wraps it in ``DeepSpeedZeroOptimizer``, see :mod:`piper_ds.planner.memory`): ``prof.optimizer_ns_per_param``
+    when the profile timed that step (``prof.optimizer_step == "fused"``, bf16; :mod:`piper_ds.bench.zero_step`),
+    else :func:`fused_step_bytes_per_param` at the profile's HBM rate. ZeRO-1/2 with DeepSpeed's step
+    (``fused_step`` False): the measured figure when the profile timed DeepSpeed's step (bf16, torch's fused
+    AdamW) plus, for torch's foreach AdamW, its extra bytes at the HBM rate; else (DeepSpeed's ``step()`` bytes +
+    AdamW bytes, fused or foreach) at the HBM rate. ZeRO-0: the latter rule, never a measured figure."""
     n_dense, n_expert = stage_params(model, layout, stage)
     sharded = layout.precision == "bf16" or layout.zero_stage > 0
     n = n_dense / layout.dp + n_expert / layout.edp if sharded else n_dense + n_expert
-    if prof.optimizer_ns_per_param and layout.precision == "bf16" and layout.zero_stage in (1, 2):
-        foreach_extra = adam_bytes_per_param(layout.fused_optimizer) - adam_bytes_per_param(True)
-        return n * (prof.optimizer_ns_per_param * 1e-9 + foreach_extra / prof.hbm_rate(cluster))
-    per = zero_step_bytes_per_param(layout.precision, layout.zero_stage) + adam_bytes_per_param(
-        layout.fused_optimizer)
-    return per * n / prof.hbm_rate(cluster)
+    hbm = prof.hbm_rate(cluster)
+    zero_optimizer = layout.zero_stage in (1, 2)
+    step = "fused" if layout.fused_step else "deepspeed"
+    measured = (prof.optimizer_ns_per_param if zero_optimizer and prof.optimizer_step == step
+                and layout.precision == "bf16" else None)
+    if zero_optimizer and layout.fused_step:
+        if measured:
+            return n * measured * 1e-9
+        return n * fused_step_bytes_per_param(layout.precision) / hbm
+    adam = adam_bytes_per_param(layout.fused_optimizer)
+    if measured:
+        return n * (measured * 1e-9 + (adam - adam_bytes_per_param(True)) / hbm)
+    return n * (zero_step_bytes_per_param(layout.precision, layout.zero_stage) + adam) / hbm
 
 
 def estimate(model: ModelSpec, cluster: ClusterSpec, layout: Layout,

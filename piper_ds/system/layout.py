@@ -36,7 +36,12 @@ class Layout(BaseModel):
         False, description="Schedule overlaps one half-micro-batch's all-to-all with the other half's compute.")
     fused_optimizer: bool = Field(
         True, description="AdamW runs as one fused kernel (DeepSpeed's FusedAdam, or torch AdamW with "
-        "fused=true); False = torch's foreach AdamW. Sets the optimizer's time and temporaries.")
+        "fused=true); False = torch's foreach AdamW. Sets the optimizer's time and temporaries where DeepSpeed's "
+        "own step runs it (ZeRO-0, or fused_step False).")
+    fused_step: bool = Field(
+        True, description="ZeRO-1/2 take the engines' fused optimizer step (piper.optimizer.fused_step 'auto', the "
+        "default: one Adam(W) pass per gradient tensor); False = DeepSpeed's own step ('off'). Sets the "
+        "optimizer's time and the step phase's memory; ZeRO-0 has no ZeRO step.")
     virtual_stages: int = Field(
         1, ge=1, le=2, description="Pipeline stages per rank: 1 (1F1B or the overlap schedule) or 2 (DeepSpeed's "
         "DualPipeV: rank r holds stages r and 2 pp - 1 - r; needs pp >= 2 and grad_accum >= 2 pp).")
