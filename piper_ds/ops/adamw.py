@@ -8,7 +8,7 @@ loss-scale division cost no pass of their own. Math: :func:`piper_ds.ops.referen
 Adam/AdamW's update). Backend by ``backend`` ("auto" | "cuda" | "cpu" | "reference", see
 ``op_builder/loader.py``).
 
-A CUDA launch per gradient tensor reads 2 + 24 bytes and writes 24 + 2 bytes per bf16 parameter; the step count
+A CUDA launch per gradient tensor reads 2 + 12 bytes and writes 12 + 2 bytes per bf16 parameter; the step count
 and the multiplier stay on the device.
 """
 from __future__ import annotations
