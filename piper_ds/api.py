@@ -107,8 +107,10 @@ def _reject_unsupported(ds_config: Dict[str, Any], mesh_param: Any) -> None:
 
 
 def shutdown(engine: Any = None) -> None:
-    """Ends a run cleanly: ``engine.destroy()``, the W&B run finished (rank 0), a barrier, then the process
-    group is destroyed (without this gloo may abort at interpreter exit). Safe when nothing is initialised."""
+    """Ends a run cleanly: ``engine.destroy()``, the W&B run finished (rank 0), a barrier, this rank's segment of
+    DeepSpeed's CPU all-reduce unlinked (:mod:`piper_ds.runtime.shm`: DeepSpeed leaves it in /dev/shm), then the
+    process group is destroyed (without this gloo may abort at interpreter exit). Safe when nothing is
+    initialised."""
     from deepspeed import comm as dist
     if engine is not None:
         wandb_monitor = getattr(getattr(engine, "monitor", None), "wandb_monitor", None)
@@ -117,7 +119,12 @@ def shutdown(engine: Any = None) -> None:
             import wandb
             wandb.finish()
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # every rank has mapped its peers' all-reduce segments: this rank's name can go
+        import os
+        from piper_ds.runtime.shm import unlink_allreduce_buffers
+        unlink_allreduce_buffers(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                 int(os.environ.get("MASTER_PORT", TORCH_DISTRIBUTED_DEFAULT_PORT)),
+                                 [dist.get_rank()])
         dist.destroy_process_group()
 
 

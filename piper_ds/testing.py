@@ -99,6 +99,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
             p.join(timeout=5 if not errors and len(results) == world_size else 0.1)
             if p.is_alive():
                 p.kill()
+        from piper_ds.runtime.shm import unlink_allreduce_buffers
+        unlink_allreduce_buffers("127.0.0.1", port)  # DeepSpeed's CPU all-reduce segments of these ranks
     if errors:
         rank = min(errors)
         raise RuntimeError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
