@@ -22,13 +22,9 @@ __all__ = ["activation_forward", "activation_backward", "compiled_available", "A
 ACTIVATIONS = ("swiglu", "gelu")
 
 
-def _get_op(device: torch.device, backend: str):
-    return compiled_op("activation", device, backend)
-
-
 def compiled_available(device: torch.device, backend: str = "auto") -> bool:
     """Whether ``backend`` runs the compiled op (not the reference) for tensors on ``device``."""
-    return _get_op(device, backend) is not None
+    return compiled_op("activation", device, backend) is not None
 
 
 def _check(h_NW: torch.Tensor, activation: str) -> None:
@@ -45,7 +41,7 @@ def activation_forward(h_NW: torch.Tensor, activation: str, backend: str = "auto
     """a [N, F] = silu(gate) * up of h = gate | up [N, 2F] (SwiGLU), or gelu(h) of h [N, F]. Not differentiable
     itself: :class:`piper_ds.ops.experts.grouped_mlp` pairs it with :func:`activation_backward`."""
     _check(h_NW, activation)
-    op = _get_op(h_NW.device, backend)
+    op = compiled_op("activation", h_NW.device, backend)
     if op is None:
         with torch.no_grad():
             return activation_reference(h_NW, activation)
@@ -59,7 +55,7 @@ def activation_backward(grad_a_NF: torch.Tensor, h_NW: torch.Tensor, activation:
     F = h_NW.shape[1] // 2 if activation == "swiglu" else h_NW.shape[1]
     if tuple(grad_a_NF.shape) != (h_NW.shape[0], F):
         raise ValueError(f"grad_a_NF must have shape {(h_NW.shape[0], F)}, got {tuple(grad_a_NF.shape)}")
-    op = _get_op(h_NW.device, backend)
+    op = compiled_op("activation", h_NW.device, backend)
     if op is not None:
         grad_h, a = op.act_backward(grad_a_NF, h_NW, activation == "swiglu", bool(recompute))
         return grad_h, a

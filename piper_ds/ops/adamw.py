@@ -23,10 +23,6 @@ from piper_ds.ops.reference import adamw_reference
 __all__ = ["adamw_step"]
 
 
-def _get_op(device: torch.device, backend: str):
-    return compiled_op("adamw", device, backend)
-
-
 def _check(grads: Sequence[torch.Tensor], master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
            lowp: Optional[torch.Tensor], step: torch.Tensor) -> list:
     for name, t in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -75,7 +71,7 @@ def adamw_step(grads: Sequence[torch.Tensor], master: torch.Tensor, exp_avg: tor
     if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1):
         raise ValueError(f"Adam hyperparameters out of range: lr {lr}, betas {tuple(betas)}, eps {eps}, "
                          f"weight_decay {weight_decay}")
-    op = _get_op(master.device, backend)
+    op = compiled_op("adamw", master.device, backend)
     if op is not None:
         op.adamw_step([g.contiguous() for g in grads], offsets, master, exp_avg, exp_avg_sq, lowp, step,
                       grad_multiplier, float(lr), beta1, beta2, float(eps), float(weight_decay), bool(decoupled))

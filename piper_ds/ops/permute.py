@@ -34,10 +34,6 @@ __all__ = ["send_plan", "route_plan", "expand_rows", "reduce_rows", "SendPlan", 
 _MAX_FAN = 32  # the row kernels stage a row's fan in one warp
 
 
-def _get_op(device: torch.device, backend: str):
-    return compiled_op("permute", device, backend)
-
-
 def _check_num_rows(num_rows: Optional[int]) -> int:
     """-1 for None (count on the device), else the non-negative int."""
     if num_rows is None:
@@ -90,7 +86,7 @@ def send_plan(topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor, expert_r
     if ep_size < 1:
         raise ValueError(f"ep_size must be >= 1, got {ep_size}")
     known = _check_num_rows(num_rows)
-    op = _get_op(topk_idx_TK.device, backend)
+    op = compiled_op("permute", topk_idx_TK.device, backend)
     if op is None:
         plan = send_plan_reference(topk_idx_TK, topk_weights_TK, expert_rank_E, expert_slot_E, ep_size)
         _check_known(plan.token_idx_S.numel(), known, "send_plan")
@@ -121,7 +117,7 @@ def route_plan(ids_RK: torch.Tensor, num_local: int, slot_map: Optional[torch.Te
     known = _check_num_rows(num_rows)
     if known >= 0 and bounded:
         raise ValueError(f"num_rows ({num_rows}) and bounded=True exclude each other")
-    op = _get_op(ids_RK.device, backend)
+    op = compiled_op("permute", ids_RK.device, backend)
     if op is None:
         plan = route_plan_reference(ids_RK, num_local, slot_map, bounded)
         if not bounded:
@@ -180,7 +176,7 @@ def expand_rows(x_RD: torch.Tensor, pos_RK: torch.Tensor, num_rows: int, backend
     _check_pos(pos_RK, x_RD.shape[0], "x_RD")
     if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
         raise ValueError(f"num_rows must be an int >= 0, got {num_rows!r}")
-    op = _get_op(x_RD.device, backend)
+    op = compiled_op("permute", x_RD.device, backend)
     if op is None:
         return expand_rows_reference(x_RD, pos_RK, num_rows)
     if not _differentiable(x_RD):
@@ -201,7 +197,7 @@ def reduce_rows(y_ND: torch.Tensor, pos_RK: torch.Tensor, weight_RK: Optional[to
     _check_pos(pos_RK, pos_RK.shape[0], "pos_RK")
     if weight_RK is not None and tuple(weight_RK.shape) != tuple(pos_RK.shape):
         raise ValueError(f"weight_RK must have pos_RK's shape {tuple(pos_RK.shape)}, got {tuple(weight_RK.shape)}")
-    op = _get_op(y_ND.device, backend)
+    op = compiled_op("permute", y_ND.device, backend)
     if op is None:
         return reduce_rows_reference(y_ND, pos_RK, weight_RK)
     if not _differentiable(y_ND, weight_RK):

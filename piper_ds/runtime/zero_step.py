@@ -24,7 +24,8 @@ from typing import List, Optional
 import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.constants import PIPE_REPLICATED
-from deepspeed.runtime.utils import all_gather_dp_groups, is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
+from deepspeed.runtime.utils import (all_gather_dp_groups, is_invalid_grad_norm, is_model_parallel_parameter,
+                                     mask_nan_or_inf_with_val_inplace)
 from deepspeed.runtime.zero.stage_1_and_2 import (INITIAL_MICRO_STEP_ID, OPTIMIZER_ALLGATHER_TIMER,
                                                   OPTIMIZER_STEP_TIMER, OPTIMIZER_TIMERS, DeepSpeedZeroOptimizer)
 from deepspeed.utils import log_dist
@@ -120,14 +121,9 @@ class FusedStepZeroOptimizer(DeepSpeedZeroOptimizer):
 
     def _partition_grads(self, i: int) -> List[torch.Tensor]:
         """The gradients of partition ``i`` laid end to end from its first element (one flat tensor when
-        DeepSpeed keeps them in one)."""
+        DeepSpeed keeps them in one); :func:`adamw_step` checks they fit the partition's master."""
         flat = self._get_preflattened_grad_partition(i)
-        grads = [flat] if flat is not None else list(self.averaged_gradients[i])
-        numel = sum(g.numel() for g in grads)
-        if numel > self.partition_size[i]:
-            raise RuntimeError(f"ZeRO group {i}: the gradients hold {numel} elements, more than the partition's "
-                               f"{self.partition_size[i]} (DeepSpeed's partition layout changed?)")
-        return grads
+        return [flat] if flat is not None else list(self.averaged_gradients[i])
 
     def _state_of(self, master: torch.Tensor, group: dict) -> dict:
         """torch.optim.Adam's state of ``master``, created as torch creates it (step on the device for fused or
@@ -156,8 +152,7 @@ class FusedStepZeroOptimizer(DeepSpeedZeroOptimizer):
         if self.compute_grad_norm and not self.overflow:
             norm = self.scaled_global_norm()
             # the one host wait of a step, and only where DeepSpeed waits too (fp32, or bf16 with the check on)
-            if (self.dtype != torch.bfloat16 or self.check_grad_overflow) and bool(
-                    (~torch.isfinite(norm) | (norm < 0)).any()):
+            if (self.dtype != torch.bfloat16 or self.check_grad_overflow) and is_invalid_grad_norm(norm):
                 self.overflow = True
         if self.overflow:
             # DeepSpeed's step finds the same overflow again, updates the loss scale and drops the gradients
