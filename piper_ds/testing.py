@@ -161,6 +161,8 @@ def launch_ranks(argv: List[str], world_size: int, timeout: float, env: Optional
             procs[rank].kill()
             procs[rank].wait()
             ended.setdefault(rank, time.time())
+        from piper_ds.runtime.shm import unlink_allreduce_buffers
+        unlink_allreduce_buffers("127.0.0.1", port)  # a killed rank never unlinks its own segments
         outputs = []
         for log in logs:
             log.seek(0)

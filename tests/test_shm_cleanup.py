@@ -39,3 +39,26 @@ def test_a_distributed_run_leaves_no_segments_behind():
     assert [r[0] for r in results] == [3.0, 3.0]
     assert results[0][1] == 2  # DeepSpeed made one segment per rank during the run (else this tests nothing)
     assert set(glob.glob(pattern)) <= before
+
+
+_KILLED_RANK = """
+import os, sys, time
+rank = int(os.environ["RANK"])
+path = os.path.join(sys.argv[1], f"deepspeed_allreduce_buffer_0_127.0.0.1_{os.environ['MASTER_PORT']}_{rank}")
+open(path, "wb").close()  # the segment a rank's DeepSpeed CPU all-reduce would have made
+if rank == 0:  # fail once rank 1's segment exists, so the harness has one to clean up
+    while not os.path.exists(path[:-1] + "1"):
+        time.sleep(0.01)
+    sys.exit(1)
+time.sleep(600)  # killed by the harness, so it never cleans up after itself
+"""
+
+
+def test_launched_ranks_that_are_killed_leave_no_segments_behind(tmp_path, monkeypatch):
+    from piper_ds.testing import launch_ranks
+    monkeypatch.setattr(shm, "SHM_DIR", str(tmp_path))
+    script = tmp_path / "rank.py"
+    script.write_text(_KILLED_RANK)
+    runs = launch_ranks([str(script), str(tmp_path)], 2, timeout=60, grace=0.5)
+    assert [r.returncode for r in runs][0] == 1 and runs[1].returncode != 0  # rank 1 was killed
+    assert not list(tmp_path.glob("deepspeed_allreduce_buffer_*"))
