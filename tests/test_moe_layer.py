@@ -187,3 +187,28 @@ def test_equals_deepspeed_moe_dropless(k):
     y_stock, y_ours, aux_stock, aux_ours = run_distributed(_stock_vs_piper, 1, k, timeout=120)[0]
     torch.testing.assert_close(y_ours, y_stock, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux_ours, aux_stock, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_feed_forward_fused_equals_plain_and_keeps_its_keys(activation):
+    """FeedForward (shared experts, dense layers) through the compiled activation op equals its plain PyTorch
+    form in output and every gradient, with the same nn.Linear parameters and state-dict keys."""
+    from test_ops_build import cpu_ops
+    from piper_ds.moe import FeedForward
+    cpu_ops()
+    torch.manual_seed(3)
+    fused = FeedForward(24, 20, activation, kernels="cpu")
+    plain = FeedForward(24, 20, activation, kernels="reference")
+    plain.load_state_dict(fused.state_dict())
+    assert list(fused.state_dict()) == (["w1.weight", "w3.weight", "w2.weight"] if activation == "swiglu"
+                                        else ["w1.weight", "w2.weight"])
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    y, y_ref = fused(x), plain(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *fused.parameters()], g)
+    want = torch.autograd.grad(y_ref, [x, *plain.parameters()], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="kernels must be"):
+        FeedForward(24, 20, activation, kernels="fast")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from piper_ds.ops import activation_backward, activation_forward, grouped_mlp
-from piper_ds.ops.experts import grouped_path
+from piper_ds.ops.experts import _FusedDenseMLP, dense_mlp, grouped_path
 from piper_ds.ops.reference import activation_reference
 from test_ops_build import cpu_ops
 from test_ops_permute import DEVICES, backend_of
@@ -141,3 +141,64 @@ def test_grouped_mlp_cuda_paths_equal_reference(backend, activation, L, D, F, co
         assert torch.isfinite(a).all(), name
     empty = c == 0  # experts without rows: exactly zero weight gradients
     assert not grads[1][empty].any() and not grads[2][empty].any()
+
+
+def plain_ffn(x, w_up, w_down, activation):
+    """A dense FFN as plain PyTorch writes it (separate gate and up projections)."""
+    F_ = w_down.shape[1]
+    if activation == "swiglu":
+        a = torch.nn.functional.silu(x @ w_up[:F_].t()) * (x @ w_up[F_:].t())
+    else:
+        a = torch.nn.functional.gelu(x @ w_up.t())
+    return a @ w_down.t()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,D,F", [((37,), 24, 13), ((2, 5, 3), 16, 8), ((0,), 8, 4), ((64,), 64, 96)])
+def test_dense_mlp_fused_equals_plain_pytorch(device, activation, dtype, shape, D, F):
+    """The fused path (the compiled activation op between two GEMMs, activation recomputed in backward) against
+    plain PyTorch autograd on the same fp32 weights, including zero rows, odd sizes and leading batch dims."""
+    g = torch.Generator().manual_seed(D + F)
+    W = 2 * F if activation == "swiglu" else F
+    x = torch.randn(*shape, D, generator=g).to(device, dtype).requires_grad_(True)
+    w_up = (torch.randn(W, D, generator=g) / D ** 0.5).to(device, dtype).requires_grad_(True)
+    w_down = (torch.randn(D, F, generator=g) / F ** 0.5).to(device, dtype).requires_grad_(True)
+    y = dense_mlp(x, w_up, w_down, activation, backend_of(device))
+    assert y.shape == x.shape and y.dtype == dtype
+    x32, u32, d32 = (t.detach().double().cpu().requires_grad_(True) for t in (x, w_up, w_down))
+    ref = plain_ffn(x32, u32, d32, activation)
+    gy = torch.randn(y.shape, generator=g).to(device, dtype)
+    grads = torch.autograd.grad(y, (x, w_up, w_down), gy)
+    want = torch.autograd.grad(ref, (x32, u32, d32), gy.double().cpu())
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double().cpu(), ref.detach(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, want):
+            torch.testing.assert_close(a.double().cpu(), b, rtol=1e-5, atol=1e-5)
+        return
+    for name, a, b in zip(("y", "x", "w_up", "w_down"), (y, *grads), (ref.detach(), *want)):  # bf16 rounding
+        err = ((a.double().cpu() - b).norm() / b.norm().clamp_min(1e-12)).item()
+        assert err < 2e-2, (name, err)
+
+
+def test_dense_mlp_saves_only_its_input_and_the_up_projection():
+    x = torch.randn(10, 16, requires_grad=True)
+    w_up, w_down = torch.randn(24, 16, requires_grad=True), torch.randn(16, 12, requires_grad=True)
+    y = dense_mlp(x, w_up, w_down, "swiglu", "cpu")
+    assert type(y.grad_fn).__name__ != "MmBackward0"  # the fused Function ran (behind the view)
+    node = y.grad_fn.next_functions[0][0]
+    assert node.__class__.__name__ == _FusedDenseMLP.__name__ + "Backward"
+    saved = {tuple(t.shape) for t in node.saved_tensors}
+    assert saved == {(10, 16), (24, 16), (16, 12), (10, 24)}  # x, both weights, h: no activation kept
+
+
+def test_dense_mlp_errors_name_the_values():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        dense_mlp(torch.randn(2, 4), torch.randn(8, 4), torch.randn(4, 4), "relu")
+    with pytest.raises(ValueError, match=r"w_down \(4, 3\)"):
+        dense_mlp(torch.randn(2, 4), torch.randn(8, 4), torch.randn(4, 3), "swiglu")
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        dense_mlp(torch.randn(2, 4), torch.randn(7, 4), torch.randn(4, 3), "swiglu")
+    with pytest.raises(TypeError, match="share a dtype"):
+        dense_mlp(torch.randn(2, 4), torch.randn(8, 4).double(), torch.randn(4, 4), "swiglu")

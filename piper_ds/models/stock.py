@@ -27,7 +27,7 @@ class StockMoEFFN(nn.Module):
 
     def __init__(self, spec: ModelSpec, moe_config: MoEConfig, ep_size: int, capacity_factor: float = 1.25):
         super().__init__()
-        expert = FeedForward(spec.d_model, spec.d_ffn_expert, spec.activation)
+        expert = FeedForward(spec.d_model, spec.d_ffn_expert, spec.activation, kernels="reference")  # as stock users write it
         self.moe = MoE(spec.d_model, expert, num_experts=spec.num_experts, ep_size=ep_size, k=spec.top_k,
                        capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor, drop_tokens=True)
         # Stock MoE deep-copies one expert per local slot (identical weights); give each its own draw.
@@ -36,8 +36,8 @@ class StockMoEFFN(nn.Module):
                 if isinstance(m, nn.Linear):
                     m.weight.normal_(0.0, 0.02)
         self.aux_loss_coef = moe_config.aux_loss_coef
-        self.shared_mlp = FeedForward(spec.d_model, spec.n_shared_experts * spec.d_ffn_expert, spec.activation) \
-            if spec.n_shared_experts else None
+        self.shared_mlp = FeedForward(spec.d_model, spec.n_shared_experts * spec.d_ffn_expert, spec.activation,
+                                      kernels="reference") if spec.n_shared_experts else None
 
     def forward(self, x_BSD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         y, l_aux, _ = self.moe(x_BSD)

@@ -58,7 +58,7 @@ class MoETransformer(nn.Module):
         attn = Attention(s.d_model, s.n_heads, s.kv_heads, s.hd, s.seq_len)
         _init_linear(attn, std=0.02, out_proj=attn.o, n_layers=s.n_layers)
         if index < s.n_dense_layers:
-            ffn = FeedForward(s.d_model, s.ffn_dense, s.activation)
+            ffn = FeedForward(s.d_model, s.ffn_dense, s.activation, self.moe_config.kernels)
             _init_linear(ffn, std=0.02, out_proj=ffn.w2, n_layers=s.n_layers)
             return Block(attn, DenseFFN(ffn), s.d_model)
         if self.stock_moe:

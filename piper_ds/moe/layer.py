@@ -19,22 +19,31 @@ from piper_ds.moe.graphed import GraphedLayer
 from piper_ds.moe.placement import ExpertPlacement
 from piper_ds.moe.router import TopKGateFP32
 from piper_ds.ops import reference
+from piper_ds.ops.experts import dense_mlp
 
 
 class FeedForward(nn.Module):
-    """Dense SwiGLU/GELU FFN without biases (shared experts, dense layers)."""
+    """Dense SwiGLU/GELU FFN without biases (shared experts, dense layers): ``w2(act(w1(x)) [* w3(x)])``.
 
-    def __init__(self, hidden_size: int, d_ffn: int, activation: str = "swiglu"):
+    ``kernels`` ("auto" | "cuda" | "cpu" | "reference", the ops' backends): with the compiled activation op
+    the gate and up projections run as one GEMM into the fused SwiGLU/GELU, and backward keeps only the input and
+    the up projection's output; "reference" is PyTorch's autograd over ``silu(gate) * up`` in the input's dtype
+    (:func:`piper_ds.ops.experts.dense_mlp`).
+    The parameters stay three ``nn.Linear`` (w1 gate, w3 up, w2 down), so checkpoints keep their keys.
+    """
+
+    def __init__(self, hidden_size: int, d_ffn: int, activation: str = "swiglu", kernels: str = "auto"):
         super().__init__()
-        self.swiglu = activation == "swiglu"
+        if kernels not in ("auto", "cuda", "cpu", "reference"):
+            raise ValueError(f"kernels must be 'auto', 'cuda', 'cpu' or 'reference', got {kernels!r}")
+        self.swiglu, self.activation, self.kernels = activation == "swiglu", activation, kernels
         self.w1 = nn.Linear(hidden_size, d_ffn, bias=False)
         self.w3 = nn.Linear(hidden_size, d_ffn, bias=False) if self.swiglu else None
         self.w2 = nn.Linear(d_ffn, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w1(x)
-        h = nn.functional.silu(h) * self.w3(x) if self.swiglu else nn.functional.gelu(h)
-        return self.w2(h)
+        w_up = torch.cat((self.w1.weight, self.w3.weight)) if self.swiglu else self.w1.weight
+        return dense_mlp(x, w_up, self.w2.weight, self.activation, self.kernels)
 
 
 class _MoECore(nn.Module):
@@ -113,7 +122,7 @@ class PiperMoE(MoE):
         self._init_seed = init_seed
         self.dp_group = None
         shared_width = cfg.shared_d_ffn or cfg.n_shared_experts * d_ffn
-        self.shared_mlp = FeedForward(hidden_size, shared_width, cfg.activation) if cfg.n_shared_experts else None
+        self.shared_mlp = FeedForward(hidden_size, shared_width, cfg.activation, cfg.kernels) if cfg.n_shared_experts else None
         self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if cfg.shared_gate else None
         if cfg.kernels != "reference" and cfg.group_score == "top2_sum":  # the kernel's only group score
             from piper_ds.ops import gating

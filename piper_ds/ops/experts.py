@@ -24,7 +24,7 @@ import torch
 from piper_ds.ops import activation as act
 from piper_ds.ops.reference import activation_reference
 
-__all__ = ["grouped_mlp", "grouped_path"]
+__all__ = ["grouped_mlp", "grouped_path", "dense_mlp"]
 
 
 class _FusedGroupedMLP(torch.autograd.Function):
@@ -52,6 +52,67 @@ class _FusedGroupedMLP(torch.autograd.Function):
         grad_x = torch._grouped_mm(grad_h, w_up.mT, offs=offsets) if need_x else None
         grad_up = torch._grouped_mm(x_ND.mT, grad_h, offs=offsets) if need_up else None
         return grad_x, grad_up, grad_down, None, None, None
+
+
+class _FusedDenseMLP(torch.autograd.Function):
+    """One dense MLP around the fused activation: the same schedule as :class:`_FusedGroupedMLP` with plain GEMMs
+    (saves x and h, recomputes the activation in backward)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_up_WD, w_down_DF, activation, backend):
+        h_NW = torch.mm(x_ND, w_up_WD.t())
+        a_NF = act.activation_forward(h_NW, activation, backend)
+        ctx.save_for_backward(x_ND, w_up_WD, w_down_DF, h_NW)
+        ctx.activation, ctx.backend = activation, backend
+        return torch.mm(a_NF, w_down_DF.t())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y_ND):
+        x_ND, w_up, w_down, h_NW = ctx.saved_tensors
+        need_x, need_up, need_down = ctx.needs_input_grad[:3]
+        grad_y_ND = grad_y_ND.contiguous()
+        grad_a = torch.mm(grad_y_ND, w_down)
+        grad_h, a_NF = act.activation_backward(grad_a, h_NW, ctx.activation, recompute=need_down,
+                                               backend=ctx.backend)
+        del grad_a
+        grad_down = torch.mm(grad_y_ND.t(), a_NF) if need_down else None
+        grad_x = torch.mm(grad_h, w_up) if need_x else None
+        grad_up = torch.mm(grad_h.t(), x_ND) if need_up else None
+        return grad_x, grad_up, grad_down, None, None
+
+
+def dense_mlp(x: torch.Tensor, w_up_WD: torch.Tensor, w_down_DF: torch.Tensor, activation: str = "swiglu",
+              backend: str = "auto") -> torch.Tensor:
+    """A dense MLP, y = act(x @ w_up.T) @ w_down.T, in ``nn.Linear``'s weight layout: [..., D] -> [..., D].
+
+    w_up_WD [W, D] (SwiGLU: W = 2F, gate rows first, then up rows; GELU: W = F), w_down_DF [D, F]; both in x's
+    dtype. With the compiled activation op (``backend``) and x in bf16/fp16/fp32 it runs two GEMMs and the fused
+    activation forward, and saves only x and h = x @ w_up.T for backward (the activation is recomputed there);
+    otherwise (``backend="reference"``, no op, or no rows) PyTorch's autograd over ``silu(gate) * up`` (or
+    ``gelu(h)``) in x's dtype, as a plain PyTorch FFN computes it.
+    Differentiable in x and both weights.
+    """
+    if activation not in act.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {act.ACTIVATIONS}, got {activation!r}")
+    W, D = w_up_WD.shape
+    F = W // 2 if activation == "swiglu" else W
+    if (activation == "swiglu" and W % 2) or tuple(w_down_DF.shape) != (D, F) or x.shape[-1] != D:
+        raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, w_up {tuple(w_up_WD.shape)}, w_down "
+                         f"{tuple(w_down_DF.shape)} ({activation}: w_up [{'2F' if activation == 'swiglu' else 'F'}"
+                         ", D], w_down [D, F])")
+    if w_up_WD.dtype != x.dtype or w_down_DF.dtype != x.dtype:
+        raise TypeError(f"x, w_up and w_down must share a dtype, got {x.dtype}, {w_up_WD.dtype}, {w_down_DF.dtype}")
+    x_ND = x.reshape(-1, D)
+    if x_ND.shape[0] > 0 and act.compiled_available(x.device, backend):
+        return _FusedDenseMLP.apply(x_ND, w_up_WD, w_down_DF, activation, backend).view(*x.shape[:-1], D)
+    h = torch.nn.functional.linear(x, w_up_WD)
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        a = torch.nn.functional.silu(gate) * up
+    else:
+        a = torch.nn.functional.gelu(h)
+    return torch.nn.functional.linear(a, w_down_DF)
 
 
 def grouped_path(x_ND: torch.Tensor, w_up_LDW: torch.Tensor, w_down_LFD: torch.Tensor, backend: str) -> str:
