@@ -10,6 +10,8 @@
     piper_activation_cpu  the same, CPU path only
     piper_adamw        Adam(W) over fp32 master weights (the ZeRO step), CUDA + CPU
     piper_adamw_cpu    the same, CPU path only
+    piper_rope         rotary position embedding (forward and its inverse), CUDA + CPU
+    piper_rope_cpu     the same, CPU path only
 
 It is found by scanning this package's modules for concrete builders (as DeepSpeed does for its own), so an op
 registers itself by adding a module here. Importing this package is light: the builders (which import

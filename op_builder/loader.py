@@ -21,9 +21,9 @@ from typing import Dict, Optional, Tuple
 BACKENDS = ("auto", "cuda", "cpu", "reference")
 
 _CUDA_BUILDER = {"gating": "GatingBuilder", "permute": "PermuteBuilder", "activation": "ActivationBuilder",
-                 "adamw": "AdamWBuilder"}
+                 "adamw": "AdamWBuilder", "rope": "RopeBuilder"}
 _CPU_BUILDER = {"gating": "GatingCPUBuilder", "permute": "PermuteCPUBuilder", "activation": "ActivationCPUBuilder",
-                "adamw": "AdamWCPUBuilder"}
+                "adamw": "AdamWCPUBuilder", "rope": "RopeCPUBuilder"}
 _cache: Dict[Tuple[str, str, str], object] = {}
 _failed: Dict[str, str] = {}
 
@@ -35,8 +35,8 @@ def check_backend(backend: str) -> None:
 
 
 def _builder(op: str, cuda: bool):
-    from . import activation, adamw, gating, permute  # the modules hold the builder classes
-    module = {"gating": gating, "permute": permute, "activation": activation, "adamw": adamw}[op]
+    from . import activation, adamw, gating, permute, rope  # the modules hold the builder classes
+    module = {"gating": gating, "permute": permute, "activation": activation, "adamw": adamw, "rope": rope}[op]
     return getattr(module, (_CUDA_BUILDER if cuda else _CPU_BUILDER)[op])()
 
 

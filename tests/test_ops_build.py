@@ -23,7 +23,7 @@ except ImportError:  # a source checkout without `pip install -e .`
     from op_builder import ALL_OPS, builder as ob_builder, loader
 
 
-OPS = ("gating", "permute", "activation", "adamw")
+OPS = ("gating", "permute", "activation", "adamw", "rope")
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,11 +5,13 @@ No biases anywhere (the planner's parameter count relies on it).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from piper_ds.ops.rope import rotary
 
 
 class RMSNorm(nn.Module):
@@ -27,24 +29,39 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """Rotary position embedding (rotate-half form) over the full head dim; cos/sin tables are fp32 buffers,
-    not saved in checkpoints (they are a function of ``head_dim``, ``max_seq`` and ``base``)."""
+    not saved in checkpoints (they are a function of ``head_dim``, ``max_seq`` and ``base``); after the model is
+    cast to another dtype the angles are used in fp32 still (computed again once per device).
 
-    def __init__(self, head_dim: int, max_seq: int, base: float = 10000.0):
+    ``kernels`` ("auto" | "cuda" | "cpu" | "reference"): the backend of :func:`piper_ds.ops.rotary` (one pass
+    each way, in the input's memory layout, fp32 math), or its PyTorch reference.
+    """
+
+    def __init__(self, head_dim: int, max_seq: int, base: float = 10000.0, kernels: str = "auto"):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        angles = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv_freq)  # [S, Dh/2]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.head_dim, self.max_seq, self.base, self.kernels = head_dim, max_seq, base, kernels
+        cos, sin = self._angle_tables(torch.device("cpu"))
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._fp32_tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _angle_tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of position * frequency, fp32 [max_seq, head_dim / 2]."""
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        angles = torch.outer(torch.arange(self.max_seq, dtype=torch.float32), inv_freq)
+        return angles.cos().to(device), angles.sin().to(device)
 
     def forward(self, x_BHSD: torch.Tensor) -> torch.Tensor:
         S = x_BHSD.shape[-2]
-        if S > self.cos.shape[0]:
-            raise ValueError(f"sequence length {S} exceeds the rotary table's max_seq ({self.cos.shape[0]})")
-        cos, sin = self.cos[:S].to(x_BHSD.dtype), self.sin[:S].to(x_BHSD.dtype)
-        x1, x2 = x_BHSD.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        if S > self.max_seq:
+            raise ValueError(f"sequence length {S} exceeds the rotary table's max_seq ({self.max_seq})")
+        cos, sin = self.cos, self.sin
+        if cos.dtype != torch.float32:  # the model was cast (bf16, fp64): the angles stay exact fp32
+            if cos.device not in self._fp32_tables:
+                self._fp32_tables[cos.device] = self._angle_tables(cos.device)
+            cos, sin = self._fp32_tables[cos.device]
+        return rotary(x_BHSD, cos, sin, self.kernels)
 
 
 class Attention(nn.Module):
@@ -54,7 +71,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int,
-                 rope_base: float = 10000.0):
+                 rope_base: float = 10000.0, kernels: str = "auto"):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
@@ -63,7 +80,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.v = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.o = nn.Linear(n_heads * head_dim, d_model, bias=False)
-        self.rotary = Rotary(head_dim, max_seq, rope_base)
+        self.rotary = Rotary(head_dim, max_seq, rope_base, kernels)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape

@@ -55,7 +55,7 @@ class MoETransformer(nn.Module):
 
     def _block(self, index: int, stock_capacity: float) -> Block:
         s = self.spec
-        attn = Attention(s.d_model, s.n_heads, s.kv_heads, s.hd, s.seq_len)
+        attn = Attention(s.d_model, s.n_heads, s.kv_heads, s.hd, s.seq_len, kernels=self.moe_config.kernels)
         _init_linear(attn, std=0.02, out_proj=attn.o, n_layers=s.n_layers)
         if index < s.n_dense_layers:
             ffn = FeedForward(s.d_model, s.ffn_dense, s.activation, self.moe_config.kernels)

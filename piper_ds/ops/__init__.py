@@ -1,4 +1,4 @@
-"""Kernels of the MoE layer and the optimizer step with their PyTorch references (``reference.py``, the oracle).
+"""Kernels of the MoE layer, the attention's rotary embedding and the optimizer step with their PyTorch references (``reference.py``, the oracle).
 
 Every op runs a compiled implementation when available (CUDA kernels, or the C++ CPU implementation) and its
 reference otherwise; the ``backend`` argument of each says which ("auto" | "cuda" | "cpu" | "reference"):
@@ -7,6 +7,7 @@ reference otherwise; the ``backend`` argument of each says which ("auto" | "cuda
 * ``send_plan`` / ``route_plan`` (dispatch plans) and ``expand_rows`` / ``reduce_rows`` (row movement along a fan
   index, :mod:`piper_ds.ops.plans`);
 * ``activation_forward`` / ``activation_backward`` (SwiGLU, GELU) and ``grouped_mlp`` (the experts);
+* ``rotary`` (the attention's rotary position embedding);
 * ``adamw_step`` (Adam(W) over fp32 master weights from low-precision gradients: the fused ZeRO step).
 
 Importing this package builds nothing and does not import DeepSpeed.
@@ -17,6 +18,7 @@ from piper_ds.ops.experts import grouped_mlp
 from piper_ds.ops.gating import fused_gating
 from piper_ds.ops.permute import expand_rows, reduce_rows, route_plan, send_plan
 from piper_ds.ops.plans import RoutePlan, SendPlan
+from piper_ds.ops.rope import rotary
 
 __all__ = ["fused_gating", "send_plan", "route_plan", "expand_rows", "reduce_rows", "activation_forward",
-           "activation_backward", "grouped_mlp", "adamw_step", "SendPlan", "RoutePlan"]
+           "activation_backward", "grouped_mlp", "adamw_step", "rotary", "SendPlan", "RoutePlan"]

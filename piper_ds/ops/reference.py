@@ -208,6 +208,22 @@ def activation_reference(h_NW: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"activation must be 'swiglu' or 'gelu', got {activation!r}")
 
 
+# ------------------------------------------------------------------------------------ attention
+def rope_reference(x_BHSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor,
+                   inverse: bool = False) -> torch.Tensor:
+    """Rotary embedding, rotate-half form over the whole head dim: x = x1 | x2 (halves of Dh) at position s goes to
+    x1 * cos[s] - x2 * sin[s] | x2 * cos[s] + x1 * sin[s]; ``inverse`` rotates back (sin -> -sin), which is
+    also the gradient of the forward. x [B, H, S, Dh], cos/sin fp32 [S_max >= S, Dh/2]; fp32 math (fp64 for
+    fp64), x's dtype out."""
+    math = torch.promote_types(x_BHSD.dtype, torch.float32)
+    S = x_BHSD.shape[-2]
+    c, s = cos_SH[:S].to(math), sin_SH[:S].to(math)
+    if inverse:
+        s = -s
+    x1, x2 = x_BHSD.to(math).chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x_BHSD.dtype)
+
+
 # ------------------------------------------------------------------------------------ whole-layer oracle
 def moe_reference(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                   w1_EDF: torch.Tensor, w2_EFD: torch.Tensor, w3_EDF: Optional[torch.Tensor] = None) -> torch.Tensor:
