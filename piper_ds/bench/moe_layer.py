@@ -58,7 +58,8 @@ def build(peer: str, shape: dict, ep: int, activation: str, kernels: str, transp
                          kernels=kernels, aux_loss_coef=0.01, transport=kind, node_dedup=extra == "dedup",
                          overlap_chunks=chunks, cuda_graph=cuda_graph)
     else:
-        layer = MoE(shape["d"], FeedForward(shape["d"], shape["f"], activation, kernels="reference"), num_experts=shape["E"],
+        expert = FeedForward(shape["d"], shape["f"], activation, kernels="reference")  # as stock users write it
+        layer = MoE(shape["d"], expert, num_experts=shape["E"],
                     ep_size=ep, k=shape["k"], capacity_factor=1.25, eval_capacity_factor=1.25, drop_tokens=True)
     layer.set_deepspeed_parallelism()
     if peer == "piper" and transport != "flat" and ep > 1:

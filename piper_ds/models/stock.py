@@ -27,7 +27,8 @@ class StockMoEFFN(nn.Module):
 
     def __init__(self, spec: ModelSpec, moe_config: MoEConfig, ep_size: int, capacity_factor: float = 1.25):
         super().__init__()
-        expert = FeedForward(spec.d_model, spec.d_ffn_expert, spec.activation, kernels="reference")  # as stock users write it
+        # the plain PyTorch FFN, as stock DeepSpeed-MoE users write it
+        expert = FeedForward(spec.d_model, spec.d_ffn_expert, spec.activation, kernels="reference")
         self.moe = MoE(spec.d_model, expert, num_experts=spec.num_experts, ep_size=ep_size, k=spec.top_k,
                        capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor, drop_tokens=True)
         # Stock MoE deep-copies one expert per local slot (identical weights); give each its own draw.

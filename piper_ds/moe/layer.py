@@ -29,7 +29,9 @@ class FeedForward(nn.Module):
     the gate and up projections run as one GEMM into the fused SwiGLU/GELU, and backward keeps only the input and
     the up projection's output; "reference" is PyTorch's autograd over ``silu(gate) * up`` in the input's dtype
     (:func:`piper_ds.ops.experts.dense_mlp`).
-    The parameters stay three ``nn.Linear`` (w1 gate, w3 up, w2 down), so checkpoints keep their keys.
+    The parameters stay three ``nn.Linear`` (w1 gate, w3 up, w2 down), so checkpoints keep their keys; their
+    weights are read here rather than through the Linears' forward (ZeRO-3, which would gather them in that
+    forward, is refused for MoE models).
     """
 
     def __init__(self, hidden_size: int, d_ffn: int, activation: str = "swiglu", kernels: str = "auto"):
@@ -122,7 +124,8 @@ class PiperMoE(MoE):
         self._init_seed = init_seed
         self.dp_group = None
         shared_width = cfg.shared_d_ffn or cfg.n_shared_experts * d_ffn
-        self.shared_mlp = FeedForward(hidden_size, shared_width, cfg.activation, cfg.kernels) if cfg.n_shared_experts else None
+        self.shared_mlp = FeedForward(hidden_size, shared_width, cfg.activation, cfg.kernels) \
+            if cfg.n_shared_experts else None
         self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if cfg.shared_gate else None
         if cfg.kernels != "reference" and cfg.group_score == "top2_sum":  # the kernel's only group score
             from piper_ds.ops import gating

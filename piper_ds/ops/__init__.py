@@ -1,4 +1,5 @@
-"""Kernels of the MoE layer, the attention's rotary embedding and the optimizer step with their PyTorch references (``reference.py``, the oracle).
+"""Kernels of the MoE layer, the attention's rotary embedding and the optimizer step with their PyTorch
+references (``reference.py``, the oracle).
 
 Every op runs a compiled implementation when available (CUDA kernels, or the C++ CPU implementation) and its
 reference otherwise; the ``backend`` argument of each says which ("auto" | "cuda" | "cpu" | "reference"):
