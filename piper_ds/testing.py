@@ -172,3 +172,17 @@ def launch_ranks(argv: List[str], world_size: int, timeout: float, env: Optional
         tails = "\n".join(f"--- rank {r} ---\n{outputs[r][-3000:]}" for r in alive)
         raise TimeoutError(f"ranks {alive} of {world_size} did not end within {timeout:.0f}s:\n{tails}")
     return [RankRun(r, procs[r].returncode, outputs[r], ended[r]) for r in range(world_size)]
+
+
+def assert_same_function(module, twin, x, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Asserts that ``module`` and ``twin`` (the same parameters, in the same order) give close outputs on ``x``
+    and close gradients of x and of every parameter, for one random output gradient."""
+    import torch
+    x = x.detach().requires_grad_(True)
+    y, y_twin = module(x), twin(x)
+    torch.testing.assert_close(y, y_twin, rtol=rtol, atol=atol)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *module.parameters()], g)
+    want = torch.autograd.grad(y_twin, [x, *twin.parameters()], g)
+    for name, a, b in zip(["x", *(n for n, _ in module.named_parameters())], got, want):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")

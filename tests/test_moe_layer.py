@@ -4,7 +4,7 @@ import torch
 
 from piper_ds.moe import MoEConfig, PiperMoE
 from piper_ds.ops import reference as R
-from piper_ds.testing import run_distributed
+from piper_ds.testing import assert_same_function, run_distributed
 
 
 def _reference_forward(layer, x_TD):
@@ -202,13 +202,18 @@ def test_feed_forward_fused_equals_plain_and_keeps_its_keys(activation):
     plain.load_state_dict(fused.state_dict())
     assert list(fused.state_dict()) == (["w1.weight", "w3.weight", "w2.weight"] if activation == "swiglu"
                                         else ["w1.weight", "w2.weight"])
-    x = torch.randn(3, 7, 24, requires_grad=True)
-    y, y_ref = fused(x), plain(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, *fused.parameters()], g)
-    want = torch.autograd.grad(y_ref, [x, *plain.parameters()], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_same_function(fused, plain, torch.randn(3, 7, 24))
     with pytest.raises(ValueError, match="kernels must be"):
         FeedForward(24, 20, activation, kernels="fast")
+
+
+def test_assert_same_function_catches_a_different_gradient():
+    from piper_ds.moe import FeedForward
+    torch.manual_seed(0)
+    a, b = FeedForward(8, 6, "gelu", "reference"), FeedForward(8, 6, "gelu", "reference")
+    b.load_state_dict(a.state_dict())
+    assert_same_function(a, b, torch.randn(4, 8))
+    with torch.no_grad():
+        b.w2.weight[0, 0] += 1e-3  # a different function: the output differs
+    with pytest.raises(AssertionError):
+        assert_same_function(a, b, torch.randn(4, 8))
