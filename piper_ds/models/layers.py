@@ -28,9 +28,9 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half form) over the full head dim; cos/sin tables are fp32 buffers,
-    not saved in checkpoints (they are a function of ``head_dim``, ``max_seq`` and ``base``); after the model is
-    cast to another dtype the angles are used in fp32 still (computed again once per device).
+    """Rotary position embedding (rotate-half form) over the full head dim. The cos/sin tables, fp32
+    [max_seq, head_dim / 2], are made once per device on first use and are not module state: neither saved in
+    checkpoints (they are a function of ``head_dim``, ``max_seq`` and ``base``) nor rounded when the model is cast.
 
     ``kernels`` ("auto" | "cuda" | "cpu" | "reference"): the backend of :func:`piper_ds.ops.rotary` (one pass
     each way, in the input's memory layout, fp32 math), or its PyTorch reference.
@@ -41,27 +41,21 @@ class Rotary(nn.Module):
         if head_dim % 2:
             raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
         self.head_dim, self.max_seq, self.base, self.kernels = head_dim, max_seq, base, kernels
-        cos, sin = self._angle_tables(torch.device("cpu"))
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-        self._fp32_tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _angle_tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of position * frequency, fp32 [max_seq, head_dim / 2]."""
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-        angles = torch.outer(torch.arange(self.max_seq, dtype=torch.float32), inv_freq)
-        return angles.cos().to(device), angles.sin().to(device)
+    def angle_tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of position * frequency on ``device``, fp32 [max_seq, head_dim / 2]."""
+        if device not in self._tables:
+            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+            angles = torch.outer(torch.arange(self.max_seq, dtype=torch.float32), inv_freq)
+            self._tables[device] = (angles.cos().to(device), angles.sin().to(device))
+        return self._tables[device]
 
     def forward(self, x_BHSD: torch.Tensor) -> torch.Tensor:
         S = x_BHSD.shape[-2]
         if S > self.max_seq:
             raise ValueError(f"sequence length {S} exceeds the rotary table's max_seq ({self.max_seq})")
-        cos, sin = self.cos, self.sin
-        if cos.dtype != torch.float32:  # the model was cast (bf16, fp64): the angles stay exact fp32
-            if cos.device not in self._fp32_tables:
-                self._fp32_tables[cos.device] = self._angle_tables(cos.device)
-            cos, sin = self._fp32_tables[cos.device]
-        return rotary(x_BHSD, cos, sin, self.kernels)
+        return rotary(x_BHSD, *self.angle_tables(x_BHSD.device), self.kernels)
 
 
 class Attention(nn.Module):
