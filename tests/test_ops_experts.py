@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from piper_ds.ops import activation_backward, activation_forward, grouped_mlp
-from piper_ds.ops.experts import _FusedDenseMLP, dense_mlp, grouped_path
+from piper_ds.ops.experts import _FusedActivationDown, _GroupedLinear, dense_mlp, grouped_path
 from piper_ds.ops.reference import activation_reference
 from test_ops_build import cpu_ops
 from test_ops_permute import DEVICES, backend_of
@@ -182,15 +182,48 @@ def test_dense_mlp_fused_equals_plain_pytorch(device, activation, dtype, shape, 
         assert err < 2e-2, (name, err)
 
 
+def saved_shapes(fn):
+    """The shapes of every tensor autograd saves while ``fn()`` runs, and fn's result."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return shapes, out
+
+
 def test_dense_mlp_saves_only_its_input_and_the_up_projection():
     x = torch.randn(10, 16, requires_grad=True)
     w_up, w_down = torch.randn(24, 16, requires_grad=True), torch.randn(16, 12, requires_grad=True)
-    y = dense_mlp(x, w_up, w_down, "swiglu", "cpu")
+    shapes, y = saved_shapes(lambda: dense_mlp(x, w_up, w_down, "swiglu", "cpu"))
     assert type(y.grad_fn).__name__ != "MmBackward0"  # the fused Function ran (behind the view)
-    node = y.grad_fn.next_functions[0][0]
-    assert node.__class__.__name__ == _FusedDenseMLP.__name__ + "Backward"
-    saved = {tuple(t.shape) for t in node.saved_tensors}
-    assert saved == {(10, 16), (24, 16), (16, 12), (10, 24)}  # x, both weights, h: no activation kept
+    assert _FusedActivationDown.__name__ + "Backward" in str(y.grad_fn.next_functions)
+    assert (10, 24) in shapes  # h
+    assert set(shapes) <= {(10, 16), (24, 16), (16, 24), (16, 12), (10, 24)}  # x, the weights, h: no activation
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L,D,F,counts", [(4, 16, 24, [3, 0, 5, 1]), (3, 8, 8, [0, 0, 0]),
+                                          (8, 64, 96, [40, 0, 17, 33, 1, 0, 64, 5])])
+def test_grouped_fused_nodes_equal_the_loop_path_on_the_cpu(activation, dtype, L, D, F, counts):
+    """The fused path's two autograd nodes (grouped up projection; fused activation + down projection) on the
+    CPU's torch._grouped_mm: values and gradients of the loop path, and nothing saved but x, h and the weights."""
+    x, w_up, w_down, c = expert_case(L, D, F, counts, activation, dtype, "cpu", seed=L + D)
+    offsets = torch.cumsum(c, 0, dtype=torch.int32)
+    shapes, y = saved_shapes(lambda: _FusedActivationDown.apply(_GroupedLinear.apply(x, w_up, offsets), w_down,
+                                                                offsets, activation, "cpu"))
+    N, W = x.shape[0], w_up.shape[2]
+    assert set(shapes) <= {(N, D), (L, D, W), (L,), (N, W), (L, F, D)}, shapes  # no activation [N, F] kept
+    ref = grouped_mlp(x, w_up, w_down, c, activation=activation)  # the loop path
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(y, (x, w_up, w_down), g) if N else None
+    want = torch.autograd.grad(ref, (x, w_up, w_down), g) if N else None
+    torch.testing.assert_close(y, ref, **tol(dtype))
+    for name, a, b in zip(("x", "w_up", "w_down"), grads or (), want or ()):
+        torch.testing.assert_close(a, b, **tol(dtype), msg=name)
 
 
 def test_dense_mlp_errors_name_the_values():

@@ -11,7 +11,10 @@ Shapes (``--tokens`` per GPU, 8192 by default, bf16, 2-matrix GELU experts as in
 f 14336, E 8, top-2 (Mixtral-like). PiperMoE runs with the library's defaults (``--kernels auto``). Reports the
 median of CUDA-event timed steps after warm-up (each step a forward + backward with the weight gradients set to
 None first, as after an optimizer's ``zero_grad``), on rotating fresh random inputs, useful expert TFLOP/s per
-GPU (routed tokens only, 3 GEMM passes), peak memory and all-to-all bytes sent per rank; for PiperMoE also, from
+GPU (routed tokens only, 3 GEMM passes), the layer's peak memory (CUDA max allocated during the timed steps less
+what was allocated before the layer was built: its parameters, gradients and activations, not the inputs nor
+anything an earlier peer left behind, so the figures do not depend on the order of the peers) and all-to-all
+bytes sent per rank; for PiperMoE also, from
 a short profile, the kernels per step, the kernel time in grouped GEMMs and the rest's share, and the median wall
 time over the kernel time (1.0: the GPU never waits for the host). Before timing, every peer's output is checked
 against the dense PyTorch reference. ``--out`` writes one JSON record per peer, shape, activation, token count
@@ -202,6 +205,8 @@ def _run_shape(args, key: str, shape: dict, tokens: int, rank: int, ep: int, met
             print("skipping autoep: its experts are gated (gate, up, down); run with --activation swiglu")
     rows = []
     for peer, kernels, transport, chunks, graph in runs:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         layer = build(peer, shape, ep, args.activation, kernels or "auto", transport, args.gpus_per_node, chunks,
                       graph)
         err = check_against_reference(layer, inputs[0], rank, ep) if peer != "stock" else float("nan")
@@ -215,7 +220,7 @@ def _run_shape(args, key: str, shape: dict, tokens: int, rank: int, ep: int, met
         detail = f", chunks {chunks}" if transport == "flat" and ep > 1 else f", {transport}" * (ep > 1)
         name = peer if peer != "piper" else f"piper[{kernels}{detail}{', graph' if graph else ''}]"
         rows.append(dict(shape=key, activation=args.activation, tokens=tokens, peer=name, ep=ep, ms=ms,
-                         tflops=useful / ms / 1e9, peak_gb=mem, rel_err=err,
+                         tflops=useful / ms / 1e9, peak_gb=mem - before / 1e9, rel_err=err,
                          a2a_mb=a2a_bytes(layer, peer, shape, inputs[0], ep) / 1e6, **stats, **shape, **meta))
         del layer
         torch.cuda.empty_cache()

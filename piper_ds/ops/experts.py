@@ -27,59 +27,60 @@ from piper_ds.ops.reference import activation_reference
 __all__ = ["grouped_mlp", "grouped_path", "dense_mlp"]
 
 
-class _FusedGroupedMLP(torch.autograd.Function):
-    """Grouped GEMMs around the fused activation; saves x and h, recomputes the activation in backward."""
+class _GroupedLinear(torch.autograd.Function):
+    """h = x @ w[l] for the rows of expert l (``torch._grouped_mm``), its backward as two grouped GEMMs."""
 
     @staticmethod
-    def forward(ctx, x_ND, w_up_LDW, w_down_LFD, offsets_L, activation, backend):
-        h_NW = torch._grouped_mm(x_ND, w_up_LDW, offs=offsets_L)
+    def forward(ctx, x_ND, w_LDW, offsets_L):
+        ctx.save_for_backward(x_ND, w_LDW, offsets_L)
+        return torch._grouped_mm(x_ND, w_LDW, offs=offsets_L)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h_NW):
+        x_ND, w_LDW, offsets = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_h_NW = grad_h_NW.contiguous()
+        grad_w = torch._grouped_mm(x_ND.mT, grad_h_NW, offs=offsets) if need_w else None
+        grad_x = torch._grouped_mm(grad_h_NW, w_LDW.mT, offs=offsets) if need_x else None
+        return grad_x, grad_w, None
+
+
+class _FusedActivationDown(torch.autograd.Function):
+    """y = act(h) @ w_down with the fused activation: grouped (``offsets_L`` given: w_down [L, F, D], rows of expert
+    l by ``torch._grouped_mm``) or dense (``offsets_L`` None: w_down [D, F], ``nn.Linear``'s layout). Saves h only
+    and recomputes the activation in backward.
+
+    The up projection is a node of its own (:class:`_GroupedLinear`, or ``F.linear`` for the dense MLP) rather than
+    part of this function: autograd then frees h, the activation and the output gradient when this backward
+    returns, before the up projection's backward allocates the largest weight gradient, so the layer's peak
+    memory holds x, grad_h and grad_x alone beside the weights' gradients."""
+
+    @staticmethod
+    def forward(ctx, h_NW, w_down, offsets_L, activation, backend):
         a_NF = act.activation_forward(h_NW, activation, backend)
-        ctx.save_for_backward(x_ND, w_up_LDW, w_down_LFD, offsets_L, h_NW)
+        ctx.save_for_backward(h_NW, w_down, offsets_L)
         ctx.activation, ctx.backend = activation, backend
-        return torch._grouped_mm(a_NF, w_down_LFD, offs=offsets_L)
+        if offsets_L is None:
+            return torch.mm(a_NF, w_down.t())
+        return torch._grouped_mm(a_NF, w_down, offs=offsets_L)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y_ND):
-        x_ND, w_up, w_down, offsets, h_NW = ctx.saved_tensors
-        need_x, need_up, need_down = ctx.needs_input_grad[:3]
+        h_NW, w_down, offsets = ctx.saved_tensors
+        need_h, need_down = ctx.needs_input_grad[:2]
         grad_y_ND = grad_y_ND.contiguous()
-        grad_a = torch._grouped_mm(grad_y_ND, w_down.mT, offs=offsets)
+        grouped = offsets is not None
+        grad_a = torch._grouped_mm(grad_y_ND, w_down.mT, offs=offsets) if grouped else torch.mm(grad_y_ND, w_down)
         grad_h, a_NF = act.activation_backward(grad_a, h_NW, ctx.activation, recompute=need_down,
                                                backend=ctx.backend)
         del grad_a
-        grad_down = torch._grouped_mm(a_NF.mT, grad_y_ND, offs=offsets) if need_down else None
-        grad_x = torch._grouped_mm(grad_h, w_up.mT, offs=offsets) if need_x else None
-        grad_up = torch._grouped_mm(x_ND.mT, grad_h, offs=offsets) if need_up else None
-        return grad_x, grad_up, grad_down, None, None, None
-
-
-class _FusedDenseMLP(torch.autograd.Function):
-    """One dense MLP around the fused activation: the same schedule as :class:`_FusedGroupedMLP` with plain GEMMs
-    (saves x and h, recomputes the activation in backward)."""
-
-    @staticmethod
-    def forward(ctx, x_ND, w_up_WD, w_down_DF, activation, backend):
-        h_NW = torch.mm(x_ND, w_up_WD.t())
-        a_NF = act.activation_forward(h_NW, activation, backend)
-        ctx.save_for_backward(x_ND, w_up_WD, w_down_DF, h_NW)
-        ctx.activation, ctx.backend = activation, backend
-        return torch.mm(a_NF, w_down_DF.t())
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y_ND):
-        x_ND, w_up, w_down, h_NW = ctx.saved_tensors
-        need_x, need_up, need_down = ctx.needs_input_grad[:3]
-        grad_y_ND = grad_y_ND.contiguous()
-        grad_a = torch.mm(grad_y_ND, w_down)
-        grad_h, a_NF = act.activation_backward(grad_a, h_NW, ctx.activation, recompute=need_down,
-                                               backend=ctx.backend)
-        del grad_a
-        grad_down = torch.mm(grad_y_ND.t(), a_NF) if need_down else None
-        grad_x = torch.mm(grad_h, w_up) if need_x else None
-        grad_up = torch.mm(grad_h.t(), x_ND) if need_up else None
-        return grad_x, grad_up, grad_down, None, None
+        grad_down = None
+        if need_down:
+            grad_down = torch._grouped_mm(a_NF.mT, grad_y_ND, offs=offsets) if grouped else torch.mm(grad_y_ND.t(),
+                                                                                                      a_NF)
+        return grad_h if need_h else None, grad_down, None, None, None
 
 
 def dense_mlp(x: torch.Tensor, w_up_WD: torch.Tensor, w_down_DF: torch.Tensor, activation: str = "swiglu",
@@ -105,7 +106,8 @@ def dense_mlp(x: torch.Tensor, w_up_WD: torch.Tensor, w_down_DF: torch.Tensor, a
         raise TypeError(f"x, w_up and w_down must share a dtype, got {x.dtype}, {w_up_WD.dtype}, {w_down_DF.dtype}")
     x_ND = x.reshape(-1, D)
     if x_ND.shape[0] > 0 and act.compiled_available(x.device, backend):
-        return _FusedDenseMLP.apply(x_ND, w_up_WD, w_down_DF, activation, backend).view(*x.shape[:-1], D)
+        h_NW = torch.nn.functional.linear(x_ND, w_up_WD)
+        return _FusedActivationDown.apply(h_NW, w_down_DF, None, activation, backend).view(*x.shape[:-1], D)
     h = torch.nn.functional.linear(x, w_up_WD)
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
@@ -163,6 +165,7 @@ def grouped_mlp(x_ND: torch.Tensor, w_up_LDW: torch.Tensor, w_down_LFD: torch.Te
         return _loop_mlp(x_ND, w_up, w_down, counts_L, activation)
     offsets = offsets_L if offsets_L is not None else torch.cumsum(counts_L, 0, dtype=torch.int32)
     if path == "fused":
-        return _FusedGroupedMLP.apply(x_ND, w_up, w_down, offsets, activation, backend)
+        h_NW = _GroupedLinear.apply(x_ND, w_up, offsets)
+        return _FusedActivationDown.apply(h_NW, w_down, offsets, activation, backend)
     h = activation_reference(torch._grouped_mm(x_ND, w_up, offs=offsets), activation)
     return torch._grouped_mm(h, w_down, offs=offsets)
