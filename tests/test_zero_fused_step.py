@@ -26,7 +26,8 @@ def _config(mode, stage, ep, clip, precision):
     return cfg
 
 
-def _train(rank, mode, stage, ep, clip, precision, steps=3, load=None, save=None):
+def _train(rank, mode, stage, ep, clip, precision, steps=3, load=None, save=None, poison=None):
+    """poison: (step, micro) at which rank 0 feeds one NaN, so every gradient of that step is non-finite."""
     import piper_ds
     torch.manual_seed(0)
     model = TinyMoEModel(ep)
@@ -38,6 +39,8 @@ def _train(rank, mode, stage, ep, clip, precision, steps=3, load=None, save=None
         for micro in range(2):  # the data of a step depends on the step alone, so a resumed run sees the same
             gen = torch.Generator().manual_seed(100 + rank + 1000 * engine.global_steps + 10 * micro)
             x = torch.randn(4, 6, D, generator=gen)
+            if rank == 0 and poison == (engine.global_steps, micro):
+                x[0, 0, 0] = float("nan")
             loss = engine(x if precision == "fp32" else x.bfloat16())
             engine.backward(loss)
             engine.step()
@@ -45,7 +48,7 @@ def _train(rank, mode, stage, ep, clip, precision, steps=3, load=None, save=None
         norms.append(float(engine.get_global_grad_norm()))
     if save is not None:
         engine.save_checkpoint(save)
-    out = dict(losses=losses, norms=norms, kind=type(engine.optimizer).__name__,
+    out = dict(losses=losses, norms=norms, kind=type(engine.optimizer).__name__, skipped=engine.skipped_steps,
                params={n: p.detach().float().clone() for n, p in model.named_parameters()},
                state=[{k: v.clone() for k, v in s.items()} for s in engine.optimizer.optimizer.state.values()])
     engine.destroy()
@@ -81,6 +84,30 @@ def test_fused_step_equals_deepspeeds(stage, ep, clip, precision):
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(got[key], want[key], **tol)
     assert results[0]["on"]["losses"][0] != results[0]["on"]["losses"][-1]  # it trained
+
+
+def _overflow_worker(rank, world_size, stage, precision):
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")
+    return {mode: _train(rank, mode, stage, 2, 0.0, precision, poison=(1, 0)) for mode in ("on", "off")}
+
+
+@pytest.mark.parametrize("stage,precision", [(2, "bf16"), (1, "fp32")])
+def test_a_non_finite_gradient_skips_the_step_as_deepspeeds_does(stage, precision):
+    # bf16: DeepSpeed's overflow check (on by default), which the fused step takes from the norm; fp32: the norm
+    for rank, res in enumerate(run_distributed(_overflow_worker, 2, stage, precision, timeout=300)):
+        fused, ds = res["on"], res["off"]
+        assert (fused["kind"], ds["kind"]) == ("FusedStepZeroOptimizer", "DeepSpeedZeroOptimizer")
+        assert fused["skipped"] == ds["skipped"] == 1, rank  # on both ranks: the overflow is all-reduced
+        # NaN where the poisoned batch ran (rank 0's, and rank 1's too where the tokens crossed ranks), else equal
+        assert [x if x == x else "nan" for x in fused["losses"]] == [x if x == x else "nan" for x in ds["losses"]]
+        assert ds["losses"][2] != ds["losses"][2] and all(x == x for x in ds["losses"][3:]), ds["losses"]
+        for name, value in ds["params"].items():
+            assert torch.isfinite(value).all() and torch.equal(fused["params"][name], value), (name, rank)
+        for got, want in zip(fused["state"], ds["state"]):
+            assert float(got["step"]) == float(want["step"]) == 2  # the skipped step is not counted
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(got[key], want[key])
 
 
 def _resume_worker(rank, world_size, path):

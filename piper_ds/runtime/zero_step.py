@@ -10,7 +10,9 @@ state in torch's format) and replaces the per-partition update with :func:`piper
 one launch per gradient tensor that reads the bf16 gradient, folds in the clip coefficient, updates the fp32
 master and moments, and writes the bf16 weights, with no host wait. The gradient norm accumulates in fp32
 straight from the bf16 gradients (DeepSpeed's in fp64 from an fp64 copy): the clip coefficient differs in
-about the 7th significant digit.
+about the 7th significant digit. Where the norm is computed, it also serves as DeepSpeed's overflow check (a
+non-finite gradient makes it non-finite), so the step makes one pass over the gradients before the update and
+waits for the host once; a step it finds non-finite is handed to DeepSpeed's own step, which decides.
 
 Supported: torch.optim.Adam / AdamW (a ds_config with ``"torch_adam": true``, as the planner writes it), bf16 or
 fp32 training, ZeRO stage 1 or 2 without offload. Anything else keeps DeepSpeed's step; :func:`fused_step_blocker`
@@ -95,12 +97,19 @@ class FusedStepZeroOptimizer(DeepSpeedZeroOptimizer):
         if float(norm_type) != 2.0:
             return super().get_grad_norm_direct(gradients, params, norm_type)
         real = [g for g in gradients if not getattr(g, "_zero_padding", False)]
-        kept = [g for g, p in zip(real, params) if not getattr(p, PIPE_REPLICATED, False)
-                and (is_model_parallel_parameter(p) or self.model_parallel_rank == 0)]
+        kept, left_out = [], []
+        for g, p in zip(real, params):
+            counted = not getattr(p, PIPE_REPLICATED, False) and (is_model_parallel_parameter(p)
+                                                                  or self.model_parallel_rank == 0)
+            (kept if counted else left_out).append(g)
         if kept:
             total = torch.stack(torch._foreach_norm(kept, 2.0, dtype=torch.float32)).pow(2).sum()
         else:
             total = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.check_grad_overflow and left_out:
+            # step() takes DeepSpeed's overflow check from this norm: a non-finite gradient it does not count
+            # must still make it non-finite (0 * inf and 0 * nan are nan)
+            total = total + 0.0 * torch.stack(torch._foreach_norm(left_out, 2.0, dtype=torch.float32)).sum()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
         self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
         total = total.sqrt()
@@ -146,16 +155,20 @@ class FusedStepZeroOptimizer(DeepSpeedZeroOptimizer):
         if not self.compute_grad_norm:
             self._global_grad_norm = None
         self.overflow = False
-        if self.check_grad_overflow:
+        if self.check_grad_overflow and not self.compute_grad_norm:
             self.check_overflow(partition_gradients=self.partition_gradients)
         norm = None
         if self.compute_grad_norm and not self.overflow:
             norm = self.scaled_global_norm()
-            # the one host wait of a step, and only where DeepSpeed waits too (fp32, or bf16 with the check on)
+            # The one host wait of a step, and only where DeepSpeed waits too (fp32, or bf16 with the check on).
+            # It stands in for DeepSpeed's overflow check as well: any non-finite gradient of the partition makes
+            # the norm non-finite (get_grad_norm_direct), and that check's two reductions and ten small launches
+            # per gradient tensor, and its own host wait, are the largest host cost of DeepSpeed's step.
             if (self.dtype != torch.bfloat16 or self.check_grad_overflow) and is_invalid_grad_norm(norm):
                 self.overflow = True
         if self.overflow:
-            # DeepSpeed's step finds the same overflow again, updates the loss scale and drops the gradients
+            # DeepSpeed's step runs its own overflow check and norm: it updates the loss scale and drops the
+            # gradients, or (a finite norm that overflowed only in fp32) takes the step as it would have
             return super().step(closure)
 
         prev_scale = self.loss_scale
