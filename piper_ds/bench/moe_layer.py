@@ -14,11 +14,10 @@ None first, as after an optimizer's ``zero_grad``), on rotating fresh random inp
 GPU (routed tokens only, 3 GEMM passes), the layer's peak memory (CUDA max allocated during the timed steps less
 what was allocated before the layer was built: its parameters, gradients and activations, not the inputs nor
 anything an earlier peer left behind, so the figures do not depend on the order of the peers) and all-to-all
-bytes sent per rank; for PiperMoE also, from
-a short profile, the kernels per step, the kernel time in grouped GEMMs and the rest's share, and the median wall
-time over the kernel time (1.0: the GPU never waits for the host). Before timing, every peer's output is checked
-against the dense PyTorch reference. ``--out`` writes one JSON record per peer, shape, activation, token count
-and EP size, with the command, commit and GPU.
+bytes sent per rank; for PiperMoE also, from a short profile, the kernels per step, the kernel time in grouped
+GEMMs and the rest's share, and the median wall time over the kernel time (1.0: the GPU never waits for the
+host). Before timing, every peer's output is checked against the dense PyTorch reference. ``--out`` writes one
+JSON record per peer, shape, activation, token count and EP size, with the command, commit and GPU.
 
 ``--peers piper,stock,autoep --activation swiglu`` adds DeepSpeed AutoEP's dropless grouped-GEMM layer
 (:mod:`piper_ds.bench.autoep_peer`; its experts are gated, so it runs with SwiGLU only and is skipped, with a
