@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from piper_ds.ops import activation_backward, activation_forward, grouped_mlp
-from piper_ds.ops.experts import _FusedActivationDown, _GroupedLinear, dense_mlp, grouped_path
+from piper_ds.ops.compiled import compiled_op
+from piper_ds.ops.experts import (_FannedGroupedLinear, _FusedActivationDown, _GroupedLinear, dense_mlp,
+                                 fanned_grouped_mlp, grouped_path)
+from piper_ds.ops.permute import expand_rows, route_plan
+from piper_ds.ops.reference import expand_rows_reference
 from piper_ds.ops.reference import activation_reference
 from test_ops_build import cpu_ops
 from test_ops_permute import DEVICES, backend_of
@@ -224,6 +228,50 @@ def test_grouped_fused_nodes_equal_the_loop_path_on_the_cpu(activation, dtype, L
     torch.testing.assert_close(y, ref, **tol(dtype))
     for name, a, b in zip(("x", "w_up", "w_down"), grads or (), want or ()):
         torch.testing.assert_close(a, b, **tol(dtype), msg=name)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R,K,L,D,F,drop", [(9, 3, 4, 16, 24, 0.3), (5, 2, 3, 8, 8, 1.0), (40, 6, 8, 64, 96, 0.1)])
+def test_fanned_node_keeps_the_rows_before_the_fan_on_the_cpu(activation, dtype, R, K, L, D, F, drop):
+    """The fused path's fanned up projection (expansion inside the node) on the CPU's torch._grouped_mm and the
+    CPU permute op: values and gradients of expand-then-loop, and the expanded [N, D] rows are not saved."""
+    gen = torch.Generator().manual_seed(R + L)
+    slots = torch.randint(0, L, (R, K), generator=gen)
+    slots[torch.rand(R, K, generator=gen) < drop] = -1  # dropped pairs; drop 1.0: every expert gets zero rows
+    plan = route_plan(slots, L, backend="cpu")
+    N = plan.row_N.numel()
+    x = torch.randn(R, D, generator=gen).to(dtype).requires_grad_(True)
+    _, w_up, w_down, c = expert_case(L, D, F, plan.counts_L.tolist(), activation, dtype, "cpu", seed=R)
+    row_op = compiled_op("permute", x.device, "cpu")
+    assert row_op is not None
+    shapes, y = saved_shapes(lambda: _FusedActivationDown.apply(
+        _FannedGroupedLinear.apply(x, plan.pos_RK, N, w_up, plan.offsets_L, row_op), w_down, plan.offsets_L,
+        activation, "cpu"))
+    W = w_up.shape[2]
+    if N not in (0, R) and W != D:  # else [N, D] is also another saved tensor's shape
+        assert (N, D) not in shapes, shapes
+    assert set(shapes) <= {(R, D), (R, K), (L, D, W), (L,), (N, W), (L, F, D)}, shapes
+    ref = grouped_mlp(expand_rows_reference(x, plan.pos_RK, N), w_up, w_down, c, activation=activation)
+    fallback = fanned_grouped_mlp(x, plan.pos_RK, N, w_up, w_down, c, activation=activation, backend="cpu")
+    torch.testing.assert_close(y, ref, **tol(dtype))
+    torch.testing.assert_close(fallback, ref, **tol(dtype))
+    if N:
+        g = torch.randn(ref.shape, generator=gen).to(dtype)
+        want = torch.autograd.grad(ref, (x, w_up, w_down), g)
+        for got in (torch.autograd.grad(y, (x, w_up, w_down), g), torch.autograd.grad(fallback, (x, w_up, w_down), g)):
+            for name, a, b in zip(("x", "w_up", "w_down"), got, want):
+                torch.testing.assert_close(a, b, **tol(dtype), msg=name)
+
+
+def test_fanned_grouped_mlp_errors_name_the_values():
+    x, pos = torch.randn(3, 8), torch.tensor([[0, 1], [2, -1], [3, 4]])
+    w_up, w_down, c = torch.randn(2, 8, 16), torch.randn(2, 8, 8), torch.tensor([2, 3])
+    with pytest.raises(ValueError, match="num_rows"):
+        fanned_grouped_mlp(x, pos, -1, w_up, w_down, c, backend="cpu")
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        fanned_grouped_mlp(x, pos, 5, w_up, w_down[:, :4], c, backend="cpu")
+    assert fanned_grouped_mlp(x, pos, 5, w_up, w_down, c, backend="cpu").shape == (5, 8)
 
 
 def test_dense_mlp_errors_name_the_values():

@@ -28,7 +28,7 @@ from piper_ds.comm.alltoall import AsyncExchange
 from piper_ds.moe.placement import ExpertPlacement
 from piper_ds.ops import permute
 
-Experts = Callable[..., torch.Tensor]  # (x_ND, counts_L, offsets_L) -> y_ND (GroupedExperts)
+Experts = Callable[..., torch.Tensor]  # (x_RD, pos_RK, num_rows, counts_L, offsets_L) -> y_ND (GroupedExperts)
 
 
 class ExchangeTimer(Protocol):
@@ -68,8 +68,7 @@ def expert_stage(x_RD: torch.Tensor, slots_RK: torch.Tensor, weights_RK: torch.T
     :func:`piper_ds.ops.permute.route_plan` (either keeps the host from waiting for the device).
     """
     plan = permute.route_plan(slots_RK, num_local, slot_map, backend, num_rows=num_rows, bounded=bounded)
-    h_ND = permute.expand_rows(x_RD, plan.pos_RK, plan.row_N.numel(), backend)
-    y_ND = experts(h_ND, plan.counts_L, plan.offsets_L)
+    y_ND = experts(x_RD, plan.pos_RK, plan.row_N.numel(), plan.counts_L, plan.offsets_L)
     # an exact plan's rows are all some pair's; a bounded plan's tail is nobody's and gets zero gradient
     return permute.reduce_rows(y_ND, plan.pos_RK, weights_RK, backend, all_covered=not bounded)
 

@@ -1,4 +1,4 @@
-"""The local experts of one rank as stacked weights, run by :func:`piper_ds.ops.experts.grouped_mlp`.
+"""The local experts of one rank as stacked weights, run by :func:`piper_ds.ops.experts.fanned_grouped_mlp`.
 
 Parameters: ``w_up`` [E_local, D, W] and ``w_down`` [E_local, F, D]. For SwiGLU experts W = 2F and ``w_up`` holds
 each expert's gate (``w1``) and up (``w3``) projections side by side, ``[..., :F]`` and ``[..., F:]``, so both run
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from piper_ds.moe.config import MoEConfig
-from piper_ds.ops.experts import grouped_mlp
+from piper_ds.ops.experts import fanned_grouped_mlp
 
 _WEIGHTS = ("w1", "w2", "w3")
 #: The state-dict name of the per-expert ModuleList DeepSpeed splits into one checkpoint file per expert.
@@ -127,11 +127,14 @@ class GroupedExperts(nn.Module):
         """[E_local, F, D] down projections (``w_down``)."""
         return self.w_down
 
-    def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor,
+    def forward(self, x_RD: torch.Tensor, pos_RK: torch.Tensor, num_rows: int, counts_L: torch.Tensor,
                 offsets_L: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x_ND: rows grouped by local expert slot, ``counts_L`` rows each (``offsets_L``: their int32 cumsum,
-        when the plan has it). Rows past the counts are ignored. Returns [N, D] in x's dtype."""
-        return grouped_mlp(x_ND, self.w_up, self.w_down, counts_L, offsets_L, self.activation, self.backend)
+        """The experts of the rows ``expand_rows(x_RD, pos_RK, num_rows)`` (:mod:`piper_ds.ops.permute`; row r
+        of x_RD copied to rows pos[r, k]), grouped by local expert slot, ``counts_L`` rows each (``offsets_L``:
+        their int32 cumsum, when the plan has it). Rows past the counts are ignored. Returns [num_rows, D] in
+        x's dtype. Taking the rows before the fan lets backward keep x_RD rather than the expanded rows."""
+        return fanned_grouped_mlp(x_RD, pos_RK, num_rows, self.w_up, self.w_down, counts_L, offsets_L,
+                                  self.activation, self.backend)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_local}, hidden={self.hidden_size}, d_ffn={self.d_ffn}, {self.activation}"

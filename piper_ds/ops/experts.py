@@ -11,6 +11,11 @@ function on the same rows:
   ``torch._grouped_mm`` and the reference activation;
 * loop (CPU, other dtypes, unaligned sizes): one matmul per expert, exact, what the CPU tests run.
 
+``fanned_grouped_mlp`` (what the MoE layer runs) takes the rows before the dispatch's fan-out (x_RD and the fan
+index of :func:`piper_ds.ops.permute.expand_rows`): on the fused path the expansion is part of the up
+projection's node, whose backward keeps x_RD (usually kept anyway, for the router) instead of the K-times larger
+expanded rows and expands them again for the weight gradient.
+
 Rows past ``offsets_L[-1]`` (a bounded plan's unused tail) take part in nothing; their output rows are unwritten
 (fused and grouped) or zero (loop). Shapes: N rows, D model dim, F expert hidden size, W = 2F (SwiGLU: gate | up)
 or F (GELU), L local experts.
@@ -22,9 +27,11 @@ from typing import Optional
 import torch
 
 from piper_ds.ops import activation as act
+from piper_ds.ops import permute
+from piper_ds.ops.compiled import compiled_op
 from piper_ds.ops.reference import activation_reference
 
-__all__ = ["grouped_mlp", "grouped_path", "dense_mlp"]
+__all__ = ["grouped_mlp", "fanned_grouped_mlp", "grouped_path", "dense_mlp"]
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -44,6 +51,37 @@ class _GroupedLinear(torch.autograd.Function):
         grad_w = torch._grouped_mm(x_ND.mT, grad_h_NW, offs=offsets) if need_w else None
         grad_x = torch._grouped_mm(grad_h_NW, w_LDW.mT, offs=offsets) if need_x else None
         return grad_x, grad_w, None
+
+
+class _FannedGroupedLinear(torch.autograd.Function):
+    """h = x_ND @ w[l] for the rows of expert l, where x_ND = expand_rows(x_RD, pos_RK, num_rows) (row r of x_RD
+    copied to rows pos[r, k]; ``row_op`` is the compiled permute op).
+
+    Keeps x_RD and the fan index for backward, not the K-times larger expanded rows: backward expands them again
+    for the weight gradient and frees them before the input gradient is allocated. x_RD is usually kept anyway
+    (the router's backward needs the layer input), so the expanded rows cost memory only inside this node."""
+
+    @staticmethod
+    def forward(ctx, x_RD, pos_RK, num_rows, w_LDW, offsets_L, row_op):
+        x_ND = row_op.expand_rows(x_RD, pos_RK, num_rows)
+        ctx.save_for_backward(x_RD, pos_RK, w_LDW, offsets_L)
+        ctx.num_rows, ctx.row_op = num_rows, row_op
+        return torch._grouped_mm(x_ND, w_LDW, offs=offsets_L)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h_NW):
+        x_RD, pos_RK, w_LDW, offsets = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_h_NW = grad_h_NW.contiguous()
+        grad_x = grad_w = None
+        if need_w:
+            x_ND = ctx.row_op.expand_rows(x_RD, pos_RK, ctx.num_rows)
+            grad_w = torch._grouped_mm(x_ND.mT, grad_h_NW, offs=offsets)
+            del x_ND  # its memory serves the input gradient next
+        if need_x:
+            grad_x = ctx.row_op.reduce_rows(torch._grouped_mm(grad_h_NW, w_LDW.mT, offs=offsets), pos_RK, None)
+        return grad_x, None, None, grad_w, None, None
 
 
 class _FusedActivationDown(torch.autograd.Function):
@@ -117,6 +155,42 @@ def dense_mlp(x: torch.Tensor, w_up_WD: torch.Tensor, w_down_DF: torch.Tensor, a
     return torch.nn.functional.linear(a, w_down_DF)
 
 
+def _check_mlp(x: torch.Tensor, w_up_LDW: torch.Tensor, w_down_LFD: torch.Tensor, counts_L: torch.Tensor,
+               activation: str) -> None:
+    if activation not in act.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {act.ACTIVATIONS}, got {activation!r}")
+    L, D, W = w_up_LDW.shape
+    F = W // 2 if activation == "swiglu" else W
+    if tuple(w_down_LFD.shape) != (L, F, D) or x.dim() != 2 or x.shape[1] != D:
+        raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, w_up {tuple(w_up_LDW.shape)}, w_down "
+                         f"{tuple(w_down_LFD.shape)} ({activation}: w_up [L, D, {'2F' if F != W else 'F'}], "
+                         "w_down [L, F, D])")
+    if tuple(counts_L.shape) != (L,):
+        raise ValueError(f"counts_L must have shape ({L},), got {tuple(counts_L.shape)}")
+
+
+def fanned_grouped_mlp(x_RD: torch.Tensor, pos_RK: torch.Tensor, num_rows: int, w_up_LDW: torch.Tensor,
+                       w_down_LFD: torch.Tensor, counts_L: torch.Tensor, offsets_L: Optional[torch.Tensor] = None,
+                       activation: str = "swiglu", backend: str = "auto") -> torch.Tensor:
+    """:func:`grouped_mlp` of the rows ``expand_rows(x_RD, pos_RK, num_rows)`` (:mod:`piper_ds.ops.permute`: row
+    r of x_RD copied to rows pos[r, k], the rows grouped by local expert): [num_rows, D].
+
+    The same values and gradients as expanding first; on the fused path the expanded [num_rows, D] rows are not
+    kept for backward (they are expanded again there), which lowers the layer's activation memory by that much
+    and its peak by about as much.
+    """
+    path = grouped_path(x_RD, w_up_LDW, w_down_LFD, backend) if num_rows > 0 else "loop"
+    row_op = compiled_op("permute", x_RD.device, backend) if path == "fused" else None
+    if row_op is None or w_up_LDW.dtype != x_RD.dtype or w_down_LFD.dtype != x_RD.dtype:
+        return grouped_mlp(permute.expand_rows(x_RD, pos_RK, num_rows, backend), w_up_LDW, w_down_LFD, counts_L,
+                           offsets_L, activation, backend)
+    permute.check_fan(x_RD, pos_RK, num_rows)
+    _check_mlp(x_RD, w_up_LDW, w_down_LFD, counts_L, activation)
+    offsets = offsets_L if offsets_L is not None else torch.cumsum(counts_L, 0, dtype=torch.int32)
+    h_NW = _FannedGroupedLinear.apply(x_RD, pos_RK, num_rows, w_up_LDW, offsets, row_op)
+    return _FusedActivationDown.apply(h_NW, w_down_LFD, offsets, activation, backend)
+
+
 def grouped_path(x_ND: torch.Tensor, w_up_LDW: torch.Tensor, w_down_LFD: torch.Tensor, backend: str) -> str:
     """'fused', 'grouped' or 'loop': the path :func:`grouped_mlp` takes for these tensors and backend."""
     aligned = all(n % 8 == 0 for n in (w_up_LDW.shape[1], w_up_LDW.shape[2], w_down_LFD.shape[1]))
@@ -148,16 +222,7 @@ def grouped_mlp(x_ND: torch.Tensor, w_up_LDW: torch.Tensor, w_down_LFD: torch.Te
     counts_L int64 [L]; offsets_L int32 [L] = cumsum(counts_L) (built from the counts when not given).
     Differentiable in x and both weights; output in x's dtype (weights of another dtype are cast).
     """
-    if activation not in act.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {act.ACTIVATIONS}, got {activation!r}")
-    L, D, W = w_up_LDW.shape
-    F = W // 2 if activation == "swiglu" else W
-    if tuple(w_down_LFD.shape) != (L, F, D) or x_ND.dim() != 2 or x_ND.shape[1] != D:
-        raise ValueError(f"shapes do not fit: x {tuple(x_ND.shape)}, w_up {tuple(w_up_LDW.shape)}, w_down "
-                         f"{tuple(w_down_LFD.shape)} ({activation}: w_up [L, D, {'2F' if F != W else 'F'}], "
-                         "w_down [L, F, D])")
-    if tuple(counts_L.shape) != (L,):
-        raise ValueError(f"counts_L must have shape ({L},), got {tuple(counts_L.shape)}")
+    _check_mlp(x_ND, w_up_LDW, w_down_LFD, counts_L, activation)
     w_up = w_up_LDW if w_up_LDW.dtype == x_ND.dtype else w_up_LDW.to(x_ND.dtype)
     w_down = w_down_LFD if w_down_LFD.dtype == x_ND.dtype else w_down_LFD.to(x_ND.dtype)
     path = grouped_path(x_ND, w_up, w_down, backend)

@@ -29,7 +29,7 @@ from piper_ds.ops.plans import RoutePlan, SendPlan
 from piper_ds.ops.reference import (expand_rows_reference, reduce_rows_reference, route_plan_reference,
                                     send_plan_reference)
 
-__all__ = ["send_plan", "route_plan", "expand_rows", "reduce_rows", "SendPlan", "RoutePlan"]
+__all__ = ["send_plan", "route_plan", "check_fan", "expand_rows", "reduce_rows", "SendPlan", "RoutePlan"]
 
 _MAX_FAN = 32  # the row kernels stage a row's fan in one warp
 
@@ -167,15 +167,20 @@ def _differentiable(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def check_fan(x_RD: torch.Tensor, pos_RK: torch.Tensor, num_rows: int) -> None:
+    """ValueError/TypeError naming the values unless ``expand_rows(x_RD, pos_RK, num_rows)`` is well formed."""
+    _check_rows(x_RD, "x_RD")
+    _check_pos(pos_RK, x_RD.shape[0], "x_RD")
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"num_rows must be an int >= 0, got {num_rows!r}")
+
+
 def expand_rows(x_RD: torch.Tensor, pos_RK: torch.Tensor, num_rows: int, backend: str = "auto") -> torch.Tensor:
     """Copies wide rows out along a fan index: out[pos[r, k]] = x[r] for pos >= 0. x [R, D] -> [num_rows, D].
 
     Differentiable in x. Rows no pair points at are zero in the reference and on the CPU, unwritten on the GPU.
     """
-    _check_rows(x_RD, "x_RD")
-    _check_pos(pos_RK, x_RD.shape[0], "x_RD")
-    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
-        raise ValueError(f"num_rows must be an int >= 0, got {num_rows!r}")
+    check_fan(x_RD, pos_RK, num_rows)
     op = compiled_op("permute", x_RD.device, backend)
     if op is None:
         return expand_rows_reference(x_RD, pos_RK, num_rows)
