@@ -179,13 +179,13 @@ def fanned_grouped_mlp(x_RD: torch.Tensor, pos_RK: torch.Tensor, num_rows: int, 
     kept for backward (they are expanded again there), which lowers the layer's activation memory by that much
     and its peak by about as much.
     """
+    permute.check_fan(x_RD, pos_RK, num_rows)  # before the path is chosen: a malformed input fails the same on all
+    _check_mlp(x_RD, w_up_LDW, w_down_LFD, counts_L, activation)
     path = grouped_path(x_RD, w_up_LDW, w_down_LFD, backend) if num_rows > 0 else "loop"
     row_op = compiled_op("permute", x_RD.device, backend) if path == "fused" else None
     if row_op is None or w_up_LDW.dtype != x_RD.dtype or w_down_LFD.dtype != x_RD.dtype:
         return grouped_mlp(permute.expand_rows(x_RD, pos_RK, num_rows, backend), w_up_LDW, w_down_LFD, counts_L,
                            offsets_L, activation, backend)
-    permute.check_fan(x_RD, pos_RK, num_rows)
-    _check_mlp(x_RD, w_up_LDW, w_down_LFD, counts_L, activation)
     offsets = offsets_L if offsets_L is not None else torch.cumsum(counts_L, 0, dtype=torch.int32)
     h_NW = _FannedGroupedLinear.apply(x_RD, pos_RK, num_rows, w_up_LDW, offsets, row_op)
     return _FusedActivationDown.apply(h_NW, w_down_LFD, offsets, activation, backend)
