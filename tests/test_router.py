@@ -161,3 +161,39 @@ def test_group_constraints_name_values():
         MoEConfig(top_k=2, n_groups=4).validate_for(10)
     with pytest.raises(ValueError, match=r"top_k \(9\).*num_experts \(8\)"):
         MoEConfig(top_k=9).validate_for(8)
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (1, 1), (37, 64), (5, 3, 11)])
+def test_split_bf16x3_parts_sum_to_the_fp32_value_exactly(shape):
+    from piper_ds.moe.router import split_bf16x3
+    gen = torch.Generator().manual_seed(sum(shape))
+    t = torch.randn(*shape, generator=gen) * torch.logspace(-30, 30, shape[-1])  # a wide exponent range
+    parts = split_bf16x3(t)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (*shape[:-1], 3, shape[-1])
+    assert torch.equal(parts.float().sum(-2), t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, E, D", [(1000, 64, 256), (37, 7, 136), (0, 16, 64)])
+def test_bf16_router_gradients_are_as_accurate_as_fp32_ones(T, E, D):
+    """The bf16 path's logits and gradients are within fp32 rounding of the fp64 truth, as the upcast fp32 path's
+    are (the logits gradient is random fp32, as softmax's backward gives it)."""
+    from piper_ds.moe.router import router_logits
+    gen = torch.Generator(device="cuda").manual_seed(T + E)
+    x = torch.randn(T, D, device="cuda", generator=gen).bfloat16()
+    w = torch.randn(E, D, device="cuda", generator=gen).bfloat16()
+    g = torch.randn(T, E, device="cuda", generator=gen) * 1e-3
+
+    def grads(fn, dtype):
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = fn(xi, wi)
+        out.backward(g.to(out.dtype))
+        return out.to(dtype), xi.grad.to(dtype), wi.grad.to(dtype)
+
+    fast = grads(router_logits, torch.float64)
+    truth = grads(lambda a, b: torch.nn.functional.linear(a.double(), b.double()), torch.float64)
+    upcast = grads(lambda a, b: torch.nn.functional.linear(a.float(), b.float()), torch.float64)
+    assert fast[0].dtype == torch.float64 and router_logits(x, w).dtype == torch.float32
+    for name, f, t, u in zip(("logits", "grad x", "grad w"), fast, truth, upcast):
+        scale = t.abs().max().clamp_min(1e-30)
+        assert (f - t).abs().max() <= 2 * (u - t).abs().max() + 1e-6 * scale, name

@@ -23,9 +23,25 @@ class RouterOutput(NamedTuple):
     logits_TE: torch.Tensor
 
 
+def split_bf16x3(t: torch.Tensor) -> torch.Tensor:
+    """fp32 t [..., C] as three bf16 parts side by side, [..., 3, C], whose fp32 sum is t: each part is the bf16
+    rounding of what the parts before it leave, and three 8-bit significands cover fp32's 24 (exact for every
+    normal fp32 value; only values below about 1e-36 lose low bits). A product of two bf16 numbers is exact in
+    fp32, so a bf16 GEMM with fp32 accumulation over the parts computes the fp32 GEMM of t up to summation order,
+    at tensor-core speed and without an fp32 copy of the other operand."""
+    parts = torch.empty(*t.shape[:-1], 3, t.shape[-1], dtype=torch.bfloat16, device=t.device)
+    parts[..., 0, :].copy_(t)
+    rest = torch.sub(t, parts[..., 0, :])  # in fp32 (type promotion), exact: the rounding error of part 0
+    parts[..., 1, :].copy_(rest)
+    torch.sub(rest, parts[..., 1, :], out=parts[..., 2, :])
+    return parts
+
+
 class _RouterLogits(torch.autograd.Function):
-    """fp32 logits of bf16/fp16 x and router weight from one GEMM with fp32 output (no fp32 copy of x kept for
-    backward); gradients computed in fp32, as ``linear(x.float(), w.float())`` gives them."""
+    """fp32 logits of bf16 x and router weight from one GEMM with fp32 output (no fp32 copy of x kept for
+    backward); gradients as ``linear(x.float(), w.float())`` gives them (fp32 products and sums), computed by bf16
+    tensor-core GEMMs over the fp32 logits gradient split in three bf16 parts (:func:`split_bf16x3`): no fp32
+    copy of x, no fp32 input gradient written and cast."""
 
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
@@ -36,15 +52,20 @@ class _RouterLogits(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_TE: torch.Tensor):
         x_TD, w_ED = ctx.saved_tensors
-        grad_x = (grad_TE @ w_ED.float()).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (grad_TE.t() @ x_TD.float()).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
+        (T, E), D = grad_TE.shape, x_TD.shape[1]
+        parts_T3E = split_bf16x3(grad_TE.float()).view(T, 3 * E)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # sum over the 3E parts in fp32, rounded to bf16 once
+            grad_x = torch.mm(parts_T3E, w_ED.repeat(3, 1))
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(parts_T3E.t(), x_TD, out_dtype=torch.float32).view(3, E, D).sum(0).to(w_ED.dtype)
         return grad_x, grad_w
 
 
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     """Router logits [T, E] in fp32 whatever the model dtype (bf16 products are exact in fp32, so one GEMM with
     fp32 output equals the fp32 GEMM of the upcast operands up to summation order)."""
-    if x_TD.is_cuda and x_TD.dtype in (torch.bfloat16, torch.float16) and weight_ED.dtype == x_TD.dtype:
+    if x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and weight_ED.dtype == x_TD.dtype:
         return _RouterLogits.apply(x_TD, weight_ED)
     return nn.functional.linear(x_TD.float(), weight_ED.float())
 
