@@ -105,6 +105,9 @@ reduce_rows_grad_kernel(const scalar_t* __restrict__ g, const scalar_t* __restri
         }
         const acc_t wt = sw[k];
         acc_t dot = 0;
+        // unrolled so that several rows' loads are in flight per lane: one load at a time leaves the kernel
+        // waiting on memory latency well below the bandwidth it needs
+#pragma unroll 4
         for (int64_t c = lane; c < nv; c += kWarp) {
             const Vec<scalar_t, V> gv = gr[c];
             if (grad_y != nullptr) {
