@@ -53,7 +53,7 @@ class _RouterLogits(torch.autograd.Function):
     def backward(ctx, grad_TE: torch.Tensor):
         x_TD, w_ED = ctx.saved_tensors
         (T, E), D = grad_TE.shape, x_TD.shape[1]
-        parts_T3E = split_bf16x3(grad_TE.float()).view(T, 3 * E)
+        parts_T3E = split_bf16x3(grad_TE).view(T, 3 * E)  # grad_TE is fp32: the logits are
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # sum over the 3E parts in fp32, rounded to bf16 once
             grad_x = torch.mm(parts_T3E, w_ED.repeat(3, 1))
