@@ -41,7 +41,11 @@ class _RouterLogits(torch.autograd.Function):
     """fp32 logits of bf16 x and router weight from one GEMM with fp32 output (no fp32 copy of x kept for
     backward); gradients as ``linear(x.float(), w.float())`` gives them (fp32 products and sums), computed by bf16
     tensor-core GEMMs over the fp32 logits gradient split in three bf16 parts (:func:`split_bf16x3`): no fp32
-    copy of x, no fp32 input gradient written and cast."""
+    copy of x is made.
+
+    Both gradient GEMMs write fp32 and are rounded once afterwards. A GEMM with bf16 output may reduce in bf16
+    under torch's default ``allow_bf16_reduced_precision_reduction``; measured on an H100, that put the input
+    gradient of a 7-expert router (K = 21) 600-1000x outside fp32's error bound, which undoes the split."""
 
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
@@ -56,7 +60,7 @@ class _RouterLogits(torch.autograd.Function):
         parts_T3E = split_bf16x3(grad_TE).view(T, 3 * E)  # grad_TE is fp32: the logits are
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # sum over the 3E parts in fp32, rounded to bf16 once
-            grad_x = torch.mm(parts_T3E, w_ED.repeat(3, 1))
+            grad_x = torch.mm(parts_T3E, w_ED.repeat(3, 1), out_dtype=torch.float32).to(x_TD.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(parts_T3E.t(), x_TD, out_dtype=torch.float32).view(3, E, D).sum(0).to(w_ED.dtype)
         return grad_x, grad_w
