@@ -7,7 +7,7 @@ import torch
 
 from piper_ds.ops import activation_backward, activation_forward, grouped_mlp
 from piper_ds.ops.compiled import compiled_op
-from piper_ds.ops.experts import (_FannedGroupedLinear, _FusedActivationDown, _GroupedLinear, dense_mlp,
+from piper_ds.ops.experts import (_FusedActivationDown, _GroupedLinear, dense_mlp,
                                  fanned_grouped_mlp, grouped_path)
 from piper_ds.ops.permute import expand_rows, route_plan
 from piper_ds.ops.reference import expand_rows_reference
@@ -246,7 +246,7 @@ def test_fanned_node_keeps_the_rows_before_the_fan_on_the_cpu(activation, dtype,
     row_op = compiled_op("permute", x.device, "cpu")
     assert row_op is not None
     shapes, y = saved_shapes(lambda: _FusedActivationDown.apply(
-        _FannedGroupedLinear.apply(x, plan.pos_RK, N, w_up, plan.offsets_L, row_op), w_down, plan.offsets_L,
+        _GroupedLinear.apply(x, w_up, plan.offsets_L, plan.pos_RK, N, row_op), w_down, plan.offsets_L,
         activation, "cpu"))
     W = w_up.shape[2]
     if N not in (0, R) and W != D:  # else [N, D] is also another saved tensor's shape

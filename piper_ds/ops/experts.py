@@ -35,53 +35,37 @@ __all__ = ["grouped_mlp", "fanned_grouped_mlp", "grouped_path", "dense_mlp"]
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """h = x @ w[l] for the rows of expert l (``torch._grouped_mm``), its backward as two grouped GEMMs."""
+    """h = x_ND @ w[l] for the rows of expert l (``torch._grouped_mm``), its backward as two grouped GEMMs.
+
+    x_ND is the input itself (``pos_RK`` None) or, with a fan index, expand_rows(x_RD, pos_RK, num_rows) (row r of
+    x_RD copied to rows pos[r, k]; ``row_op`` is the compiled permute op). With a fan index the node keeps x_RD and
+    the index for backward, not the K-times larger expanded rows: backward expands them again for the weight
+    gradient and frees them before the input gradient is allocated. x_RD is usually kept anyway (the router's
+    backward needs the layer input), so the expanded rows cost memory only inside this node."""
 
     @staticmethod
-    def forward(ctx, x_ND, w_LDW, offsets_L):
-        ctx.save_for_backward(x_ND, w_LDW, offsets_L)
-        return torch._grouped_mm(x_ND, w_LDW, offs=offsets_L)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h_NW):
-        x_ND, w_LDW, offsets = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[:2]
-        grad_h_NW = grad_h_NW.contiguous()
-        grad_w = torch._grouped_mm(x_ND.mT, grad_h_NW, offs=offsets) if need_w else None
-        grad_x = torch._grouped_mm(grad_h_NW, w_LDW.mT, offs=offsets) if need_x else None
-        return grad_x, grad_w, None
-
-
-class _FannedGroupedLinear(torch.autograd.Function):
-    """h = x_ND @ w[l] for the rows of expert l, where x_ND = expand_rows(x_RD, pos_RK, num_rows) (row r of x_RD
-    copied to rows pos[r, k]; ``row_op`` is the compiled permute op).
-
-    Keeps x_RD and the fan index for backward, not the K-times larger expanded rows: backward expands them again
-    for the weight gradient and frees them before the input gradient is allocated. x_RD is usually kept anyway
-    (the router's backward needs the layer input), so the expanded rows cost memory only inside this node."""
-
-    @staticmethod
-    def forward(ctx, x_RD, pos_RK, num_rows, w_LDW, offsets_L, row_op):
-        x_ND = row_op.expand_rows(x_RD, pos_RK, num_rows)
-        ctx.save_for_backward(x_RD, pos_RK, w_LDW, offsets_L)
+    def forward(ctx, x, w_LDW, offsets_L, pos_RK=None, num_rows=0, row_op=None):
+        x_ND = x if pos_RK is None else row_op.expand_rows(x, pos_RK, num_rows)
+        ctx.save_for_backward(x, w_LDW, offsets_L, pos_RK)
         ctx.num_rows, ctx.row_op = num_rows, row_op
         return torch._grouped_mm(x_ND, w_LDW, offs=offsets_L)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h_NW):
-        x_RD, pos_RK, w_LDW, offsets = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        x, w_LDW, offsets, pos_RK = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
         grad_h_NW = grad_h_NW.contiguous()
         grad_x = grad_w = None
         if need_w:
-            x_ND = ctx.row_op.expand_rows(x_RD, pos_RK, ctx.num_rows)
+            x_ND = x if pos_RK is None else ctx.row_op.expand_rows(x, pos_RK, ctx.num_rows)
             grad_w = torch._grouped_mm(x_ND.mT, grad_h_NW, offs=offsets)
-            del x_ND  # its memory serves the input gradient next
+            del x_ND  # with a fan index, its memory serves the input gradient next
         if need_x:
-            grad_x = ctx.row_op.reduce_rows(torch._grouped_mm(grad_h_NW, w_LDW.mT, offs=offsets), pos_RK, None)
-        return grad_x, None, None, grad_w, None, None
+            grad_x = torch._grouped_mm(grad_h_NW, w_LDW.mT, offs=offsets)
+            if pos_RK is not None:
+                grad_x = ctx.row_op.reduce_rows(grad_x, pos_RK, None)
+        return grad_x, grad_w, None, None, None, None
 
 
 class _FusedActivationDown(torch.autograd.Function):
@@ -187,7 +171,7 @@ def fanned_grouped_mlp(x_RD: torch.Tensor, pos_RK: torch.Tensor, num_rows: int, 
         return grouped_mlp(permute.expand_rows(x_RD, pos_RK, num_rows, backend), w_up_LDW, w_down_LFD, counts_L,
                            offsets_L, activation, backend)
     offsets = offsets_L if offsets_L is not None else torch.cumsum(counts_L, 0, dtype=torch.int32)
-    h_NW = _FannedGroupedLinear.apply(x_RD, pos_RK, num_rows, w_up_LDW, offsets, row_op)
+    h_NW = _GroupedLinear.apply(x_RD, w_up_LDW, offsets, pos_RK, num_rows, row_op)
     return _FusedActivationDown.apply(h_NW, w_down_LFD, offsets, activation, backend)
 
 
